@@ -1,0 +1,232 @@
+"""``sad``: run the pipeline, one stage, or the expert from the command line.
+
+    sad pipeline                  # dvc repro with a local Prefect server (the main job)
+    sad profile tiny              # rewrite params.yaml with profiles/tiny.yaml merged in
+    sad stage teacher             # run one stage's Prefect flow by hand
+    sad stage distill --method sad
+    sad stage evaluate --agent teacher
+    sad expert --env alfworld --split test --n 20 --json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+# Settings every process of the pipeline needs, before Prefect/MLflow/HF are imported.
+os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sad")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+app = typer.Typer(
+    help="Structured Agent Distillation pipeline: distil a ReAct teacher agent into a small student.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("sad")
+
+
+class Stage(str, Enum):
+    tasks = "tasks"
+    demos = "demos"
+    tokenizer = "tokenizer"
+    teacher = "teacher"
+    rollout = "rollout"
+    segment = "segment"
+    distill = "distill"
+    evaluate = "evaluate"
+    register = "register"
+    report = "report"
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "alembic", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _exit_now(code: int = 0) -> None:
+    """Flush logs (Prefect's API handler included) and exit without the slow interpreter teardown.
+
+    Every output is already written and renamed into place; tearing down torch, transformers,
+    MLflow and Prefect module state costs 1-2 s per stage for nothing.
+    """
+    from flows.preload import on_exit
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    on_exit(code)
+    os._exit(code)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def stage(
+    name: Stage = typer.Argument(..., help="the stage to run"),
+    method: Optional[str] = typer.Option(None, help="distill: the method (a key of distill.methods)"),
+    agent: Optional[str] = typer.Option(None, help="evaluate: 'teacher' or a method name"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
+) -> None:
+    """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
+    from sad.config import ConfigError, load_params
+
+    _setup_logging()
+    try:
+        p = load_params(params)
+    except ConfigError as exc:
+        _fail(str(exc))
+    from flows import stages as f
+
+    path = str(params)
+    if name is Stage.distill and not method:
+        _fail("the distill stage needs --method (one of: " + ", ".join(p.distill.methods) + ")")
+    if name is Stage.evaluate and not agent:
+        _fail("the evaluate stage needs --agent ('teacher' or a method)")
+    runners = {
+        Stage.tasks: lambda: f.tasks_flow(path),
+        Stage.demos: lambda: f.demos_flow_for(p)(path),
+        Stage.tokenizer: lambda: f.tokenizer_flow(path),
+        Stage.teacher: lambda: f.teacher_flow(path),
+        Stage.rollout: lambda: f.rollout_flow(path),
+        Stage.segment: lambda: f.segment_flow(path),
+        Stage.distill: lambda: f.distill_flow(method, path),
+        Stage.evaluate: lambda: f.evaluate_flow(agent, path),
+        Stage.register: lambda: f.register_flow(path),
+        Stage.report: lambda: f.report_flow(path),
+    }
+    started = time.perf_counter()
+    runners[name]()
+    log.info("stage %s finished in %.1fs", name.value, time.perf_counter() - started)
+    _exit_now(0)
+
+
+@app.command()
+def pipeline(
+    force: bool = typer.Option(False, "--force", help="rerun every stage (dvc repro --force)"),
+    target: Optional[str] = typer.Argument(None, help="a dvc.yaml stage to reproduce up to (default: all)"),
+    preload: bool = typer.Option(True, "--preload/--no-preload",
+                                 help="fork each stage from one process that imported torch/transformers/Prefect/MLflow once"),
+) -> None:
+    """Reproduce the whole pipeline with DVC, with local Prefect and MLflow servers for all stages."""
+    from flows.server import pipeline_services
+    from sad.config import ConfigError, load_params
+    from sad.tracking import tracking_uri
+
+    _setup_logging()
+    try:
+        p = load_params("params.yaml")
+    except ConfigError as exc:
+        _fail(str(exc))
+    home = Path(os.environ["PREFECT_HOME"])
+    started = time.perf_counter()
+    with pipeline_services(home, tracking_uri(p.tracking), Path(p.tracking.artifacts), preload) as services:
+        env = {**os.environ, **services}
+        cmd = [str(Path(sys.executable).with_name("dvc")), "repro"] + (["--force"] if force else []) + ([target] if target else [])
+        log.info("running %s", " ".join(cmd[1:]))
+        code = subprocess.call(cmd, env=env)
+    log.info("pipeline finished in %.1fs with exit code %d", time.perf_counter() - started, code)
+    raise typer.Exit(code)
+
+
+@app.command()
+def profile(
+    name: str = typer.Argument(..., help="profile name: profiles/<name>.yaml"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameter file to rewrite"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the merged params instead of writing them"),
+) -> None:
+    """Merge profiles/NAME.yaml into params.yaml (validated; DVC then sees the changed params)."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from sad.config import ConfigError, deep_merge, parse_params, read_yaml
+    from sad.io import write_text_atomic
+
+    try:
+        override = read_yaml(Path("profiles") / f"{name}.yaml")
+        merged = deep_merge(read_yaml(params), override)
+        merged.setdefault("project", {})["profile"] = name
+        parse_params(merged, f"{params} + profiles/{name}.yaml")
+    except ConfigError as exc:
+        _fail(str(exc))
+    # Round-trip YAML: the comments in params.yaml survive the rewrite.
+    yaml = YAML()
+    doc = yaml.load(params.read_text())
+
+    def merge_into(node, patch) -> None:
+        for key, value in patch.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                merge_into(node[key], value)
+            else:
+                node[key] = value
+
+    merge_into(doc, {**override, "project": {**override.get("project", {}), "profile": name}})
+    buffer = io.StringIO()
+    yaml.dump(doc, buffer)
+    text = buffer.getvalue()
+    if dry_run:
+        typer.echo(text)
+        return
+    write_text_atomic(params, text)
+    typer.echo(f"{params}: applied profile '{name}' (restore with: git checkout {params})")
+
+
+@app.command()
+def expert(
+    env: str = typer.Option("alfworld", help="environment"),
+    split: str = typer.Option("test", help="split: train, dev or test"),
+    n: Optional[int] = typer.Option(None, help="play the first N tasks of the split (default: all)"),
+    tasks_root: Path = typer.Option(Path("data/tasks"), help="tasks folder written by the tasks stage"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Play the environment's expert on a split and report its success rate."""
+    from sad.benchmarks import load_tasks
+    from sad.metrics import success_by
+    from sad.rollout import play_expert
+
+    tasks = load_tasks(tasks_root, env, split)[: n or None]
+    started = time.perf_counter()
+    episodes = play_expert(tasks, tasks_root, progress=not as_json)
+    seconds = time.perf_counter() - started
+    result = {
+        "env": env, "split": split, "episodes": len(episodes),
+        "success_rate": sum(e.success for e in episodes) / max(len(episodes), 1),
+        "avg_steps": sum(e.n_steps for e in episodes) / max(len(episodes), 1),
+        "success_by_task_type": success_by(episodes), "seconds": round(seconds, 2),
+    }
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+def main() -> None:
+    from flows.preload import delegate
+
+    code = delegate(sys.argv[1:])  # under `sad pipeline`: run in a child of the preload server
+    if code is not None:
+        sys.exit(code)
+    app()
+
+
+if __name__ == "__main__":
+    main()

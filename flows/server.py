@@ -1,0 +1,165 @@
+"""Local Prefect and MLflow servers for the length of a pipeline run (bound to 127.0.0.1).
+
+Without ``PREFECT_API_URL``, every Prefect process starts its own temporary server (10-20 s
+each); with a local SQLite MLflow store, every process spends ~2.5 s importing and checking the
+SQL store. ``sad pipeline`` starts one server of each for the whole ``dvc repro`` and stops them
+afterwards. Configured ``PREFECT_API_URL`` / ``SAD_MLFLOW_URI`` are used as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(api_url: str, timeout_s: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server for {api_url} exited early with code {proc.returncode} (see its log)")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server at {api_url} not healthy after {timeout_s:.0f}s (see its log)")
+
+
+def _tool(name: str) -> str:
+    path = Path(sys.executable).with_name(name)
+    return str(path) if path.exists() else name
+
+
+def _spawn(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def spawn_prefect(log_file: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``prefect server start`` on 127.0.0.1 (not yet healthy); returns (process, API URL)."""
+    port = port or free_port()
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "false")}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return _spawn(cmd, log_file, env), f"http://127.0.0.1:{port}/api"
+
+
+def spawn_mlflow(backend_uri: str, artifact_root: Path, log_file: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow server`` over a local store on 127.0.0.1; returns (process, tracking URI)."""
+    port = port or free_port()
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    cmd = [_tool("mlflow"), "server", "--backend-store-uri", backend_uri, "--default-artifact-root",
+           artifact_root.resolve().as_uri(), "--no-serve-artifacts", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    return _spawn(cmd, log_file, dict(os.environ)), f"http://127.0.0.1:{port}"
+
+
+def start_server(log_file: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a Prefect server on 127.0.0.1 and wait until it is healthy."""
+    proc, api_url = spawn_prefect(log_file, port)
+    try:
+        wait_healthy(api_url, proc=proc)
+    except Exception:
+        stop_server(proc)
+        raise
+    return proc, api_url
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def spawn_preload(log_file: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+    """Start the preload server (flows/preload.py); its socket appears once it is ready."""
+    folder = Path(tempfile.mkdtemp(prefix="sad-preload-"))
+    sock = folder / "stages.sock"
+    proc = _spawn([sys.executable, "-m", "flows.preload", str(sock)], log_file, env)
+    return proc, sock
+
+
+def wait_for_socket(sock: Path, proc: subprocess.Popen, timeout_s: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sock.exists():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+@contextlib.contextmanager
+def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, preload: bool = True) -> Iterator[dict[str, str]]:
+    """Yield the environment the pipeline's stages need: Prefect API URL, MLflow tracking URI and
+    the preload socket.
+
+    Servers are started (in parallel) only for what is not configured already, and stopped on exit.
+    """
+    env: dict[str, str] = {}
+    procs: list[tuple[subprocess.Popen, str]] = []
+    preload_proc: subprocess.Popen | None = None
+    try:
+        if os.environ.get("PREFECT_API_URL"):
+            env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
+        else:
+            proc, url = spawn_prefect(log_dir / "prefect-server.log")
+            procs.append((proc, url + "/health"))
+            env["PREFECT_API_URL"] = url
+        if not os.environ.get("SAD_MLFLOW_URI") and is_local_store(mlflow_uri):
+            proc, url = spawn_mlflow(mlflow_uri, artifact_root, log_dir / "mlflow-server.log")
+            procs.append((proc, url + "/health"))
+            env["SAD_MLFLOW_URI"] = url
+        if preload:
+            # Started with the final environment: libraries that read settings at import see it.
+            preload_proc, sock = spawn_preload(log_dir / "preload.log", {**os.environ, **env})
+        for proc, health in procs:
+            wait_healthy(health.rsplit("/health", 1)[0], proc=proc)
+        if preload_proc is not None:
+            if wait_for_socket(sock, preload_proc):
+                env["SAD_PRELOAD_SOCKET"] = str(sock)
+            else:
+                log.warning("preload server did not start (see %s); stages start their own processes", log_dir / "preload.log")
+        log.info("services: %s", env)
+        yield env
+    finally:
+        for proc, _ in procs:
+            stop_server(proc)
+        if preload_proc is not None:
+            stop_server(preload_proc)
+            shutil.rmtree(sock.parent, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""One Prefect flow per pipeline stage; ``dvc.yaml`` runs them through the ``sad stage`` CLI.
+
+Each flow loads and validates ``params.yaml`` once, opens an MLflow run for the stage, calls
+its tasks and logs the stage's metrics. The work itself lives in ``sad.stages``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ProcessPoolTaskRunner
+
+from sad.benchmarks import load_tasks
+from sad.config import Params, load_params
+from sad.tracking import log_metrics, stage_run
+from tasks import stages as t
+
+
+def _mlflow_step_logger(run_id: str, prefix: str):
+    """Per-step training metrics, logged by run id (safe from any thread)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+
+    def on_log(step: int, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                client.log_metric(run_id, f"{prefix}{key}", float(value), step=step)
+
+    return on_log
+
+
+@flow(name="tasks", log_prints=False)
+def tasks_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    """Generate disjoint, seeded train/dev/test task splits per environment."""
+    p = load_params(params_path)
+    with stage_run(p.tracking, "tasks", {"tasks": p.tasks.model_dump()}):
+        metrics = t.generate_tasks(p)
+        log_metrics(metrics)
+    return metrics
+
+
+def _shards(items: list, n: int) -> list[list]:
+    size = max(1, math.ceil(len(items) / n))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+@flow(name="demos", log_prints=False)
+def demos_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    """The expert plays every train task; shards run in parallel worker processes."""
+    p = load_params(params_path)
+    root = p.path("data", "tasks")
+    tasks = [task.to_dict() for env in p.tasks.envs for task in load_tasks(root, env, "train")]
+    with stage_run(p.tracking, "demos", {"demos": p.demos.model_dump()}):
+        # Shards run in worker processes; with one worker, one shard in-process (the engine is not thread-safe).
+        n_shards = 1 if p.demos.workers == 1 else 2 * p.demos.workers
+        futures = [t.play_expert_shard.submit(shard, str(root)) for shard in _shards(tasks, n_shards)]
+        episodes = [e for f in futures for e in f.result()]
+        metrics = t.write_demos(p, episodes)
+        log_metrics(metrics)
+    return metrics
+
+
+@flow(name="tokenizer", log_prints=False)
+def tokenizer_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    p = load_params(params_path)
+    with stage_run(p.tracking, "tokenizer", {"tokenizer": p.tokenizer.model_dump()}):
+        metrics = t.train_tokenizer(p)
+        log_metrics(metrics)
+    return metrics
+
+
+@flow(name="teacher", log_prints=False)
+def teacher_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    p = load_params(params_path)
+    with stage_run(p.tracking, "teacher", {"teacher": p.teacher.model_dump(), "context": p.context.model_dump()}) as run:
+        metrics = t.train_teacher(p, on_log=_mlflow_step_logger(run.info.run_id, "train/"))
+        log_metrics(metrics)
+    return metrics
+
+
+@flow(name="rollout", log_prints=False)
+def rollout_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    p = load_params(params_path)
+    with stage_run(p.tracking, "rollout", {"rollout": p.rollout.model_dump()}):
+        metrics = t.teacher_rollouts(p)
+        log_metrics(metrics)
+    return metrics
+
+
+@flow(name="segment", log_prints=False)
+def segment_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    p = load_params(params_path)
+    with stage_run(p.tracking, "segment", {"segment": p.segment.model_dump()}):
+        metrics = t.segment_trajectories(p)
+        log_metrics(metrics)
+    return metrics
+
+
+@flow(name="distill", log_prints=False)
+def distill_flow(method: str, params_path: str = "params.yaml") -> dict[str, Any]:
+    p = load_params(params_path)
+    if method not in p.distill.methods:
+        raise ValueError(f"unknown method {method!r}; params.yaml distill.methods has {sorted(p.distill.methods)}")
+    logged = {"student": p.distill.student.model_dump(), "train": p.distill.train.model_dump(),
+              "method": p.distill.methods[method].model_dump()}
+    with stage_run(p.tracking, f"distill@{method}", {"distill": logged}, tags={"sad.method": method}) as run:
+        metrics = t.distill_student(p, method, on_log=_mlflow_step_logger(run.info.run_id, "train/"))
+        log_metrics(metrics)
+    return metrics
+
+
+@flow(name="evaluate", log_prints=False)
+def evaluate_flow(agent: str, params_path: str = "params.yaml") -> dict[str, Any]:
+    p = load_params(params_path)
+    if agent != "teacher" and agent not in p.distill.methods:
+        raise ValueError(f"unknown agent {agent!r}; use 'teacher' or one of {sorted(p.distill.methods)}")
+    with stage_run(p.tracking, f"evaluate@{agent}", {"evaluate": p.evaluate.model_dump()}, tags={"sad.agent": agent}):
+        results = t.evaluate_agent(p, agent)
+        for split, r in results["splits"].items():
+            log_metrics(r["overall"], prefix=f"{split}/")
+    return results
+
+
+@flow(name="register", log_prints=False)
+def register_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    p = load_params(params_path)
+    with stage_run(p.tracking, "register", {"register": p.registration.model_dump()}):
+        decision = t.register_best_student(p)
+    return decision
+
+
+@flow(name="report", log_prints=False)
+def report_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    import mlflow
+
+    p = load_params(params_path)
+    with stage_run(p.tracking, "report"):
+        summary = t.write_report(p)
+        log_metrics(summary, prefix="test_success/")
+        for name in ("results.md", "success.png"):
+            mlflow.log_artifact(str(p.path("reports", name)))
+    return summary
+
+
+def demos_flow_for(p: Params):
+    """The demos flow with a process pool sized by ``demos.workers`` (in-process for one worker)."""
+    if p.demos.workers == 1:
+        return demos_flow
+    return demos_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=p.demos.workers))

@@ -1,0 +1,118 @@
+"""A ReAct agent over any Hugging Face causal LM, generating for many episodes at once.
+
+Contexts are left-padded into one batch; generation runs on the KV cache, one token per
+forward for the whole batch, and each row stops at the newline that ends its ``Action:`` line
+(or at EOS / the token budget).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sad.react import ACTION
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    n_tokens: int
+    seconds: float  # wall time of the batch this row was generated in
+
+
+def fit_context(prompt_ids: list[int], step_ids: list[list[int]], budget: int) -> list[int]:
+    """The prompt plus as many of the latest steps as fit in ``budget`` tokens.
+
+    A prompt longer than the budget is cut from the left (its end holds the task).
+    """
+    if len(prompt_ids) >= budget:
+        return prompt_ids[-budget:]
+    room = budget - len(prompt_ids)
+    kept: list[list[int]] = []
+    for ids in reversed(step_ids):
+        if len(ids) > room:
+            break
+        kept.append(ids)
+        room -= len(ids)
+    out = list(prompt_ids)
+    for ids in reversed(kept):
+        out.extend(ids)
+    return out
+
+
+class LMAgent:
+    """Batched greedy/sampled generation of one ``Thought/Action`` block per context."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: int = 0):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.device = next(model.parameters()).device
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        vocab = tokenizer.get_vocab()
+        self._newline_ids = {i for tok, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([tok])}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        # transformers 5 renamed the KV-cache argument and output field (past_key_values -> cache).
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def _forward(self, cache, **inputs):
+        """One forward pass computing only the last position's logits: returns (cache, logits [B, V])."""
+        out = self.model(**inputs, **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1)
+        new_cache = getattr(out, "cache", None) if self._cache_arg == "cache" else out.past_key_values
+        return new_cache, out.logits[:, -1, :]
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> next token ids [B]."""
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
+        return torch.multinomial(probs, 1, generator=self._generator).squeeze(-1).to(logits.device)
+
+    @torch.inference_mode()
+    def generate(self, contexts: list[list[int]]) -> list[Generation]:
+        """One generated block per context (lists of token ids)."""
+        if not contexts:
+            return []
+        start = time.perf_counter()
+        batch, width = len(contexts), max(len(c) for c in contexts)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((batch, width), dtype=torch.long)
+        for i, ctx in enumerate(contexts):
+            input_ids[i, width - len(ctx):] = torch.tensor(ctx, dtype=torch.long)
+            attention[i, width - len(ctx):] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        past, logits = self._forward(None, input_ids=input_ids, attention_mask=attention, position_ids=positions)
+        next_pos = positions[:, -1:] + 1
+
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        for _ in range(self.max_new_tokens):
+            tokens = self._pick(logits)
+            token_list = tokens.tolist()
+            for i, tok in enumerate(token_list):
+                if done[i]:
+                    continue
+                generated[i].append(tok)
+                if tok == self.eos_id:
+                    done[i] = True
+                elif tok in self._newline_ids and ACTION in self.tokenizer.decode(generated[i]):
+                    done[i] = True
+            if all(done):
+                break
+            step_ids = torch.tensor([self.pad_id if d else t for d, t in zip(done, token_list)], device=self.device)
+            attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=self.device)], dim=1)
+            past, logits = self._forward(past, input_ids=step_ids[:, None], attention_mask=attention, position_ids=next_pos)
+            next_pos = next_pos + 1
+        seconds = time.perf_counter() - start
+        results = []
+        for ids in generated:
+            if ids and ids[-1] == self.eos_id:
+                ids = ids[:-1]
+            results.append(Generation(self.tokenizer.decode(ids), len(ids), seconds))
+        return results

@@ -1,0 +1,242 @@
+"""Pipeline parameters: ``params.yaml`` validated once, at the edge, with clear messages.
+
+Every knob lives in ``params.yaml`` grouped by stage (DVC tracks each group as a stage's
+params). Profiles (``profiles/<name>.yaml``) are partial overrides deep-merged on top.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A parameter file is missing, malformed or has a bad value (the message names the key)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectParams(_Strict):
+    profile: str = Field("default", description="name of the profile these params came from (shown in reports)")
+    seed: int = Field(0, description="global seed for anything not seeded per stage")
+    data_dir: str = "data"
+    models_dir: str = "models"
+    metrics_dir: str = "metrics"
+    reports_dir: str = "reports"
+
+
+class TrackingParams(_Strict):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (env SAD_MLFLOW_URI overrides)")
+    artifacts: str = Field("mlartifacts", description="artifact root for a local store")
+    experiment: str = "sad"
+    registered_model: str = "sad-student"
+
+
+class AlfworldTaskParams(_Strict):
+    task_types: list[str] = Field(
+        default_factory=lambda: [
+            "pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
+            "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place",
+        ]
+    )
+    distractors: tuple[int, int] = Field((3, 8), description="min/max distractor objects per scene")
+    max_steps: int = Field(50, ge=1, le=500, description="step cap per episode (ALFWorld's is 50; lower it only for smoke tests)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlfworldTaskParams":
+        from sad.envs.alfworld import TASK_TYPES
+
+        unknown = sorted(set(self.task_types) - set(TASK_TYPES))
+        if unknown or not self.task_types:
+            raise ValueError(f"task_types must be a non-empty subset of {list(TASK_TYPES)}; unknown: {unknown}")
+        lo, hi = self.distractors
+        if not 0 <= lo <= hi <= 30:
+            raise ValueError(f"distractors must satisfy 0 <= min <= max <= 30, got {self.distractors}")
+        return self
+
+
+class TasksParams(_Strict):
+    envs: list[Literal["alfworld"]] = Field(default_factory=lambda: ["alfworld"])
+    seed: int = 0
+    train: int = Field(180, ge=1, le=100_000)
+    dev: int = Field(30, ge=1, le=100_000)
+    test: int = Field(120, ge=1, le=100_000)
+    alfworld: AlfworldTaskParams = Field(default_factory=AlfworldTaskParams)
+
+
+class DemosParams(_Strict):
+    workers: int = Field(2, ge=1, le=64, description="processes playing the expert")
+
+
+class TokenizerParams(_Strict):
+    vocab_size: int = Field(1024, ge=300, le=65_536)
+    min_frequency: int = Field(2, ge=1)
+
+
+class ArchParams(_Strict):
+    hidden_size: int = Field(..., ge=8)
+    num_layers: int = Field(..., ge=1)
+    num_heads: int = Field(..., ge=1)
+    intermediate_size: int = Field(..., ge=8)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ArchParams":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class TrainParams(_Strict):
+    epochs: float = Field(3.0, gt=0, description="passes over the training windows")
+    batch_size: int = Field(8, ge=1, description="windows per optimizer step per process")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0, lt=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class ContextParams(_Strict):
+    max_tokens: int = Field(1024, ge=64, le=32_768, description="context window of models and agents")
+    max_new_tokens: int = Field(96, ge=8, le=2048, description="token budget for one thought+action")
+    history_steps: int = Field(4, ge=0, le=1000, description="past steps an agent sees after the prompt (0 = as many as fit)")
+
+
+class TeacherParams(_Strict):
+    arch: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512))
+    train: TrainParams = Field(default_factory=TrainParams)
+
+
+class RolloutParams(_Strict):
+    batch_size: int = Field(32, ge=1, description="episodes generated together")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    seed: int = 0
+
+
+class SegmentParams(_Strict):
+    keep: Literal["all", "successful"] = Field("all", description="which teacher episodes the students learn from")
+
+
+class MethodParams(_Strict):
+    loss: Literal["sad", "token_kd", "sft"]
+    lambda_reason: float = Field(1.0, ge=0)
+    lambda_act: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    normalisation: Literal["per_kind_mean", "token_sum"] = "per_kind_mean"
+
+    @model_validator(mode="after")
+    def _weights(self) -> "MethodParams":
+        if self.loss == "sad" and self.lambda_reason + self.lambda_act == 0:
+            raise ValueError("sad needs lambda_reason + lambda_act > 0")
+        return self
+
+
+def _default_methods() -> dict[str, MethodParams]:
+    return {
+        "sad": MethodParams(loss="sad"),
+        "token_kd": MethodParams(loss="token_kd"),
+        "sft": MethodParams(loss="sft"),
+    }
+
+
+class DistillParams(_Strict):
+    student: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256))
+    train: TrainParams = Field(default_factory=TrainParams)
+    methods: dict[str, MethodParams] = Field(default_factory=_default_methods)
+
+
+class EvaluateParams(_Strict):
+    splits: list[Literal["dev", "test"]] = Field(default_factory=lambda: ["dev", "test"])
+    batch_size: int = Field(32, ge=1)
+
+
+class RegisterParams(_Strict):
+    gate_split: Literal["dev", "test"] = "dev"
+    gate_metric: Literal["success_rate"] = "success_rate"
+    min_improvement: float = Field(0.0, ge=0, description="a challenger must beat the champion by more than this")
+
+
+class Params(_Strict):
+    project: ProjectParams = Field(default_factory=ProjectParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    tasks: TasksParams = Field(default_factory=TasksParams)
+    demos: DemosParams = Field(default_factory=DemosParams)
+    tokenizer: TokenizerParams = Field(default_factory=TokenizerParams)
+    context: ContextParams = Field(default_factory=ContextParams)
+    teacher: TeacherParams = Field(default_factory=TeacherParams)
+    rollout: RolloutParams = Field(default_factory=RolloutParams)
+    segment: SegmentParams = Field(default_factory=SegmentParams)
+    distill: DistillParams = Field(default_factory=DistillParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    registration: RegisterParams = Field(default_factory=RegisterParams, alias="register")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        if self.context.max_new_tokens >= self.context.max_tokens // 2:
+            raise ValueError("context.max_new_tokens must be less than half of context.max_tokens")
+        if "test" not in self.evaluate.splits or self.registration.gate_split not in self.evaluate.splits:
+            raise ValueError(f"evaluate.splits must include 'test' and register.gate_split ({self.registration.gate_split!r})")
+        if not self.distill.methods:
+            raise ValueError("distill.methods must name at least one method")
+        return self
+
+    def path(self, kind: str, *parts: str) -> Path:
+        """``params.path("data", "tasks")`` -> ``data/tasks`` (kind: data|models|metrics|reports)."""
+        base = getattr(self.project, f"{kind}_dir")
+        return Path(base, *parts)
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid parameters:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml)"
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  - {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``override`` into a copy of ``base`` (dicts merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_params(data: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raises ConfigError naming the bad key."""
+    return parse_params(read_yaml(Path(path)), str(path))

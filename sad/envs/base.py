@@ -1,0 +1,80 @@
+"""The one interface every benchmark environment implements.
+
+An environment plays one task at a time: ``reset(task)`` returns the first observation (the
+task prompt), ``step(action)`` returns the next. Invalid actions never raise: they get the
+benchmark's own response and ``Observation.valid`` is False, so the caller can count them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Task:
+    """One playable task, as listed in a split's manifest."""
+
+    env: str
+    split: str
+    task_id: str
+    path: str  # folder holding the task's files, relative to <tasks root>/<env>
+    task_type: str
+    description: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "env": self.env,
+            "split": self.split,
+            "task_id": self.task_id,
+            "path": self.path,
+            "task_type": self.task_type,
+            "description": self.description,
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Task":
+        return cls(
+            env=d["env"],
+            split=d["split"],
+            task_id=d["task_id"],
+            path=d["path"],
+            task_type=d["task_type"],
+            description=d["description"],
+            meta=dict(d.get("meta", {})),
+        )
+
+
+@dataclass
+class Observation:
+    """What the agent sees after reset or a step."""
+
+    text: str
+    done: bool = False
+    success: bool = False
+    reward: float = 0.0
+    valid: bool = True  # False when the last action was not a legal command
+    admissible: list[str] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Environment(Protocol):
+    """A text environment that plays tasks of one benchmark."""
+
+    name: str
+    max_steps: int
+
+    def reset(self, task: Task, tasks_root: Path) -> Observation: ...
+
+    def step(self, action: str) -> Observation: ...
+
+
+class Expert(Protocol):
+    """A solver that writes a ReAct thought and an action for the current state."""
+
+    def reset(self, task: Task, first: Observation) -> None: ...
+
+    def act(self, obs: Observation) -> tuple[str, str]: ...

@@ -1,0 +1,48 @@
+"""Episode metrics: success, steps, reasoning length, invalid actions, latency."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from statistics import mean
+
+from sad.react import Episode
+
+
+def _safe_mean(values: list[float]) -> float:
+    return float(mean(values)) if values else 0.0
+
+
+def summarize(episodes: list[Episode], tokenizer) -> dict[str, float]:
+    """Aggregate metrics over episodes.
+
+    * ``success_rate`` - share of episodes won within the step cap;
+    * ``avg_steps`` - actions per episode;
+    * ``avg_reasoning_tokens`` - thought tokens per episode; ``avg_thought_tokens`` per thought;
+    * ``invalid_action_rate`` - share of actions the environment rejected (or none was parsed);
+    * ``latency_per_step_s`` - mean wall time of the generation batch a step was produced in
+      (what one agent step waits for at the batch size used).
+    """
+    thoughts = [len(tokenizer.encode(s.thought)) if s.thought else 0 for ep in episodes for s in ep.steps]
+    per_episode = []
+    i = 0
+    for ep in episodes:
+        per_episode.append(sum(thoughts[i:i + ep.n_steps]))
+        i += ep.n_steps
+    steps = [s for ep in episodes for s in ep.steps]
+    latency = [s.latency_s for s in steps if s.latency_s > 0]
+    return {
+        "episodes": float(len(episodes)),
+        "success_rate": _safe_mean([1.0 if ep.success else 0.0 for ep in episodes]),
+        "avg_steps": _safe_mean([float(ep.n_steps) for ep in episodes]),
+        "avg_reasoning_tokens": _safe_mean([float(x) for x in per_episode]),
+        "avg_thought_tokens": _safe_mean([float(x) for x in thoughts]),
+        "invalid_action_rate": _safe_mean([0.0 if s.valid else 1.0 for s in steps]),
+        "latency_per_step_s": _safe_mean(latency),
+    }
+
+
+def success_by(episodes: list[Episode], key: str = "task_type") -> dict[str, float]:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for ep in episodes:
+        groups[str(getattr(ep, key))].append(1.0 if ep.success else 0.0)
+    return {k: _safe_mean(v) for k, v in sorted(groups.items())}

@@ -1,0 +1,67 @@
+"""Model construction, saving and loading (safetensors only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sad.config import ArchParams
+from sad.io import atomic_dir
+
+
+def build_llama(arch: ArchParams, tokenizer, max_positions: int, seed: int = 0, vocab_size: int | None = None):
+    """A fresh Llama-architecture causal LM sized by ``arch`` (tied input/output embeddings).
+
+    ``vocab_size`` defaults to the tokenizer's size.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def save_model(model, tokenizer, path: str | Path, card: dict | None = None) -> None:
+    """Write model (safetensors) + tokenizer + an optional card, atomically."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if card is not None:
+            (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False):
+    """Load a causal LM from a folder of safetensors weights; never unpickles."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors checkpoints are loaded)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model
+
+
+def read_card(path: str | Path) -> dict:
+    card = Path(path) / "card.json"
+    return json.loads(card.read_text()) if card.is_file() else {}

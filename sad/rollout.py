@@ -1,0 +1,136 @@
+"""Playing episodes: the expert one task at a time, LM agents many tasks at once."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sad.agent import LMAgent, fit_context
+from sad.benchmarks import get_benchmark
+from sad.envs.base import Environment, Task
+from sad.react import Episode, Step, parse_output, prompt_piece, step_pieces
+
+log = logging.getLogger(__name__)
+
+
+def _new_episode(task: Task, agent: str, prompt: str) -> Episode:
+    return Episode(
+        episode_id=f"{agent}:{task.task_id}", env=task.env, split=task.split, task_id=task.task_id,
+        task_type=task.task_type, agent=agent, prompt=prompt, meta={"description": task.description},
+    )
+
+
+def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False) -> list[Episode]:
+    """The environment's expert plays each task; its thoughts and actions form the demos."""
+    episodes: list[Episode] = []
+    by_env: dict[str, tuple[Environment, object]] = {}
+    for task in tqdm(tasks, desc="expert", disable=not progress, unit="ep"):
+        if task.env not in by_env:
+            bench = get_benchmark(task.env)
+            by_env[task.env] = (bench.make_env(True), bench.make_expert())
+        env, expert = by_env[task.env]
+        obs = env.reset(task, tasks_root)
+        expert.reset(task, obs)  # type: ignore[attr-defined]
+        episode = _new_episode(task, "expert", prompt_piece(task.env, obs.text))
+        while not obs.done:
+            thought, action = expert.act(obs)  # type: ignore[attr-defined]
+            obs = env.step(action)
+            episode.steps.append(Step(thought=thought, action=action, observation=obs.text, valid=obs.valid))
+        episode.success, episode.reward = obs.success, obs.reward
+        episodes.append(episode)
+    return episodes
+
+
+@dataclass
+class PlayStats:
+    """Throughput of one ``play_agent`` call."""
+
+    generation_seconds: float = 0.0
+    generated_tokens: int = 0
+    env_seconds: float = 0.0
+    batches: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+
+@dataclass
+class _Slot:
+    task: Task
+    env: Environment
+    episode: Episode
+    prompt_ids: list[int]
+    step_ids: list[list[int]] = field(default_factory=list)
+
+
+def play_agent(
+    tasks: list[Task],
+    tasks_root: Path,
+    agent: LMAgent,
+    agent_name: str,
+    max_tokens: int,
+    batch_size: int,
+    progress: bool = False,
+    on_episode: Callable[[Episode], None] | None = None,
+    stats: PlayStats | None = None,
+    history_steps: int = 0,
+) -> list[Episode]:
+    """Play ``tasks`` with ``agent``, keeping up to ``batch_size`` episodes in flight.
+
+    The agent sees the prompt and the latest ``history_steps`` steps (0: as many as fit in
+    ``max_tokens``). Finished episodes free their slot for the next task at once (continuous
+    batching). Results come back in the order of ``tasks``.
+    """
+    tokenizer = agent.tokenizer
+    budget = max_tokens - agent.max_new_tokens
+    queue = list(enumerate(tasks))
+    free_envs: dict[str, list[Environment]] = {}
+    slots: dict[int, _Slot] = {}
+    results: dict[int, Episode] = {}
+    bar = tqdm(total=len(tasks), desc=f"play {agent_name}", disable=not progress, unit="ep")
+
+    def open_slot(index: int, task: Task) -> None:
+        pool = free_envs.setdefault(task.env, [])
+        env = pool.pop() if pool else get_benchmark(task.env).make_env(False)
+        obs = env.reset(task, tasks_root)
+        prompt = prompt_piece(task.env, obs.text)
+        slots[index] = _Slot(task, env, _new_episode(task, agent_name, prompt), tokenizer.encode(prompt))
+
+    while queue or slots:
+        while queue and len(slots) < batch_size:
+            open_slot(*queue.pop(0))
+        order = list(slots)
+        contexts = [fit_context(slots[i].prompt_ids, slots[i].step_ids[-history_steps:] if history_steps else slots[i].step_ids,
+                                budget) for i in order]
+        generations = agent.generate(contexts)
+        env_started = time.perf_counter()
+        if stats is not None:
+            stats.batches += 1
+            stats.generation_seconds += generations[0].seconds
+            stats.generated_tokens += sum(g.n_tokens for g in generations)
+        for index, gen in zip(order, generations):
+            slot = slots[index]
+            parsed = parse_output(gen.text)
+            obs = slot.env.step(parsed.action)
+            step = Step(thought=parsed.thought, action=parsed.action, observation=obs.text,
+                        valid=obs.valid and parsed.has_action, generated_tokens=gen.n_tokens, latency_s=gen.seconds)
+            slot.episode.steps.append(step)
+            slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
+            if obs.done or slot.episode.n_steps >= slot.env.max_steps:
+                slot.episode.success, slot.episode.reward = obs.success, obs.reward
+                results[index] = slot.episode
+                free_envs[slot.task.env].append(slot.env)
+                del slots[index]
+                bar.update(1)
+                if on_episode:
+                    on_episode(slot.episode)
+        if stats is not None:
+            stats.env_seconds += time.perf_counter() - env_started
+    bar.close()
+    return [results[i] for i in range(len(tasks))]

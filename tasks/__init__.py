@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over ``sad`` functions that add retries and logging."""

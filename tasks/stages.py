@@ -1,0 +1,81 @@
+"""Prefect tasks over the pipeline's stage functions.
+
+Why tasks at all: each unit of work gets Prefect's retries (for transient failures such as a
+locked SQLite store or a briefly unavailable file system), its own log stream and state in the
+Prefect UI, and independent units (expert shards, environments) can run concurrently.
+Nothing is cached by Prefect: DVC decides what reruns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from sad import stages
+from sad.config import Params
+from sad.envs.base import Task
+from sad.react import Episode
+
+RETRY = {"retries": 2, "retry_delay_seconds": 2, "cache_policy": NO_CACHE}
+
+
+@task(name="generate-tasks", **RETRY)
+def generate_tasks(p: Params) -> dict[str, Any]:
+    return stages.run_tasks(p)
+
+
+@task(name="play-expert-shard", **RETRY)
+def play_expert_shard(task_dicts: list[dict[str, Any]], tasks_root: str) -> list[dict[str, Any]]:
+    """One shard of expert episodes (runs in a worker process; plain dicts cross the boundary)."""
+    from sad.rollout import play_expert
+
+    tasks = [Task.from_dict(d) for d in task_dicts]
+    return [e.to_dict() for e in play_expert(tasks, Path(tasks_root))]
+
+
+@task(name="write-demos", **RETRY)
+def write_demos(p: Params, episode_dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    return stages.write_demos(p, [Episode.from_dict(d) for d in episode_dicts])
+
+
+@task(name="train-tokenizer", **RETRY)
+def train_tokenizer(p: Params) -> dict[str, Any]:
+    return stages.run_tokenizer(p)
+
+
+@task(name="train-teacher", cache_policy=NO_CACHE)
+def train_teacher(p: Params, on_log=None) -> dict[str, Any]:
+    return stages.run_teacher(p, on_log=on_log)
+
+
+@task(name="teacher-rollouts", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def teacher_rollouts(p: Params) -> dict[str, Any]:
+    return stages.run_rollout(p)
+
+
+@task(name="segment-trajectories", **RETRY)
+def segment_trajectories(p: Params) -> dict[str, Any]:
+    return stages.run_segment(p)
+
+
+@task(name="distill-student", cache_policy=NO_CACHE)
+def distill_student(p: Params, method: str, on_log=None) -> dict[str, Any]:
+    return stages.run_distill(p, method, on_log=on_log)
+
+
+@task(name="evaluate-agent", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def evaluate_agent(p: Params, agent: str) -> dict[str, Any]:
+    return stages.run_evaluate(p, agent)
+
+
+@task(name="register-best-student", **RETRY)
+def register_best_student(p: Params) -> dict[str, Any]:
+    return stages.run_register(p)
+
+
+@task(name="write-report", **RETRY)
+def write_report(p: Params) -> dict[str, Any]:
+    return stages.run_report(p)

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from sad.agent import LMAgent, fit_context
+from sad.benchmarks import load_tasks
+from sad.rollout import PlayStats, play_agent
+
+
+def test_fit_context_keeps_prompt_and_latest_steps():
+    prompt = [1, 2]
+    steps = [[3, 3, 3], [4, 4], [5, 5, 5]]
+    assert fit_context(prompt, steps, budget=100) == [1, 2, 3, 3, 3, 4, 4, 5, 5, 5]
+    assert fit_context(prompt, steps, budget=7) == [1, 2, 4, 4, 5, 5, 5]
+    assert fit_context(prompt, steps, budget=4) == [1, 2]
+    assert fit_context([1, 2, 3, 4, 5], steps, budget=3) == [3, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def trained_model(tiny_model_factory, demos, tokenizer):
+    """A tiny model briefly trained on the demos, so that it emits ReAct-shaped text."""
+    from sad.config import TrainParams
+    from sad.segment import segment_episodes
+    from sad.training import IMITATION, train_lm
+
+    seg = segment_episodes(demos, tokenizer, 512)
+    model = tiny_model_factory(hidden=48, layers=2)
+    train_lm(model, seg.windows, IMITATION, TrainParams(epochs=8, batch_size=4, lr=5e-3), tokenizer.pad_token_id, progress=False)
+    return model
+
+
+def test_batched_generation_matches_one_at_a_time(trained_model, tokenizer):
+    agent = LMAgent(trained_model, tokenizer, max_new_tokens=24)
+    contexts = [tokenizer.encode("[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n"),
+                tokenizer.encode("[alfworld] Your task is to: put a hot apple in countertop.\nThought: I need to find an apple.\nAction: go to fridge 1\nObservation: You arrive at fridge 1. The fridge 1 is closed.\n"),
+                tokenizer.encode("[alfworld] x\n")]
+    batched = [g.text for g in agent.generate(contexts)]
+    single = [agent.generate([c])[0].text for c in contexts]
+    assert batched == single
+
+
+def test_generation_stops_after_the_action_line(trained_model, tokenizer):
+    agent = LMAgent(trained_model, tokenizer, max_new_tokens=64)
+    gen = agent.generate([tokenizer.encode("[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n")])[0]
+    assert gen.n_tokens <= 64
+    if "Action:" in gen.text and gen.n_tokens < 64:
+        tail = gen.text[gen.text.index("Action:"):]
+        assert tail.endswith("\n") and tail.count("\n") == 1
+
+
+def test_sampling_is_seeded(trained_model, tokenizer):
+    ctx = [tokenizer.encode("[alfworld] Your task is to: put a mug in cabinet.\n")]
+    a = LMAgent(trained_model, tokenizer, 16, temperature=1.0, seed=1).generate(ctx)[0].text
+    b = LMAgent(trained_model, tokenizer, 16, temperature=1.0, seed=1).generate(ctx)[0].text
+    assert a == b
+
+
+def test_play_agent_batches_give_the_same_episodes_as_one_at_a_time(trained_model, tokenizer, task_root):
+    tasks = load_tasks(task_root, "alfworld", "test")[:4]
+    agent = LMAgent(trained_model, tokenizer, max_new_tokens=32)
+    stats = PlayStats()
+    batched = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=4, stats=stats)
+    single = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=1)
+    assert [e.task_id for e in batched] == [t.task_id for t in tasks]
+    assert [[(s.thought, s.action) for s in e.steps] for e in batched] == [[(s.thought, s.action) for s in e.steps] for e in single]
+    assert stats.generated_tokens > 0 and stats.batches > 0
+    for e in batched:
+        assert 1 <= e.n_steps <= 50
+        assert all(s.observation for s in e.steps)
+
+
+def test_model_output_without_action_is_a_counted_invalid_step(tiny_model_factory, tokenizer, task_root):
+    """An untrained model babbles; the loop must count invalid steps, never crash."""
+    tasks = load_tasks(task_root, "alfworld", "dev")[:2]
+    model = tiny_model_factory()
+    agent = LMAgent(model, tokenizer, max_new_tokens=8)
+    episodes = play_agent(tasks, task_root, agent, "untrained", max_tokens=256, batch_size=2)
+    steps = [s for e in episodes for s in e.steps]
+    assert steps and not any(e.success for e in episodes)
+    assert sum(not s.valid for s in steps) >= 1
+    assert torch.is_grad_enabled()  # inference mode did not leak

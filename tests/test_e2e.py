@@ -1,0 +1,114 @@
+"""The whole pipeline on the tiny profile, from a copy of the repository, through `sad pipeline`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+SOURCES = ["sad", "flows", "tasks", "profiles", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml", ".gitignore"]
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("e2e") / "repo"
+    repo.mkdir()
+    for name in SOURCES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy2(REPO / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy2(REPO / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PREFECT_HOME": str(repo / ".prefect"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for var in ("PREFECT_API_URL", "SAD_MLFLOW_URI", "MLFLOW_TRACKING_URI"):
+        env.pop(var, None)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "e2e"]):
+        assert _run(cmd, repo, env).returncode == 0
+    profile = _run([f"{bindir}/sad", "profile", "tiny"], repo, env)
+    assert profile.returncode == 0, profile.stderr
+    started = time.perf_counter()
+    result = _run([f"{bindir}/sad", "pipeline"], repo, env, timeout=1200)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    print(f"\ntiny pipeline: {seconds:.1f}s")
+    return repo, env, seconds
+
+
+def test_report_has_teacher_and_three_students(pipeline_run):
+    repo, _, _ = pipeline_run
+    report = (repo / "reports" / "results.md").read_text()
+    for agent in ("teacher", "sad", "token_kd", "sft"):
+        assert f"| {agent} |" in report
+    assert (repo / "reports" / "success.png").stat().st_size > 1000
+    assert (repo / "dvc.lock").is_file()
+
+
+def test_metrics_exist_and_lie_in_range(pipeline_run):
+    repo, _, _ = pipeline_run
+    for agent in ("teacher", "sad", "token_kd", "sft"):
+        result = json.loads((repo / "metrics" / "eval" / f"{agent}.json").read_text())
+        assert result["parameters"] > 0
+        for split in ("dev", "test"):
+            m = result["splits"][split]["overall"]
+            assert 0.0 <= m["success_rate"] <= 1.0
+            assert 1.0 <= m["avg_steps"] <= 10.0  # the tiny profile caps episodes at 10 steps
+            assert 0.0 <= m["invalid_action_rate"] <= 1.0
+            assert m["avg_reasoning_tokens"] >= 0.0 and m["latency_per_step_s"] > 0.0
+    teacher = json.loads((repo / "metrics" / "teacher.json").read_text())
+    student = json.loads((repo / "metrics" / "distill" / "sad.json").read_text())
+    assert teacher["parameters"] > student["parameters"] > 0
+    demos = json.loads((repo / "metrics" / "demos.json").read_text())
+    assert demos["expert_success_rate"] == 1.0
+
+
+def test_segments_validate_against_the_schemas(pipeline_run):
+    import pandas as pd
+
+    from sad.schemas import SpanSchema, StepSchema, validate
+    from sad.segment import load_windows
+
+    repo, _, _ = pipeline_run
+    windows = load_windows(repo / "data" / "segments")
+    assert len(windows) > 0
+    validate(pd.read_parquet(repo / "data" / "segments" / "spans.parquet"), SpanSchema, "spans")
+    validate(pd.read_parquet(repo / "data" / "segments" / "steps.parquet"), StepSchema, "steps")
+
+
+def test_champion_loads_with_mlflow_and_generates(pipeline_run):
+    import mlflow
+
+    repo, _, _ = pipeline_run
+    registry = json.loads((repo / "reports" / "registry.json").read_text())
+    assert registry["promoted"] is True and registry["version"] == "1"
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    pipe = mlflow.transformers.load_model("models:/sad-student@champion")
+    out = pipe("[alfworld] You are in the middle of a room.", max_new_tokens=8, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str) and out[0]["generated_text"]
+
+
+def test_second_repro_is_a_no_op(pipeline_run):
+    repo, env, _ = pipeline_run
+    result = _run([str(Path(sys.executable).parent / "dvc"), "repro"], repo, env)
+    assert result.returncode == 0, result.stderr
+    assert "Running stage" not in result.stdout
+    assert "Data and pipelines are up to date" in result.stdout or "didn't change" in result.stdout

@@ -1,0 +1,101 @@
+import pandas as pd
+import pytest
+
+from sad.react import Episode, Step, episode_pieces, episode_text, parse_output
+from sad.schemas import SchemaViolation, SpanSchema, WindowSchema, validate
+from sad.segment import episode_windows, segment_episodes, tokenize_episode
+
+
+def _episode(eid="agent:alfworld/train/00001", n_steps=3, success=True) -> Episode:
+    steps = [Step(thought=f"I will check cabinet {i}.", action=f"go to cabinet {i}", observation=f"You arrive at cabinet {i}.")
+             for i in range(1, n_steps + 1)]
+    return Episode(episode_id=eid, env="alfworld", split="train", task_id="alfworld/train/00001",
+                   task_type="pick_and_place_simple", agent="agent",
+                   prompt="[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n",
+                   steps=steps, success=success)
+
+
+def test_parse_output_reads_thought_and_action():
+    out = parse_output("Thought: I need a mug. I will check cabinet 1.\nAction: go to cabinet 1\n")
+    assert out.thought == "I need a mug. I will check cabinet 1."
+    assert out.action == "go to cabinet 1" and out.has_action
+
+
+def test_parse_output_without_action_is_flagged():
+    out = parse_output("Thought: I am thinking forever")
+    assert not out.has_action and out.action == "" and out.thought == "I am thinking forever"
+
+
+def test_parse_output_keeps_only_the_action_line():
+    out = parse_output("Thought: x\nAction: open fridge 1\nObservation: made up")
+    assert out.action == "open fridge 1"
+
+
+def test_generated_spans_cover_the_generated_text_exactly(tokenizer):
+    ep = _episode()
+    windows, spans = episode_windows(ep, tokenizer, max_tokens=512)
+    assert len(windows) == 1
+    text = episode_text(ep)
+    generated = "".join(t for kind, t in episode_pieces(ep) if kind in ("reason", "act"))
+    covered = "".join(text[s["char_start"]:s["char_end"]] for s in spans)
+    assert covered == generated
+    w = windows[0]
+    for s in spans:
+        mask = w["reason_mask"] if s["kind"] == "reason" else w["act_mask"]
+        assert all(mask[i] == 1 for i in range(s["tok_start"], s["tok_end"]))
+        decoded = tokenizer.decode(w["input_ids"][s["tok_start"]:s["tok_end"]])
+        assert decoded == text[s["char_start"]:s["char_end"]]
+    # prompt and observation tokens carry no mask
+    assert sum(w["reason_mask"]) + sum(w["act_mask"]) == sum(s["tok_end"] - s["tok_start"] for s in spans)
+
+
+def test_long_episodes_are_cut_into_windows_within_budget(tokenizer):
+    ep = _episode(n_steps=30)
+    windows, spans = episode_windows(ep, tokenizer, max_tokens=128)
+    assert len(windows) > 1
+    assert all(w["n_tokens"] <= 128 for w in windows)
+    prompt_len = len(tokenizer.encode(ep.prompt))
+    assert all(w["input_ids"][:prompt_len] == tokenizer.encode(ep.prompt) for w in windows)
+    assert sum(1 for s in spans if s["kind"] == "act") == 30  # every action lands in exactly one window
+
+
+def test_segment_episodes_validates_all_tables(demos, tokenizer):
+    seg = segment_episodes(demos, tokenizer, max_tokens=1024)
+    assert len(seg.windows) >= len(demos)
+    assert set(seg.spans["kind"]) == {"reason", "act"}
+    assert seg.steps["episode_id"].nunique() == len(demos)
+
+
+def test_straddling_token_is_reported_with_the_episode():
+    from sad.tokenizer import train_bpe
+
+    # A tokenizer that learned "maxThought" as one token, and a prompt that lacks its final newline:
+    # the token spans the prompt and the first thought.
+    tok = train_bpe(["maxThought: go\n"] * 50, vocab_size=300, min_frequency=2)
+    ep = _episode(eid="broken-episode", n_steps=1)
+    ep.prompt = "[alfworld] max"
+    with pytest.raises(ValueError, match="broken-episode.*straddles"):
+        tokenize_episode(ep, tok)
+
+
+def test_overlapping_spans_fail_the_schema_naming_the_episode():
+    df = pd.DataFrame([
+        {"episode_id": "ep-7", "window": 0, "span": 0, "kind": "reason", "char_start": 0, "char_end": 10, "tok_start": 0, "tok_end": 5},
+        {"episode_id": "ep-7", "window": 0, "span": 1, "kind": "act", "char_start": 8, "char_end": 20, "tok_start": 4, "tok_end": 9},
+    ])
+    with pytest.raises(SchemaViolation, match=r"ep-7") as err:
+        validate(df, SpanSchema, "spans")
+    assert "must not overlap" in str(err.value)
+
+
+def test_non_disjoint_masks_fail_the_window_schema():
+    df = pd.DataFrame([{"episode_id": "ep-9", "window": 0, "success": True, "n_tokens": 3,
+                        "input_ids": [1, 2, 3], "reason_mask": [0, 1, 1], "act_mask": [0, 0, 1]}])
+    with pytest.raises(SchemaViolation, match="ep-9"):
+        validate(df, WindowSchema, "windows")
+
+
+def test_wrong_columns_fail_the_schema():
+    df = pd.DataFrame([{"episode_id": "ep-1", "window": 0, "tokens": [1]}])
+    with pytest.raises(SchemaViolation, match="WindowSchema"):
+        validate(df, WindowSchema, "windows")
