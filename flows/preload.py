@@ -154,8 +154,10 @@ def delegate(argv: list[str]) -> int | None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO)
-    serve(Path(sys.argv[1]))
+    # Run as ``python -m flows.preload``: use the importable module, whose exit hooks the CLI calls.
+    from flows import preload
+
+    preload.serve(Path(sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -32,14 +32,19 @@ def _mlflow_step_logger(run_id: str, prefix: str):
     return on_log
 
 
+def _tracked(p: Params, stage: str, logged: dict[str, Any] | None, work, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``work(run)`` inside the stage's MLflow run and log the metrics it returns."""
+    with stage_run(p.tracking, stage, logged, tags=tags) as run:
+        metrics = work(run)
+        log_metrics(metrics)
+    return metrics
+
+
 @flow(name="tasks", log_prints=False)
 def tasks_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     """Generate disjoint, seeded train/dev/test task splits per environment."""
     p = load_params(params_path)
-    with stage_run(p.tracking, "tasks", {"tasks": p.tasks.model_dump()}):
-        metrics = t.generate_tasks(p)
-        log_metrics(metrics)
-    return metrics
+    return _tracked(p, "tasks", {"tasks": p.tasks.model_dump()}, lambda run: t.generate_tasks(p))
 
 
 def _shards(items: list, n: int) -> list[list]:
@@ -53,50 +58,41 @@ def demos_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
     root = p.path("data", "tasks")
     tasks = [task.to_dict() for env in p.tasks.envs for task in load_tasks(root, env, "train")]
-    with stage_run(p.tracking, "demos", {"demos": p.demos.model_dump()}):
+
+    def work(run) -> dict[str, Any]:
         # Shards run in worker processes; with one worker, one shard in-process (the engine is not thread-safe).
         n_shards = 1 if p.demos.workers == 1 else 2 * p.demos.workers
-        futures = [t.play_expert_shard.submit(shard, str(root)) for shard in _shards(tasks, n_shards)]
-        episodes = [e for f in futures for e in f.result()]
-        metrics = t.write_demos(p, episodes)
-        log_metrics(metrics)
-    return metrics
+        futures = [t.play_expert_shard.submit(shard, str(root), p.demos.perturb, p.demos.seed)
+                   for shard in _shards(tasks, n_shards)]
+        return t.write_demos(p, [e for f in futures for e in f.result()])
+
+    return _tracked(p, "demos", {"demos": p.demos.model_dump()}, work)
 
 
 @flow(name="tokenizer", log_prints=False)
 def tokenizer_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
-    with stage_run(p.tracking, "tokenizer", {"tokenizer": p.tokenizer.model_dump()}):
-        metrics = t.train_tokenizer(p)
-        log_metrics(metrics)
-    return metrics
+    return _tracked(p, "tokenizer", {"tokenizer": p.tokenizer.model_dump()}, lambda run: t.train_tokenizer(p))
 
 
 @flow(name="teacher", log_prints=False)
 def teacher_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
-    with stage_run(p.tracking, "teacher", {"teacher": p.teacher.model_dump(), "context": p.context.model_dump()}) as run:
-        metrics = t.train_teacher(p, on_log=_mlflow_step_logger(run.info.run_id, "train/"))
-        log_metrics(metrics)
-    return metrics
+    logged = {"teacher": p.teacher.model_dump(), "context": p.context.model_dump()}
+    return _tracked(p, "teacher", logged,
+                    lambda run: t.train_teacher(p, on_log=_mlflow_step_logger(run.info.run_id, "train/")))
 
 
 @flow(name="rollout", log_prints=False)
 def rollout_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
-    with stage_run(p.tracking, "rollout", {"rollout": p.rollout.model_dump()}):
-        metrics = t.teacher_rollouts(p)
-        log_metrics(metrics)
-    return metrics
+    return _tracked(p, "rollout", {"rollout": p.rollout.model_dump()}, lambda run: t.teacher_rollouts(p))
 
 
 @flow(name="segment", log_prints=False)
 def segment_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
-    with stage_run(p.tracking, "segment", {"segment": p.segment.model_dump()}):
-        metrics = t.segment_trajectories(p)
-        log_metrics(metrics)
-    return metrics
+    return _tracked(p, "segment", {"segment": p.segment.model_dump()}, lambda run: t.segment_trajectories(p))
 
 
 @flow(name="distill", log_prints=False)
@@ -106,10 +102,9 @@ def distill_flow(method: str, params_path: str = "params.yaml") -> dict[str, Any
         raise ValueError(f"unknown method {method!r}; params.yaml distill.methods has {sorted(p.distill.methods)}")
     logged = {"student": p.distill.student.model_dump(), "train": p.distill.train.model_dump(),
               "method": p.distill.methods[method].model_dump()}
-    with stage_run(p.tracking, f"distill@{method}", {"distill": logged}, tags={"sad.method": method}) as run:
-        metrics = t.distill_student(p, method, on_log=_mlflow_step_logger(run.info.run_id, "train/"))
-        log_metrics(metrics)
-    return metrics
+    return _tracked(p, f"distill@{method}", {"distill": logged},
+                    lambda run: t.distill_student(p, method, on_log=_mlflow_step_logger(run.info.run_id, "train/")),
+                    tags={"sad.method": method})
 
 
 @flow(name="evaluate", log_prints=False)

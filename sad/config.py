@@ -72,6 +72,8 @@ class TasksParams(_Strict):
 
 class DemosParams(_Strict):
     workers: int = Field(2, ge=1, le=64, description="processes playing the expert")
+    perturb: float = Field(0.0, ge=0, lt=1, description="per-step probability of an injected mistake the expert recovers from")
+    seed: int = 0
 
 
 class TokenizerParams(_Strict):

@@ -33,6 +33,7 @@ class Step:
     valid: bool = True
     generated_tokens: int = 0
     latency_s: float = 0.0
+    imitate: bool = True  # False for injected mistakes: context for learners, never a target
 
 
 @dataclass

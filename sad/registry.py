@@ -58,7 +58,7 @@ def champion_version(tracking: TrackingParams) -> tuple[str, float] | None:
     except Exception:
         return None
     value = mv.tags.get(GATE_TAG)
-    return mv.version, float(value) if value is not None else float("-inf")
+    return str(mv.version), float(value) if value is not None else float("-inf")
 
 
 def log_student(model_dir: Path, card: dict[str, Any], tracking: TrackingParams) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +27,26 @@ def _new_episode(task: Task, agent: str, prompt: str) -> Episode:
     )
 
 
-def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False) -> list[Episode]:
-    """The environment's expert plays each task; its thoughts and actions form the demos."""
+def perturb_action(rng: random.Random, action: str, admissible: list[str] | None) -> str:
+    """A plausible mistake: another admissible command, or the intended one with a wrong number."""
+    others = [a for a in (admissible or []) if a != action]
+    numbers = list(re.finditer(r"\d+", action))
+    if others and (not numbers or rng.random() < 0.5):
+        return rng.choice(others)
+    if numbers:
+        m = rng.choice(numbers)
+        return action[:m.start()] + str(int(m.group()) + rng.randint(1, 3)) + action[m.end():]
+    return action + " now"
+
+
+def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False, perturb: float = 0.0,
+                seed: int = 0) -> list[Episode]:
+    """The environment's expert plays each task; its thoughts and actions form the demos.
+
+    With ``perturb`` > 0, each step after the first is, with that probability, replaced by a
+    mistake (:func:`perturb_action`) that is executed but marked ``imitate=False``: learners see
+    it as context and learn how the expert recovers from it (noise injection, as in DART).
+    """
     episodes: list[Episode] = []
     by_env: dict[str, tuple[Environment, object]] = {}
     for task in tqdm(tasks, desc="expert", disable=not progress, unit="ep"):
@@ -37,10 +57,15 @@ def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False) -> 
         obs = env.reset(task, tasks_root)
         expert.reset(task, obs)  # type: ignore[attr-defined]
         episode = _new_episode(task, "expert", prompt_piece(task.env, obs.text))
+        rng = random.Random(f"{seed}:{task.task_id}")
         while not obs.done:
             thought, action = expert.act(obs)  # type: ignore[attr-defined]
+            imitate = True
+            if perturb > 0 and episode.steps and rng.random() < perturb:
+                action, imitate = perturb_action(rng, action, obs.admissible), False
             obs = env.step(action)
-            episode.steps.append(Step(thought=thought, action=action, observation=obs.text, valid=obs.valid))
+            episode.steps.append(Step(thought=thought, action=action, observation=obs.text, valid=obs.valid,
+                                      imitate=imitate))
         episode.success, episode.reward = obs.success, obs.reward
         episodes.append(episode)
     return episodes

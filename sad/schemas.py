@@ -28,6 +28,7 @@ class StepSchema(pa.DataFrameModel):
     action: Series[str]
     observation: Series[str]
     valid: Series[bool]
+    imitate: Series[bool]
     success: Series[bool]
 
     class Config:

@@ -117,7 +117,7 @@ def episode_windows(episode: Episode, tokenizer, max_tokens: int, history_steps:
         act = [0] * len(ids)
         spans = []
         for s in context + chunk:
-            with_loss = s in chunk
+            with_loss = s in chunk and episode.steps[s].imitate
             for offset, (a, b) in enumerate(steps[s]):
                 piece = step_first_piece[s] + offset
                 kind = tok.pieces[piece][0]
@@ -147,11 +147,11 @@ def episode_windows(episode: Episode, tokenizer, max_tokens: int, history_steps:
 def steps_frame(episodes: Iterable[Episode]) -> pd.DataFrame:
     rows = [
         {"episode_id": ep.episode_id, "step": i, "thought": s.thought, "action": s.action,
-         "observation": s.observation, "valid": bool(s.valid), "success": bool(ep.success)}
+         "observation": s.observation, "valid": bool(s.valid), "imitate": bool(s.imitate), "success": bool(ep.success)}
         for ep in episodes for i, s in enumerate(ep.steps)
     ]
-    columns = ["episode_id", "step", "thought", "action", "observation", "valid", "success"]
-    return pd.DataFrame(rows, columns=columns).astype({"step": "int64", "valid": bool, "success": bool})
+    columns = ["episode_id", "step", "thought", "action", "observation", "valid", "imitate", "success"]
+    return pd.DataFrame(rows, columns=columns).astype({"step": "int64", "valid": bool, "imitate": bool, "success": bool})
 
 
 @dataclass

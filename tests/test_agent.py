@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -54,8 +56,12 @@ def test_sampling_is_seeded(trained_model, tokenizer):
     assert a == b
 
 
+def _capped(tasks, max_steps: int = 8):
+    return [dataclasses.replace(t, meta={**t.meta, "max_steps": max_steps}) for t in tasks]
+
+
 def test_play_agent_batches_give_the_same_episodes_as_one_at_a_time(trained_model, tokenizer, task_root):
-    tasks = load_tasks(task_root, "alfworld", "test")[:4]
+    tasks = _capped(load_tasks(task_root, "alfworld", "test")[:4])
     agent = LMAgent(trained_model, tokenizer, max_new_tokens=32)
     stats = PlayStats()
     batched = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=4, stats=stats)
@@ -64,13 +70,13 @@ def test_play_agent_batches_give_the_same_episodes_as_one_at_a_time(trained_mode
     assert [[(s.thought, s.action) for s in e.steps] for e in batched] == [[(s.thought, s.action) for s in e.steps] for e in single]
     assert stats.generated_tokens > 0 and stats.batches > 0
     for e in batched:
-        assert 1 <= e.n_steps <= 50
+        assert 1 <= e.n_steps <= 8
         assert all(s.observation for s in e.steps)
 
 
 def test_model_output_without_action_is_a_counted_invalid_step(tiny_model_factory, tokenizer, task_root):
     """An untrained model babbles; the loop must count invalid steps, never crash."""
-    tasks = load_tasks(task_root, "alfworld", "dev")[:2]
+    tasks = _capped(load_tasks(task_root, "alfworld", "dev")[:2])
     model = tiny_model_factory()
     agent = LMAgent(model, tokenizer, max_new_tokens=8)
     episodes = play_agent(tasks, task_root, agent, "untrained", max_tokens=256, batch_size=2)

@@ -38,7 +38,7 @@ def test_champion_moves_only_for_a_better_student(tmp_path, tracking, tiny_model
     assert champion_version(tracking) == (first.version, 0.4)
 
     client = mlflow.MlflowClient()
-    assert client.get_model_version_by_alias(tracking.registered_model, CHALLENGER).version == worse.version
+    assert str(client.get_model_version_by_alias(tracking.registered_model, CHALLENGER).version) == worse.version
     assert "does not beat" in client.get_model_version(tracking.registered_model, worse.version).tags["sad.promotion"]
 
     with stage_run(tracking, "register"):

@@ -1,0 +1,61 @@
+"""The pipeline's local services: the preload stage runner (and its fallback)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from flows.server import stop_server, wait_for_socket
+
+from .conftest import REPO
+
+SAD = str(Path(sys.executable).with_name("sad"))
+
+
+@pytest.fixture(scope="module")
+def preload_socket():
+    folder = Path(tempfile.mkdtemp(prefix="sad-test-"))
+    sock = folder / "s.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.preload", str(sock)], cwd=REPO, start_new_session=True)
+    try:
+        assert wait_for_socket(sock, proc, timeout_s=120), "preload server did not start"
+        yield sock
+    finally:
+        stop_server(proc)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sad(args: list[str], cwd: Path, sock: Path | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SAD_PRELOAD_SOCKET"}
+    if sock is not None:
+        env["SAD_PRELOAD_SOCKET"] = str(sock)
+    return subprocess.run([SAD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_preloaded_command_gives_the_same_output_and_exit_code(preload_socket, tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    direct = _sad(["profile", "tiny", "--dry-run"], tmp_path, None)
+    forked = _sad(["profile", "tiny", "--dry-run"], tmp_path, preload_socket)
+    assert direct.returncode == forked.returncode == 0
+    assert forked.stdout == direct.stdout and "profile: tiny" in forked.stdout
+
+
+def test_preloaded_command_reports_failure(preload_socket, tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    result = _sad(["profile", "does-not-exist"], tmp_path, preload_socket)
+    assert result.returncode == 2
+    assert "profiles/does-not-exist.yaml: parameter file not found" in result.stderr
+
+
+def test_unreachable_preload_socket_falls_back_to_a_plain_process(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    result = _sad(["profile", "tiny", "--dry-run"], tmp_path, tmp_path / "missing.sock")
+    assert result.returncode == 0 and "profile: tiny" in result.stdout
