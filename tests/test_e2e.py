@@ -78,7 +78,10 @@ def test_metrics_exist_and_lie_in_range(pipeline_run):
     student = json.loads((repo / "metrics" / "distill" / "sad.json").read_text())
     assert teacher["parameters"] > student["parameters"] > 0
     demos = json.loads((repo / "metrics" / "demos.json").read_text())
-    assert demos["expert_success_rate"] == 1.0
+    # the tiny profile caps episodes at 10 steps, which cuts the longer task types short; the
+    # expert's 100% at ALFWorld's 50-step cap is asserted in tests/test_alfworld.py
+    assert 0.0 < demos["expert_success_rate"] <= 1.0 and demos["episodes"] == 12
+    assert demos["success_by_task_type"]["pick_and_place_simple"] == 1.0
 
 
 def test_segments_validate_against_the_schemas(pipeline_run):
