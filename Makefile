@@ -10,6 +10,8 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
+# dvc.yaml's stage commands call `sad`, so the project's virtualenv comes first on PATH
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install pipeline tiny test clean
 

@@ -6,6 +6,8 @@
     sad stage distill --method sad
     sad stage evaluate --agent teacher
     sad expert --env alfworld --split test --n 20 --json
+    sad expert --env webshop --generate --n 200 --json   # a fresh generated task set
+    sad bench envs --json                                # env reset time and steps/s
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def stage(
     params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
 ) -> None:
     """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
-    from sad.config import ConfigError, load_params
+    from sad.config import ConfigError, load_params, parse_params
 
     _setup_logging()
     try:
@@ -131,7 +133,7 @@ def pipeline(
 ) -> None:
     """Reproduce the whole pipeline with DVC, with local Prefect and MLflow servers for all stages."""
     from flows.server import pipeline_services
-    from sad.config import ConfigError, load_params
+    from sad.config import ConfigError, load_params, parse_params
     from sad.tracking import tracking_uri
 
     _setup_logging()
@@ -143,6 +145,9 @@ def pipeline(
     started = time.perf_counter()
     with pipeline_services(home, tracking_uri(p.tracking), Path(p.tracking.artifacts), preload) as services:
         env = {**os.environ, **services}
+        # dvc.yaml's commands call `sad`: make sure it resolves to this installation.
+        bindir = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
         cmd = [str(Path(sys.executable).with_name("dvc")), "repro"] + (["--force"] if force else []) + ([target] if target else [])
         log.info("running %s", " ".join(cmd[1:]))
         code = subprocess.call(cmd, env=env)
@@ -193,30 +198,87 @@ def profile(
     typer.echo(f"{params}: applied profile '{name}' (restore with: git checkout {params})")
 
 
+class EnvName(str, Enum):
+    alfworld = "alfworld"
+    hotpotqa = "hotpotqa"
+    webshop = "webshop"
+
+
+def _task_set(env: str, split: str, n: Optional[int], tasks_root: Path, generate: bool, workdir: Path):
+    """Tasks from the tasks stage's folder, or a fresh generated set (seeded by params.yaml)."""
+    from sad.benchmarks import generate_fresh, load_tasks
+    from sad.config import ConfigError, load_params, parse_params
+
+    if generate:
+        try:
+            params = load_params("params.yaml") if Path("params.yaml").is_file() else parse_params({}, "defaults")
+        except ConfigError as exc:
+            _fail(str(exc))
+        return generate_fresh(params, env, split, n or 200, workdir), workdir
+    try:
+        return load_tasks(tasks_root, env, split)[: n or None], tasks_root
+    except FileNotFoundError as exc:
+        _fail(f"{exc}; or pass --generate to play a fresh generated task set")
+
+
 @app.command()
 def expert(
-    env: str = typer.Option("alfworld", help="environment"),
+    env: EnvName = typer.Option(EnvName.alfworld, help="environment"),
     split: str = typer.Option("test", help="split: train, dev or test"),
-    n: Optional[int] = typer.Option(None, help="play the first N tasks of the split (default: all)"),
+    n: Optional[int] = typer.Option(None, help="play the first N tasks of the split (default: all; 200 with --generate)"),
     tasks_root: Path = typer.Option(Path("data/tasks"), help="tasks folder written by the tasks stage"),
+    generate: bool = typer.Option(False, "--generate", help="generate N fresh tasks (seeded by params.yaml) in a temp folder"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Play the environment's expert on a split and report its success rate."""
-    from sad.benchmarks import load_tasks
+    import tempfile
+
     from sad.metrics import success_by
     from sad.rollout import play_expert
 
-    tasks = load_tasks(tasks_root, env, split)[: n or None]
-    started = time.perf_counter()
-    episodes = play_expert(tasks, tasks_root, progress=not as_json)
-    seconds = time.perf_counter() - started
+    _setup_logging()
+    with tempfile.TemporaryDirectory(prefix="sad-expert-") as tmp:
+        tasks, root = _task_set(env.value, split, n, tasks_root, generate, Path(tmp))
+        started = time.perf_counter()
+        episodes = play_expert(tasks, root, progress=not as_json)
+        seconds = time.perf_counter() - started
+    count = max(len(episodes), 1)
     result = {
-        "env": env, "split": split, "episodes": len(episodes),
-        "success_rate": sum(e.success for e in episodes) / max(len(episodes), 1),
-        "avg_steps": sum(e.n_steps for e in episodes) / max(len(episodes), 1),
+        "env": env.value, "split": split, "episodes": len(episodes), "generated": generate,
+        "success_rate": sum(e.success for e in episodes) / count,
+        "avg_reward": sum(e.reward for e in episodes) / count,
+        "avg_steps": sum(e.n_steps for e in episodes) / count,
+        "max_steps": max((e.n_steps for e in episodes), default=0),
         "success_by_task_type": success_by(episodes), "seconds": round(seconds, 2),
     }
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+bench_app = typer.Typer(help="Benchmarks that print JSON (machines are noisy: compare ratios from one run).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("envs")
+def bench_envs(
+    env: list[EnvName] = typer.Option(list(EnvName), help="environments to time (repeatable)"),
+    n: int = typer.Option(50, help="generated test tasks per environment"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Reset time and env steps/s per environment (engine only, replaying expert actions)."""
+    import platform
+    import tempfile
+
+    from sad.envbench import benchmark_env
+
+    _setup_logging()
+    out: dict[str, object] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                              "tasks_per_env": n, "envs": {}}
+    for name in env:
+        with tempfile.TemporaryDirectory(prefix="sad-bench-") as tmp:
+            tasks, root = _task_set(name.value, "test", n, Path(tmp), True, Path(tmp))
+            out["envs"][name.value] = benchmark_env(tasks, root)  # type: ignore[index]
+    typer.echo(json.dumps(out) if as_json else json.dumps(out, indent=2))
 
 
 def main() -> None:

@@ -74,7 +74,10 @@ def spawn_mlflow(backend_uri: str, artifact_root: Path, log_file: Path, port: in
     cmd = [_tool("mlflow"), "server", "--backend-store-uri", backend_uri, "--default-artifact-root",
            artifact_root.resolve().as_uri(), "--no-serve-artifacts", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
-    return _spawn(cmd, log_file, dict(os.environ)), f"http://127.0.0.1:{port}"
+    # The pipeline needs tracking and the registry only: no background job runner (its workers
+    # would compete with training for the CPU).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return _spawn(cmd, log_file, env), f"http://127.0.0.1:{port}"
 
 
 def start_server(log_file: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:

@@ -6,7 +6,9 @@ The tasks root holds one folder per environment and a manifest per split
 
 from __future__ import annotations
 
+import importlib
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,33 +30,90 @@ class Benchmark:
     generate: Callable[[Params, Path], dict[str, list[Task]]]
 
 
+def _counts(params: Params) -> dict[str, int]:
+    p = params.tasks
+    return {"train": p.train, "dev": p.dev, "test": p.test}
+
+
+def _seeded_sample(items: list, k: int, seed: str, where: str) -> list:
+    if k > len(items):
+        raise ValueError(f"{where}: {len(items)} available, but the split asks for {k}")
+    return random.Random(seed).sample(items, k)
+
+
 def _alfworld_generate(params: Params, root: Path) -> dict[str, list[Task]]:
     from sad.envs import alfworld
 
     p = params.tasks
-    counts = {"train": p.train, "dev": p.dev, "test": p.test}
+    cap = p.alfworld.max_steps
+    if p.alfworld.official:
+        data = Path(p.alfworld.official).expanduser()
+        out = {}
+        for split, folder in alfworld.OFFICIAL_SPLITS.items():
+            trials = alfworld.official_games(data, folder)
+            picked = _seeded_sample(trials, _counts(params)[split], f"alfworld:{p.seed}:{split}", str(data / folder))
+            out[split] = [alfworld.copy_official_game(t, root, split, i, cap) for i, t in enumerate(picked)]
+        return out
     games = alfworld.generate_games(
-        seed=p.seed, counts=counts, task_types=tuple(p.alfworld.task_types),
+        seed=p.seed, counts=_counts(params), task_types=tuple(p.alfworld.task_types),
         n_distractors=tuple(p.alfworld.distractors),
     )
-    return {split: [alfworld.write_game(g, root, split, i, p.alfworld.max_steps) for i, g in enumerate(gs)]
+    return {split: [alfworld.write_game(g, root, split, i, cap) for i, g in enumerate(gs)]
             for split, gs in games.items()}
 
 
-def _alfworld_env(expert_plan: bool) -> Environment:
-    from sad.envs.alfworld import AlfworldEnv
+def _hotpotqa_generate(params: Params, root: Path) -> dict[str, list[Task]]:
+    from sad.envs import hotpotqa
 
-    return AlfworldEnv(expert_plan=expert_plan)
+    p = params.tasks
+    counts = _counts(params)
+    if p.hotpotqa.official:
+        splits = hotpotqa.official_splits(Path(p.hotpotqa.official).expanduser(), p.seed, counts)
+    else:
+        records = hotpotqa.generate_questions(p.seed, sum(counts.values()), p.hotpotqa.distractors)
+        splits, start = {}, 0
+        for split, k in counts.items():
+            splits[split], start = records[start:start + k], start + k
+    return {split: hotpotqa.write_split(recs, root, split, p.hotpotqa.max_steps) for split, recs in splits.items()}
 
 
-def _alfworld_expert() -> Expert:
-    from sad.envs.alfworld import AlfworldExpert
+def _webshop_generate(params: Params, root: Path) -> dict[str, list[Task]]:
+    from sad.envs import webshop
 
-    return AlfworldExpert()
+    p = params.tasks
+    counts = _counts(params)
+    folder = root / "catalogue"
+    if p.webshop.official:
+        source = Path(p.webshop.official).expanduser()
+        products, instructions = webshop.read_official(source)
+    else:
+        products, instructions = webshop.generate_catalogue(p.seed, p.webshop.products, sum(counts.values()))
+    webshop.write_catalogue(products, instructions, folder)
+    categories = {str(rec["asin"]): str(rec.get("category", "")) for rec in products}
+    return webshop.goal_tasks(instructions, categories, "catalogue", p.seed, counts, p.webshop.max_steps)
+
+
+def _env_factory(module: str, cls: str) -> Callable[[bool], Environment]:
+    def make(expert_plan: bool) -> Environment:
+        return getattr(importlib.import_module(f"sad.envs.{module}"), cls)(expert_plan=expert_plan)
+
+    return make
+
+
+def _expert_factory(module: str, cls: str) -> Callable[[], Expert]:
+    def make() -> Expert:
+        return getattr(importlib.import_module(f"sad.envs.{module}"), cls)()
+
+    return make
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "alfworld": Benchmark("alfworld", _alfworld_env, _alfworld_expert, _alfworld_generate),
+    "alfworld": Benchmark("alfworld", _env_factory("alfworld", "AlfworldEnv"),
+                          _expert_factory("alfworld", "AlfworldExpert"), _alfworld_generate),
+    "hotpotqa": Benchmark("hotpotqa", _env_factory("hotpotqa", "HotpotEnv"),
+                          _expert_factory("hotpotqa", "HotpotExpert"), _hotpotqa_generate),
+    "webshop": Benchmark("webshop", _env_factory("webshop", "WebShopEnv"),
+                         _expert_factory("webshop", "WebShopExpert"), _webshop_generate),
 }
 
 
@@ -93,3 +152,15 @@ def load_tasks(root: Path, env: str, split: str) -> list[Task]:
         except KeyError as exc:
             raise ValueError(f"{manifest}:{i}: task entry lacks field {exc}") from None
     return tasks
+
+
+def generate_fresh(params: Params, env: str, split: str, n: int, root: Path) -> list[Task]:
+    """Generate a fresh seeded task set of ``n`` tasks in ``split`` for one environment under
+    ``root`` (the other splits get one task each) and return that split's tasks."""
+    counts = {s: (n if s == split else 1) for s in SPLITS}
+    if split not in counts:
+        raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
+    tasks = params.tasks.model_copy(update={"envs": [env], **counts})
+    fresh = params.model_copy(update={"tasks": tasks})
+    write_tasks(fresh, root)
+    return load_tasks(root, env, split)

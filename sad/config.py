@@ -47,6 +47,8 @@ class AlfworldTaskParams(_Strict):
     )
     distractors: tuple[int, int] = Field((3, 8), description="min/max distractor objects per scene")
     max_steps: int = Field(50, ge=1, le=500, description="step cap per episode (ALFWorld's is 50; lower it only for smoke tests)")
+    official: str | None = Field(None, description="ALFWorld data folder (train/, valid_seen/, valid_unseen/ with "
+                                                   "game.tw-pddl + traj_data.json); null = generated games")
 
     @model_validator(mode="after")
     def _check(self) -> "AlfworldTaskParams":
@@ -61,13 +63,37 @@ class AlfworldTaskParams(_Strict):
         return self
 
 
+class HotpotqaTaskParams(_Strict):
+    max_steps: int = Field(7, ge=1, le=100, description="step cap (ReAct's HotPotQA runs use 7)")
+    distractors: int = Field(8, ge=0, le=50, description="distractor pages per generated question")
+    official: str | None = Field(None, description="an official HotPotQA JSON file; null = generated corpus")
+
+
+class WebshopTaskParams(_Strict):
+    max_steps: int = Field(15, ge=1, le=100, description="step cap (WebShop's ReAct runs use 15)")
+    products: int = Field(300, ge=10, le=1_000_000, description="products in a generated catalogue")
+    official: str | None = Field(None, description="folder with WebShop's items_shuffle.json and "
+                                                   "items_human_ins.json; null = generated catalogue")
+
+
+ENV_NAMES: tuple[str, ...] = ("alfworld", "hotpotqa", "webshop")
+
+
 class TasksParams(_Strict):
-    envs: list[Literal["alfworld"]] = Field(default_factory=lambda: ["alfworld"])
+    envs: list[Literal["alfworld", "hotpotqa", "webshop"]] = Field(default_factory=lambda: list(ENV_NAMES))
     seed: int = 0
     train: int = Field(180, ge=1, le=100_000)
     dev: int = Field(30, ge=1, le=100_000)
     test: int = Field(120, ge=1, le=100_000)
     alfworld: AlfworldTaskParams = Field(default_factory=AlfworldTaskParams)
+    hotpotqa: HotpotqaTaskParams = Field(default_factory=HotpotqaTaskParams)
+    webshop: WebshopTaskParams = Field(default_factory=WebshopTaskParams)
+
+    @model_validator(mode="after")
+    def _envs_unique(self) -> "TasksParams":
+        if not self.envs or len(set(self.envs)) != len(self.envs):
+            raise ValueError(f"envs must be a non-empty list without repeats, got {self.envs}")
+        return self
 
 
 class DemosParams(_Strict):

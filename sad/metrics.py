@@ -20,7 +20,9 @@ def summarize(episodes: list[Episode], tokenizer) -> dict[str, float]:
     * ``avg_reasoning_tokens`` - thought tokens per episode; ``avg_thought_tokens`` per thought;
     * ``invalid_action_rate`` - share of actions the environment rejected (or none was parsed);
     * ``latency_per_step_s`` - mean wall time of the generation batch a step was produced in
-      (what one agent step waits for at the batch size used).
+      (what one agent step waits for at the batch size used);
+    * ``avg_reward`` - the benchmark's own score (ALFWorld: won; HotPotQA: exact match;
+      WebShop: its reward in [0, 1]); ``f1`` - HotPotQA's answer F1, where episodes report it.
     """
     thoughts = [len(tokenizer.encode(s.thought)) if s.thought else 0 for ep in episodes for s in ep.steps]
     per_episode = []
@@ -30,7 +32,8 @@ def summarize(episodes: list[Episode], tokenizer) -> dict[str, float]:
         i += ep.n_steps
     steps = [s for ep in episodes for s in ep.steps]
     latency = [s.latency_s for s in steps if s.latency_s > 0]
-    return {
+    f1s = [float(ep.meta["f1"]) for ep in episodes if "f1" in ep.meta]
+    summary = {
         "episodes": float(len(episodes)),
         "success_rate": _safe_mean([1.0 if ep.success else 0.0 for ep in episodes]),
         "avg_steps": _safe_mean([float(ep.n_steps) for ep in episodes]),
@@ -38,7 +41,11 @@ def summarize(episodes: list[Episode], tokenizer) -> dict[str, float]:
         "avg_thought_tokens": _safe_mean([float(x) for x in thoughts]),
         "invalid_action_rate": _safe_mean([0.0 if s.valid else 1.0 for s in steps]),
         "latency_per_step_s": _safe_mean(latency),
+        "avg_reward": _safe_mean([float(ep.reward) for ep in episodes]),
     }
+    if f1s:
+        summary["f1"] = _safe_mean(f1s)
+    return summary
 
 
 def success_by(episodes: list[Episode], key: str = "task_type") -> dict[str, float]:

@@ -13,13 +13,25 @@ def _order(agents: list[str]) -> list[str]:
     return known + sorted(a for a in agents if a not in AGENT_ORDER)
 
 
+def env_cell(env: str, m: dict[str, float] | None) -> str:
+    """Success rate (episodes), plus the benchmark's own score: HotPotQA F1, WebShop mean reward."""
+    if not m:
+        return "-"
+    cell = f"{100 * m['success_rate']:.1f}% ({int(m['episodes'])})"
+    if "f1" in m:
+        cell += f", F1 {m['f1']:.2f}"
+    elif env == "webshop":
+        cell += f", score {m.get('avg_reward', 0.0):.2f}"
+    return cell
+
+
 def results_table(results: dict[str, dict[str, Any]], split: str = "test") -> str:
     """Markdown table from ``{agent: evaluation metrics}`` (the evaluate stage's JSON)."""
     agents = _order(list(results))
     envs = sorted({env for r in results.values() for env in r["splits"].get(split, {}).get("envs", {})})
     teacher_params = results.get("teacher", {}).get("parameters")
     header = ["agent", "method", "params", "compression"]
-    header += [f"{env} success" for env in envs]
+    header += [{"hotpotqa": "hotpotqa EM", "webshop": "webshop success"}.get(env, f"{env} success") for env in envs]
     header += ["avg steps", "reasoning tokens / episode", "tokens / thought", "invalid actions", "latency / step (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for agent in agents:
@@ -29,8 +41,7 @@ def results_table(results: dict[str, dict[str, Any]], split: str = "test") -> st
         compression = f"{teacher_params / params:.1f}x" if teacher_params and params else "-"
         row = [agent, r.get("method", "-"), f"{params:,}", compression]
         for env in envs:
-            m = r["splits"][split]["envs"].get(env)
-            row.append(f"{100 * m['success_rate']:.1f}% ({int(m['episodes'])})" if m else "-")
+            row.append(env_cell(env, r["splits"][split]["envs"].get(env)))
         row += [
             f"{overall.get('avg_steps', 0):.1f}",
             f"{overall.get('avg_reasoning_tokens', 0):.1f}",

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from sad.agent import LMAgent, fit_context
 from sad.benchmarks import get_benchmark
-from sad.envs.base import Environment, Task
+from sad.envs.base import Environment, Observation, Task
 from sad.react import Episode, Step, parse_output, prompt_piece, step_pieces
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,26 @@ def _new_episode(task: Task, agent: str, prompt: str) -> Episode:
     )
 
 
+_TERMINAL = re.compile(r"^(finish\[|click\[buy now\])", re.IGNORECASE)
+
+
+_SCORE_KEYS = ("em", "f1", "r_type", "r_price", "r_att", "r_option")
+
+
+def final_scores(obs: Observation) -> dict[str, float]:
+    """The benchmark's own scores from an episode's last observation (HotPotQA EM/F1, WebShop's parts)."""
+    return {k: float(obs.info[k]) for k in _SCORE_KEYS if isinstance(obs.info.get(k), (int, float))}
+
+
+def can_perturb(action: str, admissible: list[str] | None) -> bool:
+    """Mistakes are injected only where the benchmark lists admissible actions, and never into
+    or instead of an episode-ending action (an injected purchase or answer cannot be undone)."""
+    return bool(admissible) and not _TERMINAL.match(action)
+
+
 def perturb_action(rng: random.Random, action: str, admissible: list[str] | None) -> str:
     """A plausible mistake: another admissible command, or the intended one with a wrong number."""
-    others = [a for a in (admissible or []) if a != action]
+    others = [a for a in (admissible or []) if a != action and a.lower() not in ("buy now",)]
     numbers = list(re.finditer(r"\d+", action))
     if others and (not numbers or rng.random() < 0.5):
         return rng.choice(others)
@@ -61,12 +78,13 @@ def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False, per
         while not obs.done:
             thought, action = expert.act(obs)  # type: ignore[attr-defined]
             imitate = True
-            if perturb > 0 and episode.steps and rng.random() < perturb:
+            if perturb > 0 and episode.steps and can_perturb(action, obs.admissible) and rng.random() < perturb:
                 action, imitate = perturb_action(rng, action, obs.admissible), False
             obs = env.step(action)
             episode.steps.append(Step(thought=thought, action=action, observation=obs.text, valid=obs.valid,
                                       imitate=imitate))
         episode.success, episode.reward = obs.success, obs.reward
+        episode.meta.update(final_scores(obs))
         episodes.append(episode)
     return episodes
 
@@ -149,6 +167,7 @@ def play_agent(
             slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
             if obs.done or slot.episode.n_steps >= slot.env.max_steps:
                 slot.episode.success, slot.episode.reward = obs.success, obs.reward
+                slot.episode.meta.update(final_scores(obs))
                 results[index] = slot.episode
                 free_envs[slot.task.env].append(slot.env)
                 del slots[index]

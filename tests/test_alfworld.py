@@ -102,3 +102,49 @@ def test_parse_item_list_handles_alfworld_lists():
     assert parse_item_list("a cabinet 2, a apple 1, and a mug 3") == ["cabinet 2", "apple 1", "mug 3"]
     assert parse_item_list("nothing") == []
     assert parse_item_list("a fork 1") == ["fork 1"]
+
+
+def _official_layout(tmp_path):
+    """An ALFWorld data folder in the published layout (train / valid_seen / valid_unseen, each
+    <task dir>/<trial dir>/{game.tw-pddl, traj_data.json}), filled with generated games."""
+    data = tmp_path / "json_2.1.1"
+    games = alfworld.generate_games(seed=11, counts={"train": 3, "valid_seen": 2, "valid_unseen": 2})
+    for folder, gs in games.items():
+        for i, g in enumerate(gs):
+            alfworld.write_game(g, data, folder, i)
+    return data
+
+
+def test_official_data_folder_goes_through_the_same_code_path(tmp_path):
+    from sad.benchmarks import write_tasks
+    from sad.config import parse_params
+    from sad.rollout import play_expert
+
+    data = _official_layout(tmp_path)
+    params = parse_params({"tasks": {"envs": ["alfworld"], "train": 2, "dev": 1, "test": 2,
+                                     "alfworld": {"official": str(data)}}})
+    root = tmp_path / "tasks"
+    write_tasks(params, root)
+    tasks = {s: load_tasks(root, "alfworld", s) for s in ("train", "dev", "test")}
+    assert [len(tasks[s]) for s in ("train", "dev", "test")] == [2, 1, 2]
+    assert all(t.meta["source"].startswith(str(data / "valid_unseen")) for t in tasks["test"])
+    assert all(t.meta["source"].startswith(str(data / "valid_seen")) for t in tasks["dev"])
+    for t in tasks["train"]:
+        assert (root / "alfworld" / t.path / "game.tw-pddl").is_file()
+    episodes = play_expert(tasks["test"] + tasks["dev"], root)
+    assert all(e.success for e in episodes)
+
+
+def test_official_folder_errors_name_the_missing_part(tmp_path):
+    from sad.benchmarks import write_tasks
+    from sad.config import parse_params
+
+    data = _official_layout(tmp_path)
+    params = parse_params({"tasks": {"envs": ["alfworld"], "train": 9, "dev": 1, "test": 1,
+                                     "alfworld": {"official": str(data)}}})
+    with pytest.raises(ValueError, match=r"json_2.1.1/train: 3 available, but the split asks for 9"):
+        write_tasks(params, tmp_path / "tasks")
+    trial = next((data / "train").glob("*/*"))
+    (trial / "traj_data.json").write_text("{not json")
+    with pytest.raises(ValueError, match="traj_data.json: unreadable ALFWorld traj_data"):
+        alfworld.copy_official_game(trial, tmp_path / "out", "train", 0)

@@ -731,3 +731,46 @@ class AlfworldExpert:
             self.first_thought = False
             return f"{self._goal_summary()} {text}"
         return text
+
+
+# --------------------------------------------------------------------------- task source A
+
+OFFICIAL_SPLITS: dict[str, str] = {"train": "train", "dev": "valid_seen", "test": "valid_unseen"}
+
+
+def official_games(data_dir: Path, folder: str) -> list[Path]:
+    """Trial folders (holding ``game.tw-pddl`` and ``traj_data.json``) of one official split."""
+    split_dir = Path(data_dir) / folder
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"{split_dir}: ALFWorld split folder not found (expected {sorted(OFFICIAL_SPLITS.values())})")
+    return sorted(p.parent for p in split_dir.glob("*/*/game.tw-pddl"))
+
+
+def copy_official_game(trial: Path, root: Path, split: str, index: int, max_steps: int = MAX_STEPS) -> Task:
+    """Copy one official trial into the tasks root (same layout) and return its manifest entry."""
+    import shutil
+
+    traj_file = trial / "traj_data.json"
+    try:
+        traj = json.loads(traj_file.read_text())
+        task_type = traj["task_type"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise ValueError(f"{traj_file}: unreadable ALFWorld traj_data ({exc!r})") from None
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"{traj_file}: unknown task_type {task_type!r}")
+    anns = traj.get("turk_annotations", {}).get("anns", [])
+    description = anns[0]["task_desc"] if anns else ""
+    if not description:
+        match = _TASK_RE.search((trial / "game.tw-pddl").read_text())
+        description = match.group(1) if match else task_type
+    rel = Path(split) / trial.parent.name / trial.name
+    dest = root / rel
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("game.tw-pddl", "traj_data.json"):
+        shutil.copyfile(trial / name, dest / name)
+    params = traj.get("pddl_params", {})
+    return Task(env=ENV_NAME, split=split, task_id=f"{ENV_NAME}/{split}/{index:05d}", path=str(rel),
+                task_type=task_type, description=description.strip().rstrip("."),
+                meta={"object": params.get("object_target", ""), "receptacle": params.get("parent_target", ""),
+                      "toggle": params.get("toggle_target", ""), "max_steps": max_steps,
+                      "source": str(trial)})

@@ -1,0 +1,641 @@
+"""WebShop in text mode: search a catalogue, open items, choose options, buy.
+
+Pages follow WebShop's text observation mode (``web_agent_text_env``), one page per
+observation with `` [SEP] `` between elements and clickables in brackets:
+
+* start: ``WebShop [SEP] Instruction: [SEP] <goal> [SEP] [Search]``
+* results: ``[Back to Search] [SEP] Page 1 (Total results: 50) [SEP] [Next >] [SEP] [B0...] [SEP] <title> [SEP] $12.99 …``
+* item: ``[Back to Search] [SEP] [< Prev] [SEP] size [SEP] [small] [SEP] [large] … [SEP] <title> [SEP] Price: $12.99 [SEP] Rating: N.A. [SEP] [Description] [SEP] [Features] [SEP] [Reviews] [SEP] [Buy Now]``
+
+Actions are ``search[query]`` (on the start page) and ``click[<clickable>]``. The reward on
+``click[Buy Now]`` is WebShop's ``get_reward``: (matched attributes + matched options + price
+within budget) / (attributes + options + 1), times the product-type score; success = 1.0.
+
+Task source A: WebShop's product file (``items_shuffle*.json``) with its human instruction
+file (``items_human_ins*.json``). Task source B (:func:`generate_catalogue`) writes the same two
+files for a generated catalogue. Search is BM25 (``rank_bm25``) over each product's text, as
+WebShop's own Lucene BM25 index, top 50 results, 10 per page.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sad.envs.base import Observation, Task
+
+ENV_NAME = "webshop"
+MAX_STEPS = 15
+RESULTS_PER_PAGE = 10
+TOP_K = 50
+SEP = " [SEP] "
+PRODUCTS_FILE = "items_shuffle.json"
+INSTRUCTIONS_FILE = "items_human_ins.json"
+
+_ACTION_RE = re.compile(r"^(search|click)\[(.*)\]$", re.IGNORECASE | re.DOTALL)
+_STOPWORDS = frozenset("a an the and or of for with to in on i need want am looking is that it my be "
+                       "price lower than dollars".split())
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _price(text: str | float | int) -> float:
+    if isinstance(text, (int, float)):
+        return float(text)
+    found = re.findall(r"\d+(?:\.\d+)?", str(text).replace(",", ""))
+    if not found:
+        raise ValueError(f"no price in {text!r}")
+    return float(found[0])
+
+
+# --------------------------------------------------------------------------- catalogue
+
+@dataclass(frozen=True)
+class Product:
+    asin: str
+    name: str
+    query: str
+    category: str
+    product_category: str
+    price: float
+    description: str
+    bullet_points: tuple[str, ...]
+    attributes: tuple[str, ...]
+    options: dict[str, tuple[str, ...]]
+
+    @property
+    def search_text(self) -> str:
+        opts = " ".join(v for vals in self.options.values() for v in vals)
+        return " ".join([self.name, self.query, self.product_category, " ".join(self.bullet_points),
+                         " ".join(self.attributes), opts])
+
+
+@dataclass(frozen=True)
+class Goal:
+    asin: str
+    instruction: str
+    attributes: tuple[str, ...]
+    options: tuple[str, ...]
+    price_upper: float
+
+
+@dataclass
+class Catalogue:
+    products: dict[str, Product]
+    goals: dict[str, list[Goal]]  # asin -> goals whose target it is
+    _bm25: Any = None
+    _order: list[str] = field(default_factory=list)
+    _docs: list[set[str]] = field(default_factory=list)
+
+    def search(self, query: str, k: int = TOP_K) -> list[str]:
+        from rank_bm25 import BM25Okapi
+
+        if self._bm25 is None:
+            self._order = sorted(self.products)
+            self._docs = [set(_tokens(self.products[a].search_text)) for a in self._order]
+            self._bm25 = BM25Okapi([_tokens(self.products[a].search_text) or ["_"] for a in self._order])
+        words = _tokens(query)
+        if not words:
+            return []
+        scores = self._bm25.get_scores(words)
+        # only products holding a query word are results (BM25's idf can be <= 0 in tiny catalogues)
+        matched = [i for i, doc in enumerate(self._docs) if doc.intersection(words)]
+        ranked = sorted(matched, key=lambda i: (-scores[i], self._order[i]))
+        return [self._order[i] for i in ranked[:k]]
+
+
+def _product_from_record(rec: dict[str, Any], where: str) -> Product:
+    missing = [k for k in ("asin", "name", "pricing") if k not in rec]
+    if missing:
+        raise ValueError(f"{where}: product lacks field(s) {missing}")
+    options = {str(name).lower(): tuple(str(v["value"] if isinstance(v, dict) else v).lower() for v in values)
+               for name, values in (rec.get("customization_options") or {}).items()}
+    pricing = rec["pricing"]
+    price = _price(pricing[0] if isinstance(pricing, list) and pricing else pricing)
+    return Product(
+        asin=str(rec["asin"]), name=str(rec["name"]), query=str(rec.get("query", "")),
+        category=str(rec.get("category", "")), product_category=str(rec.get("product_category", "")),
+        price=price, description=str(rec.get("full_description", "")),
+        bullet_points=tuple(str(b) for b in rec.get("small_description", []) or []),
+        attributes=tuple(str(a).lower() for a in rec.get("attributes", []) or []), options=options,
+    )
+
+
+@lru_cache(maxsize=8)
+def load_catalogue(folder: str) -> Catalogue:
+    """Read WebShop's product and human-instruction files from ``folder``."""
+    root = Path(folder)
+    products_file, ins_file = root / PRODUCTS_FILE, root / INSTRUCTIONS_FILE
+    for f in (products_file, ins_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: WebShop file not found")
+    try:
+        records = json.loads(products_file.read_text())
+        instructions = json.loads(ins_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{root}: malformed WebShop JSON ({exc})") from None
+    if not isinstance(records, list) or not isinstance(instructions, dict):
+        raise ValueError(f"{root}: expected a list of products and a dict asin -> instructions")
+    products = {}
+    for i, rec in enumerate(records):
+        p = _product_from_record(rec, f"{products_file} product #{i}")
+        products[p.asin] = p
+    goals: dict[str, list[Goal]] = {}
+    for asin, entries in instructions.items():
+        if asin not in products:
+            raise ValueError(f"{ins_file}: instruction for unknown product {asin!r}")
+        for j, e in enumerate(entries):
+            if "instruction" not in e:
+                raise ValueError(f"{ins_file}: {asin} instruction #{j} lacks 'instruction'")
+            instruction, upper = str(e["instruction"]), e.get("price_upper")
+            if upper is None:  # WebShop's human goals: a price bound drawn above the product's price
+                instruction, upper = _price_bound(instruction, products[asin].price, random.Random(f"{asin}:{j}"))
+            goals.setdefault(asin, []).append(Goal(
+                asin=asin, instruction=instruction,
+                attributes=tuple(str(a).lower() for a in e.get("instruction_attributes", [])),
+                options=tuple(str(o).lower() for o in e.get("instruction_options", [])),
+                price_upper=float(upper),
+            ))
+    return Catalogue(products=products, goals=goals)
+
+
+PRICE_RANGE: tuple[float, ...] = tuple(10.0 * i for i in range(1, 100))
+
+
+def _price_bound(instruction: str, price: float, rng: random.Random) -> tuple[str, float]:
+    """WebShop's ``get_human_goals`` rule: an upper bound drawn from the next price steps."""
+    steps = [p for p in PRICE_RANGE if p > price][:4]
+    if len(steps) < 2:
+        return instruction, 1_000_000.0
+    upper = sorted(rng.sample(steps, 2))[1]
+    return f"{instruction}, and price lower than {upper:.2f} dollars", upper
+
+
+# --------------------------------------------------------------------------- reward (WebShop's)
+
+def _fuzzy(a: str, b: str) -> float:
+    from rapidfuzz import fuzz
+
+    return fuzz.token_set_ratio(a, b)
+
+
+def _type_words(text: str) -> set[str]:
+    return {w for w in _tokens(text) if w not in _STOPWORDS and not w.isdigit()}
+
+
+def type_reward(bought: Product, target: Product) -> float:
+    """WebShop's r_type: query or category match, or overlap of the product-name words.
+
+    WebShop compares spaCy nouns of the two names; offline we use content words (no model).
+    """
+    query_match = bought.query == target.query
+    cat_a = {c.strip() for c in bought.product_category.split("›")}
+    cat_b = {c.strip() for c in target.product_category.split("›")}
+    category_match = len(cat_a & cat_b) >= 2
+    desired, bought_words = _type_words(target.name), _type_words(bought.name)
+    title_score = len(desired & bought_words) / len(desired) if desired else 0.2
+    r_type = 1.0
+    if not (query_match or category_match or title_score > 0.2):
+        r_type = 0.5
+    if title_score < 0.1:
+        r_type = 0.1
+    if title_score == 0.0:
+        r_type = 0.0
+    return r_type
+
+
+def reward(bought: Product, chosen: dict[str, str], price: float, goal: Goal, target: Product) -> dict[str, float]:
+    """WebShop's ``get_reward`` for buying ``bought`` with ``chosen`` options."""
+    text = " ".join([bought.name, " ".join(bought.bullet_points), bought.description]).lower()
+    attr_matches = 0
+    for g in goal.attributes:
+        if any(_fuzzy(p, g) > 85 for p in bought.attributes) or g in text:
+            attr_matches += 1
+    option_matches = sum(1 for g in goal.options if any(_fuzzy(p, g) > 85 for p in chosen.values()))
+    r_price = float(price <= goal.price_upper) if goal.price_upper > 0 else 0.0
+    r_type = type_reward(bought, target)
+    total = (attr_matches + option_matches + r_price) / (len(goal.attributes) + len(goal.options) + 1) * r_type
+    return {"reward": round(total, 6), "r_type": r_type, "r_price": r_price,
+            "r_att": attr_matches / len(goal.attributes) if goal.attributes else 1.0,
+            "r_option": option_matches / len(goal.options) if goal.options else 1.0}
+
+
+# --------------------------------------------------------------------------- environment
+
+@dataclass
+class _Page:
+    kind: str  # start | results | item | detail
+    query: str = ""
+    page: int = 1
+    asin: str = ""
+    detail: str = ""
+
+
+class WebShopEnv:
+    """WebShop's text-mode site over a catalogue folder; one instruction at a time."""
+
+    name = ENV_NAME
+    max_steps = MAX_STEPS
+
+    def __init__(self, expert_plan: bool = False):
+        self.expert_plan = expert_plan
+        self.catalogue: Catalogue | None = None
+        self.goal: Goal | None = None
+        self.steps = 0
+
+    def reset(self, task: Task, tasks_root: Path) -> Observation:
+        folder = Path(tasks_root) / task.env / task.path
+        self.catalogue = load_catalogue(str(folder))
+        asin, index = task.meta.get("asin"), int(task.meta.get("goal_index", 0))
+        goals = self.catalogue.goals.get(asin, [])
+        if index >= len(goals):
+            raise KeyError(f"{task.task_id}: no instruction #{index} for product {asin!r} in {folder}")
+        self.goal = goals[index]
+        self.steps = 0
+        self.max_steps = int(task.meta.get("max_steps", MAX_STEPS))
+        self.chosen: dict[str, str] = {}
+        self.history: list[_Page] = [_Page("start")]
+        self._results: dict[str, list[str]] = {}
+        return self._render()
+
+    @property
+    def page(self) -> _Page:
+        return self.history[-1]
+
+    def clickables(self) -> list[str]:
+        """The lower-cased clickables of the current page (WebShop's ``available_actions``)."""
+        p = self.page
+        if p.kind == "start":
+            return []
+        if p.kind == "results":
+            hits = self._results[p.query]
+            out = ["back to search"]
+            if p.page > 1:
+                out.append("< prev")
+            if p.page * RESULTS_PER_PAGE < len(hits):
+                out.append("next >")
+            return out + [a.lower() for a in self._page_hits(p)]
+        out = ["back to search", "< prev"]
+        if p.kind == "item":
+            product = self._product(p.asin)
+            out += [v for vals in product.options.values() for v in vals]
+            out += ["description", "features", "reviews", "buy now"]
+        return out
+
+    def _product(self, asin: str) -> Product:
+        assert self.catalogue is not None
+        return self.catalogue.products[asin]
+
+    def _page_hits(self, p: _Page) -> list[str]:
+        hits = self._results[p.query]
+        return hits[(p.page - 1) * RESULTS_PER_PAGE: p.page * RESULTS_PER_PAGE]
+
+    def step(self, action: str) -> Observation:
+        if self.goal is None or self.catalogue is None:
+            raise RuntimeError("step() before reset()")
+        self.steps += 1
+        match = _ACTION_RE.match(" ".join(str(action).split()))
+        if match is None:
+            return self._render(valid=False)
+        verb, arg = match.group(1).lower(), match.group(2).strip()
+        p = self.page
+        if verb == "search":
+            if p.kind != "start" or not arg:
+                return self._render(valid=False)
+            if arg not in self._results:
+                self._results[arg] = self.catalogue.search(arg)
+            self.history.append(_Page("results", query=arg, page=1))
+            return self._render()
+        target = arg.lower()
+        if target not in self.clickables():
+            return self._render(valid=False)
+        if target == "back to search":
+            self.history = [_Page("start")]
+            self.chosen = {}
+        elif target == "< prev":
+            if p.kind == "results" and p.page > 1:
+                self.history.append(_Page("results", query=p.query, page=p.page - 1))
+            else:
+                self.history.pop()
+                if self.page.kind != "item":
+                    self.chosen = {}
+        elif target == "next >":
+            self.history.append(_Page("results", query=p.query, page=p.page + 1))
+        elif p.kind == "results":
+            asin = next(a for a in self._page_hits(p) if a.lower() == target)
+            self.history.append(_Page("item", query=p.query, asin=asin))
+            self.chosen = {}
+        elif target in ("description", "features", "reviews"):
+            self.history.append(_Page("detail", query=p.query, asin=p.asin, detail=target))
+        elif target == "buy now":
+            return self._buy()
+        else:  # an option value
+            product = self._product(p.asin)
+            name = next(n for n, vals in product.options.items() if target in vals)
+            self.chosen[name] = target
+        return self._render()
+
+    def _buy(self) -> Observation:
+        assert self.goal is not None
+        bought = self._product(self.page.asin)
+        scores = reward(bought, self.chosen, bought.price, self.goal, self._product(self.goal.asin))
+        r = scores["reward"]
+        text = f"Thank you for shopping with us! [SEP] Your score (min 0.0, max 1.0) [SEP] {r:.2f}"
+        return Observation(text=text, done=True, success=r >= 1.0, reward=r, admissible=[],
+                           info={**scores, "bought": bought.asin, "options": dict(self.chosen), **self._plan_info()})
+
+    def _plan_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"page": self.page.kind, "asin": self.page.asin, "page_number": self.page.page,
+                                "query": self.page.query}
+        if self.page.kind == "results":
+            info["hits"] = list(self._page_hits(self.page))
+        if self.expert_plan and self.goal is not None:
+            target = self._product(self.goal.asin)
+            shown = self._product(self.page.asin) if self.page.asin else target
+            info["goal"] = {"asin": self.goal.asin, "instruction": self.goal.instruction, "name": target.name, "query": target.query,
+                            "attributes": list(self.goal.attributes), "options": list(self.goal.options),
+                            "price_upper": self.goal.price_upper, "chosen": dict(self.chosen),
+                            "option_names": {v: n for n, vals in shown.options.items() for v in vals}}
+        return info
+
+    def _render(self, valid: bool = True) -> Observation:
+        assert self.goal is not None
+        p = self.page
+        if p.kind == "start":
+            parts = ["WebShop", "Instruction:", self.goal.instruction, "[Search]"]
+        elif p.kind == "results":
+            hits = self._results[p.query]
+            parts = ["[Back to Search]", f"Page {p.page} (Total results: {len(hits)})"]
+            if p.page > 1:
+                parts.append("[< Prev]")
+            if p.page * RESULTS_PER_PAGE < len(hits):
+                parts.append("[Next >]")
+            for asin in self._page_hits(p):
+                product = self._product(asin)
+                parts += [f"[{asin}]", product.name, f"${product.price:.2f}"]
+        elif p.kind == "item":
+            product = self._product(p.asin)
+            parts = ["[Back to Search]", "[< Prev]"]
+            for name, values in product.options.items():
+                parts.append(name)
+                parts += [f"[{v}]" for v in values]
+            parts += [product.name, f"Price: ${product.price:.2f}", "Rating: N.A.", "[Description]",
+                      "[Features]", "[Reviews]", "[Buy Now]"]
+        else:
+            product = self._product(p.asin)
+            body = {"description": product.description, "features": " ".join(product.bullet_points),
+                    "reviews": "No reviews yet."}[p.detail] or "N.A."
+            parts = ["[Back to Search]", "[< Prev]", body]
+        if p.kind == "item" and self.chosen:
+            parts.insert(2, "Selected: " + ", ".join(self.chosen[n] for n in sorted(self.chosen)))
+        text = SEP.join(parts)
+        if not valid:
+            text = "Invalid action! " + text
+        done = self.steps >= self.max_steps
+        return Observation(text=text, done=done, valid=valid, admissible=self.clickables() or None,
+                           info=self._plan_info())
+
+
+# --------------------------------------------------------------------------- expert
+
+_HIT_RE = re.compile(r"\[(B[0-9A-Z]{9})\] \[SEP\] (.*?) \[SEP\] \$(\d+(?:\.\d+)?)")
+
+
+_ITEM_RE = re.compile(r"([^\[\]]+?) \[SEP\] Price: \$(\d+(?:\.\d+)?)")
+
+
+def parse_results(page_text: str) -> list[tuple[str, str, float]]:
+    """``(asin, title, price)`` for each item listed on a results page."""
+    return [(m.group(1), m.group(2), float(m.group(3))) for m in _HIT_RE.finditer(page_text)]
+
+
+class WebShopExpert:
+    """Shops like a careful person from what the pages show: searches the instruction's type and
+    attributes, opens the first listed item whose title has them within budget, picks the asked
+    options, and buys; an item without the options is rejected and the next one tried."""
+
+    def reset(self, task: Task, first: Observation) -> None:
+        if "goal" not in first.info:
+            raise ValueError(f"{task.task_id}: the expert needs an environment made with expert_plan=True")
+        self.searches = 0
+        self.rejected: set[str] = set()
+        self.upper = float(first.info["goal"]["price_upper"])
+
+    def _fits(self, goal: dict[str, Any], title: str, price: float, strict: bool = True) -> bool:
+        """Within budget and, strictly, the title names the type and every asked attribute
+        (relaxed: the type only - real WebShop titles rarely list attributes)."""
+        words = set(_tokens(title))
+        wanted = [*goal["attributes"], goal["query"]] if strict else [goal["query"]]
+        return price <= self.upper and all(set(_tokens(w)) <= words for w in wanted)
+
+    def act(self, obs: Observation) -> tuple[str, str]:
+        info, goal = obs.info, obs.info["goal"]
+        page = info["page"]
+        if page == "start":
+            self.searches += 1
+            query = search_query(goal) if self.searches == 1 else " ".join([goal["query"], *goal["options"]])
+            return (f"I need {_what(goal)} under {self.upper:.0f} dollars. I'll search for {query}.",
+                    f"search[{query}]")
+        if page == "results":
+            hits = [h for h in parse_results(obs.text) if h[0] not in self.rejected]
+            strict = [h for h in hits if self._fits(goal, *h[1:], strict=True)]
+            # relaxed: the in-budget item of the right type sharing most words with the instruction
+            asked = set(_tokens(goal["instruction"])) - _STOPWORDS
+            relaxed = sorted((h for h in hits if self._fits(goal, *h[1:], strict=False)),
+                             key=lambda h: -len(asked & set(_tokens(h[1]))))
+            for pick, what in ((strict, _what(goal)), (relaxed, _what({**goal, "attributes": []}))):
+                if pick:
+                    asin, _, price = pick[0]
+                    self.opened = asin
+                    return (f"{asin} is {what} for ${price:.2f}, within the budget. I'll check its options.",
+                            f"click[{asin.lower()}]")
+            if obs.admissible and "next >" in obs.admissible:
+                return ("No item on this page fits. I'll look at the next page.", "click[next >]")
+            return ("No listed item fits. I'll search again with other words.", "click[back to search]")
+        if page == "detail":
+            return ("This is the detail page. I'll go back to the item.", "click[< prev]")
+        item = _ITEM_RE.search(obs.text)
+        chosen_here = info["asin"] == getattr(self, "opened", None)
+        if item is None or not self._fits(goal, item.group(1), float(item.group(2)), strict=not chosen_here):
+            self.rejected.add(info["asin"])
+            return ("This item is not what the instruction asks for. I'll go back.", "click[< prev]")
+        available = set(obs.admissible or [])
+        if any(o not in available for o in goal["options"]):
+            self.rejected.add(info["asin"])
+            lacking = ", ".join(o for o in goal["options"] if o not in available)
+            return (f"This item does not offer {lacking}. I'll go back to the results.", "click[< prev]")
+        missing = [o for o in goal["options"] if goal["chosen"].get(goal["option_names"].get(o, "")) != o]
+        if missing:
+            option = missing[0]
+            return (f"The item offers {option}, which I need. I'll choose it.", f"click[{option}]")
+        return ("The item has the right attributes, options and price. I'll buy it.", "click[buy now]")
+
+
+def _what(goal: dict[str, Any]) -> str:
+    attrs = " and ".join(goal["attributes"])
+    kind = goal["query"]
+    article = "" if kind.endswith("s") else ("an " if kind[:1] in "aeiou" else "a ")
+    return f"{article}{kind}" + (f" that is {attrs}" if attrs else "")
+
+
+def search_query(goal: dict[str, Any]) -> str:
+    return " ".join([*goal["attributes"], goal["query"]]).lower()
+
+
+# --------------------------------------------------------------------------- task source B
+
+_TYPES: dict[str, dict[str, Any]] = {
+    "deodorant": {"category": "beauty", "path": "Beauty & Personal Care › Personal Care › Deodorants",
+                  "attributes": ["aluminum free", "sensitive skin", "long lasting", "cruelty free", "travel size"],
+                  "options": {"scent": ["bright citrus", "lavender", "unscented", "ginger fresh"],
+                              "size": ["2 ounce", "3 ounce", "pack of 2"]}},
+    "shampoo": {"category": "beauty", "path": "Beauty & Personal Care › Hair Care › Shampoo",
+                "attributes": ["sulfate free", "paraben free", "dry hair", "natural ingredients", "color safe"],
+                "options": {"scent": ["coconut", "mint", "rose", "unscented"],
+                            "size": ["8 fl oz", "16 fl oz", "32 fl oz"]}},
+    "coffee": {"category": "grocery", "path": "Grocery & Gourmet Food › Beverages › Coffee",
+               "attributes": ["decaf", "organic", "fair trade", "dark roast", "whole bean"],
+               "options": {"flavor": ["vanilla", "hazelnut", "original", "mocha"],
+                           "size": ["12 ounce", "2 pound", "pack of 3"]}},
+    "snack bar": {"category": "grocery", "path": "Grocery & Gourmet Food › Snacks › Bars",
+                  "attributes": ["gluten free", "high protein", "low sugar", "vegan", "keto friendly"],
+                  "options": {"flavor": ["peanut butter", "chocolate chip", "berry", "almond"],
+                              "size": ["pack of 6", "pack of 12", "pack of 24"]}},
+    "t-shirt": {"category": "fashion", "path": "Clothing › Men › Shirts › T-Shirts",
+                "attributes": ["machine wash", "cotton", "slim fit", "short sleeve", "moisture wicking"],
+                "options": {"color": ["black", "navy", "heather grey", "white"],
+                            "size": ["small", "medium", "large", "x-large"]}},
+    "sneakers": {"category": "fashion", "path": "Clothing › Shoes › Sneakers",
+                 "attributes": ["non slip", "lightweight", "memory foam", "breathable", "rubber sole"],
+                 "options": {"color": ["black", "white", "red", "blue"],
+                             "size": ["8", "9", "10", "11"]}},
+    "storage jar": {"category": "home", "path": "Home & Kitchen › Storage › Jars",
+                    "attributes": ["glass", "airtight", "dishwasher safe", "bpa free", "wide mouth"],
+                    "options": {"size": ["16 oz", "32 oz", "64 oz"], "color": ["clear", "amber", "blue"]}},
+    "throw pillow": {"category": "home", "path": "Home & Kitchen › Bedding › Decorative Pillows",
+                     "attributes": ["machine washable", "hypoallergenic", "velvet", "zipper closure", "square"],
+                     "options": {"color": ["beige", "emerald", "mustard", "grey"],
+                                 "size": ["18 x 18 inch", "20 x 20 inch", "24 x 24 inch"]}},
+    "headphones": {"category": "electronics", "path": "Electronics › Headphones › Over-Ear",
+                   "attributes": ["wireless", "noise cancelling", "bluetooth", "foldable", "long battery life"],
+                   "options": {"color": ["black", "silver", "rose gold"],
+                               "style": ["standard", "with case"]}},
+    "phone charger": {"category": "electronics", "path": "Electronics › Accessories › Chargers",
+                      "attributes": ["fast charging", "usb c", "wall plug", "compact", "dual port"],
+                      "options": {"color": ["white", "black"], "size": ["20w", "30w", "65w"]}},
+}
+_BRANDS = ("Northwind", "Alder & Co", "Brightly", "Kestrel", "Monarch", "Puresense", "Tallow", "Verdant",
+           "Oakhurst", "Lumen", "Solace", "Ridgeway")
+_PRICE_BOUNDS = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 75.0, 100.0, 150.0)
+
+
+def generate_catalogue(seed: int, n_products: int, n_goals: int) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """A catalogue in WebShop's product format and goals in its human-instruction format.
+
+    Products of one type differ in attributes, options and price, so an instruction (type,
+    1-2 attributes, 1-2 options, a price bound) needs search and comparison, not just the type.
+    Returns (products, instructions); the goals are listed in a seeded order.
+    """
+    rng = random.Random(f"webshop:{seed}")
+    types = sorted(_TYPES)
+    products: list[dict[str, Any]] = []
+    for i in range(n_products):
+        kind = types[i % len(types)]
+        spec = _TYPES[kind]
+        attrs = sorted(rng.sample(spec["attributes"], rng.randint(2, 3)))
+        options = {name: sorted(rng.sample(values, rng.randint(2, len(values))))
+                   for name, values in spec["options"].items()}
+        brand = rng.choice(_BRANDS)
+        name = f"{brand} {kind.title()} - {', '.join(a.title() for a in attrs)}"
+        price = round(rng.uniform(4, 140), 2)
+        products.append({
+            "asin": f"B{rng.randrange(16**9):09X}", "category": spec["category"], "query": kind, "name": name,
+            "product_category": spec["path"], "pricing": f"${price:.2f}",
+            "full_description": f"{name}. A {kind} by {brand}, {attrs[0]} and {attrs[-1]}.",
+            "small_description": [a.capitalize() for a in attrs] + [f"Made by {brand}"],
+            "attributes": attrs,
+            "customization_options": {n: [{"value": v, "image": None} for v in vals] for n, vals in options.items()},
+        })
+    instructions: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(n_goals):
+        product = rng.choice(products)
+        attrs = sorted(rng.sample(product["attributes"], rng.randint(1, 2)))
+        names = rng.sample(sorted(product["customization_options"]), rng.randint(1, len(product["customization_options"])))
+        options = [rng.choice(product["customization_options"][n])["value"] for n in sorted(names)]
+        price = _price(product["pricing"])
+        upper = next(b for b in _PRICE_BOUNDS + (1000.0,) if b > price)
+        kind = product["query"]
+        article = "" if kind.endswith("s") else ("an " if kind[:1] in "aeiou" else "a ")
+        text = (f"i need {article}{kind} that is {' and '.join(attrs)}, with {', '.join(options)}, "
+                f"and price lower than {upper:.2f} dollars")
+        instructions.setdefault(product["asin"], []).append({
+            "asin": product["asin"], "instruction": text, "instruction_attributes": attrs,
+            "instruction_options": options, "price_upper": upper,
+        })
+    return products, instructions
+
+
+def write_catalogue(products: list[dict[str, Any]], instructions: dict[str, list[dict[str, Any]]], folder: Path) -> None:
+    from sad.io import write_text_atomic
+
+    write_text_atomic(folder / PRODUCTS_FILE, json.dumps(products, indent=1))
+    write_text_atomic(folder / INSTRUCTIONS_FILE, json.dumps(instructions, indent=1))
+
+
+def goal_tasks(instructions: dict[str, list[dict[str, Any]]], categories: dict[str, str], rel: str, seed: int,
+               counts: dict[str, int], max_steps: int = MAX_STEPS) -> dict[str, list[Task]]:
+    """Disjoint seeded train/dev/test draws of the instructions (each instruction is one task)."""
+    refs = [(asin, j, e) for asin, entries in sorted(instructions.items()) for j, e in enumerate(entries)]
+    need = sum(counts.values())
+    if need > len(refs):
+        raise ValueError(f"{rel}: {len(refs)} instructions, but the splits ask for {need} ({counts})")
+    random.Random(f"webshop-splits:{seed}").shuffle(refs)
+    out: dict[str, list[Task]] = {}
+    start = 0
+    for split, k in counts.items():
+        out[split] = [
+            Task(env=ENV_NAME, split=split, task_id=f"{ENV_NAME}/{split}/{i:05d}", path=rel,
+                 task_type=categories.get(asin) or "product", description=e["instruction"],
+                 meta={"asin": asin, "goal_index": j, "max_steps": max_steps})
+            for i, (asin, j, e) in enumerate(refs[start:start + k])
+        ]
+        start += k
+    return out
+
+
+
+def read_official(folder: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """WebShop's own files from ``folder`` (``items_shuffle*.json``, ``items_human_ins*.json``),
+    checked by loading them as a catalogue; returned unchanged for the tasks root."""
+    folder = Path(folder)
+    products_files = sorted(folder.glob("items_shuffle*.json"))
+    ins_files = sorted(folder.glob("items_human_ins*.json"))
+    if not products_files or not ins_files:
+        raise FileNotFoundError(f"{folder}: expected items_shuffle*.json and items_human_ins*.json (WebShop's data/)")
+    try:
+        products = json.loads(products_files[0].read_text())
+        instructions = json.loads(ins_files[0].read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{folder}: malformed WebShop JSON ({exc})") from None
+    if not isinstance(products, list) or not isinstance(instructions, dict):
+        raise ValueError(f"{folder}: expected a list of products and a dict asin -> instructions")
+    attr_files = sorted(folder.glob("items_ins_v2*.json"))
+    if attr_files:  # WebShop keeps product attributes in a separate file
+        try:
+            attrs = json.loads(attr_files[0].read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{attr_files[0]}: malformed JSON ({exc})") from None
+        for p in products:
+            entry = attrs.get(str(p.get("asin")), {})
+            if isinstance(entry, dict) and "attributes" in entry and "attributes" not in p:
+                p["attributes"] = entry["attributes"]
+    known = {str(p.get("asin")) for p in products}
+    instructions = {a: es for a, es in instructions.items() if a in known}  # WebShop keeps only listed products
+    return products, instructions

@@ -1,0 +1,42 @@
+"""The `sad` CLI as users run it: expert success on fresh generated tasks, env benchmark JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SAD = str(Path(sys.executable).with_name("sad"))
+
+
+def _run(*args: str, cwd: Path) -> dict:
+    result = subprocess.run([SAD, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("env,n", [("hotpotqa", 40), ("webshop", 40), ("alfworld", 6)])
+def test_expert_cli_reports_success_on_generated_tasks(tmp_path, env, n):
+    out = _run("expert", "--env", env, "--generate", "--n", str(n), "--json", cwd=tmp_path)
+    assert out["env"] == env and out["episodes"] == n and out["generated"] is True
+    assert out["success_rate"] == 1.0 and out["avg_reward"] == 1.0
+    if env == "alfworld":
+        assert set(out["success_by_task_type"]) == {
+            "pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
+            "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"}
+
+
+def test_expert_cli_without_tasks_says_what_to_do(tmp_path):
+    result = subprocess.run([SAD, "expert", "--env", "webshop", "--json"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "task manifest not found" in result.stderr and "--generate" in result.stderr
+
+
+def test_env_benchmark_prints_reset_time_and_steps_per_second(tmp_path):
+    out = _run("bench", "envs", "--env", "hotpotqa", "--env", "webshop", "--n", "10", "--json", cwd=tmp_path)
+    assert set(out["envs"]) == {"hotpotqa", "webshop"}
+    for name, m in out["envs"].items():
+        assert m["episodes"] == 10 and m["steps"] >= 10, name
+        assert m["steps_per_s"] > 0 and m["reset_ms_mean"] > 0 and m["expert_success_rate"] == 1.0
