@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from sad.envs.base import Observation, Task
+from sad.envs.text import BM25Index
+from sad.envs.text import words as _tokens
 
 ENV_NAME = "hotpotqa"
 MAX_STEPS = 7  # ReAct's HotPotQA runs stop after 7 steps
@@ -103,29 +105,17 @@ class Corpus:
         return None if title is None else self.pages[title]
 
     def similar(self, entity: str, k: int = 5) -> list[str]:
-        titles, bm25 = _title_index(self)
-        query = _tokens(entity)
-        if not query:
-            return []
-        scores = bm25.get_scores(query)
-        matched = [i for i, t in enumerate(titles) if set(_tokens(t)).intersection(query)]
-        ranked = sorted(matched, key=lambda i: (-scores[i], titles[i]))
-        return [titles[i] for i in ranked[:k]]
+        titles, index = _title_index(self)
+        return [titles[i] for i in index.search(entity, k)]
 
 
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+_INDEX: dict[int, tuple[list[str], BM25Index]] = {}
 
 
-_INDEX: dict[int, tuple[list[str], Any]] = {}
-
-
-def _title_index(corpus: Corpus) -> tuple[list[str], Any]:
-    from rank_bm25 import BM25Okapi
-
+def _title_index(corpus: Corpus) -> tuple[list[str], BM25Index]:
     if id(corpus) not in _INDEX:
         titles = sorted(corpus.pages)
-        _INDEX[id(corpus)] = (titles, BM25Okapi([_tokens(t) or ["_"] for t in titles]))
+        _INDEX[id(corpus)] = (titles, BM25Index(titles))
     return _INDEX[id(corpus)]
 
 

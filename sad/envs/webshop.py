@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from sad.envs.base import Observation, Task
+from sad.envs.text import BM25Index
+from sad.envs.text import words as _tokens
 
 ENV_NAME = "webshop"
 MAX_STEPS = 15
@@ -40,10 +42,6 @@ INSTRUCTIONS_FILE = "items_human_ins.json"
 _ACTION_RE = re.compile(r"^(search|click)\[(.*)\]$", re.IGNORECASE | re.DOTALL)
 _STOPWORDS = frozenset("a an the and or of for with to in on i need want am looking is that it my be "
                        "price lower than dollars".split())
-
-
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
 
 
 def _price(text: str | float | int) -> float:
@@ -90,25 +88,15 @@ class Goal:
 class Catalogue:
     products: dict[str, Product]
     goals: dict[str, list[Goal]]  # asin -> goals whose target it is
-    _bm25: Any = None
+    _index: BM25Index | None = None
     _order: list[str] = field(default_factory=list)
-    _docs: list[set[str]] = field(default_factory=list)
 
     def search(self, query: str, k: int = TOP_K) -> list[str]:
-        from rank_bm25 import BM25Okapi
-
-        if self._bm25 is None:
+        """Top ``k`` asins for ``query`` (BM25 over each product's text)."""
+        if self._index is None:
             self._order = sorted(self.products)
-            self._docs = [set(_tokens(self.products[a].search_text)) for a in self._order]
-            self._bm25 = BM25Okapi([_tokens(self.products[a].search_text) or ["_"] for a in self._order])
-        words = _tokens(query)
-        if not words:
-            return []
-        scores = self._bm25.get_scores(words)
-        # only products holding a query word are results (BM25's idf can be <= 0 in tiny catalogues)
-        matched = [i for i, doc in enumerate(self._docs) if doc.intersection(words)]
-        ranked = sorted(matched, key=lambda i: (-scores[i], self._order[i]))
-        return [self._order[i] for i in ranked[:k]]
+            self._index = BM25Index([self.products[a].search_text for a in self._order])
+        return [self._order[i] for i in self._index.search(query, k)]
 
 
 def _product_from_record(rec: dict[str, Any], where: str) -> Product:
@@ -478,11 +466,15 @@ class WebShopExpert:
         return ("The item has the right attributes, options and price. I'll buy it.", "click[buy now]")
 
 
+def _indefinite(kind: str) -> str:
+    """``"a coffee"``, ``"an umbrella"``, ``"sneakers"``."""
+    article = "" if kind.endswith("s") else ("an " if kind[:1] in "aeiou" else "a ")
+    return f"{article}{kind}"
+
+
 def _what(goal: dict[str, Any]) -> str:
     attrs = " and ".join(goal["attributes"])
-    kind = goal["query"]
-    article = "" if kind.endswith("s") else ("an " if kind[:1] in "aeiou" else "a ")
-    return f"{article}{kind}" + (f" that is {attrs}" if attrs else "")
+    return _indefinite(goal["query"]) + (f" that is {attrs}" if attrs else "")
 
 
 def search_query(goal: dict[str, Any]) -> str:
@@ -571,9 +563,7 @@ def generate_catalogue(seed: int, n_products: int, n_goals: int) -> tuple[list[d
         options = [rng.choice(product["customization_options"][n])["value"] for n in sorted(names)]
         price = _price(product["pricing"])
         upper = next(b for b in _PRICE_BOUNDS + (1000.0,) if b > price)
-        kind = product["query"]
-        article = "" if kind.endswith("s") else ("an " if kind[:1] in "aeiou" else "a ")
-        text = (f"i need {article}{kind} that is {' and '.join(attrs)}, with {', '.join(options)}, "
+        text = (f"i need {_indefinite(product['query'])} that is {' and '.join(attrs)}, with {', '.join(options)}, "
                 f"and price lower than {upper:.2f} dollars")
         instructions.setdefault(product["asin"], []).append({
             "asin": product["asin"], "instruction": text, "instruction_attributes": attrs,
