@@ -51,6 +51,7 @@ class Stage(str, Enum):
     teacher = "teacher"
     rollout = "rollout"
     segment = "segment"
+    teacher_logits = "teacher_logits"
     distill = "distill"
     evaluate = "evaluate"
     register = "register"
@@ -84,6 +85,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _load_params(path: Path):
+    """Validated params, or a clear error naming the file and key (exit code 2)."""
+    from sad.config import ConfigError, load_params
+
+    try:
+        return load_params(path)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def stage(
     name: Stage = typer.Argument(..., help="the stage to run"),
@@ -92,13 +103,8 @@ def stage(
     params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
 ) -> None:
     """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
-    from sad.config import ConfigError, load_params, parse_params
-
     _setup_logging()
-    try:
-        p = load_params(params)
-    except ConfigError as exc:
-        _fail(str(exc))
+    p = _load_params(params)
     from flows import stages as f
 
     path = str(params)
@@ -113,6 +119,7 @@ def stage(
         Stage.teacher: lambda: f.teacher_flow(path),
         Stage.rollout: lambda: f.rollout_flow(path),
         Stage.segment: lambda: f.segment_flow(path),
+        Stage.teacher_logits: lambda: f.teacher_logits_flow(path),
         Stage.distill: lambda: f.distill_flow(method, path),
         Stage.evaluate: lambda: f.evaluate_flow(agent, path),
         Stage.register: lambda: f.register_flow(path),
@@ -133,14 +140,10 @@ def pipeline(
 ) -> None:
     """Reproduce the whole pipeline with DVC, with local Prefect and MLflow servers for all stages."""
     from flows.server import pipeline_services
-    from sad.config import ConfigError, load_params, parse_params
     from sad.tracking import tracking_uri
 
     _setup_logging()
-    try:
-        p = load_params("params.yaml")
-    except ConfigError as exc:
-        _fail(str(exc))
+    p = _load_params(Path("params.yaml"))
     home = Path(os.environ["PREFECT_HOME"])
     started = time.perf_counter()
     with pipeline_services(home, tracking_uri(p.tracking), Path(p.tracking.artifacts), preload) as services:
@@ -254,6 +257,33 @@ def expert(
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+@app.command("segment-text")
+def segment_text(
+    path: Path = typer.Argument(..., help="a text file holding one ReAct transcript"),
+    markers: str = typer.Option("react", help="marker set: react | hotpotqa (Thought N:) | alfworld (> think:)"),
+    as_json: bool = typer.Option(False, "--json", help="print the pieces as JSON"),
+) -> None:
+    """Cut a transcript into prompt / REASON / ACT / observation pieces by the marker rules (a dry run of segmentation)."""
+    from sad.markers import SegmentationError, split_transcript
+
+    if not path.is_file():
+        _fail(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        _fail(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
+    try:
+        pieces = split_transcript(text, markers, episode_id=str(path))
+    except SegmentationError as exc:
+        _fail(str(exc))
+    rows = [{"kind": p.kind, "step": p.step, "start": p.start, "end": p.end, "text": text[p.start:p.end]} for p in pieces]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for r in rows:
+        typer.echo(f"{r['kind']:>11} step {r['step']:>2}  {r['text'].rstrip()[:100]}")
+
+
 bench_app = typer.Typer(help="Benchmarks that print JSON (machines are noisy: compare ratios from one run).",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -279,6 +309,27 @@ def bench_envs(
             tasks, root = _task_set(name.value, "test", n, Path(tmp), True, Path(tmp))
             out["envs"][name.value] = benchmark_env(tasks, root)  # type: ignore[index]
     typer.echo(json.dumps(out) if as_json else json.dumps(out, indent=2))
+
+
+@bench_app.command("train")
+def bench_train(
+    steps: int = typer.Option(12, help="optimizer steps timed per configuration"),
+    batch_size: int = typer.Option(4, help="windows per step"),
+    max_tokens: Optional[int] = typer.Option(None, help="window length cap (default: context.max_tokens)"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameter file (model sizes, vocabulary, top-k)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Training tokens/s for sad, token_kd and sft; top-k cache size and time against online teacher logits."""
+    import platform
+
+    from sad.trainbench import benchmark_training
+
+    _setup_logging()
+    p = _load_params(params)
+    result = benchmark_training(p, steps=steps, batch_size=batch_size, max_tokens=max_tokens,
+                                progress=lambda name: log.info("benchmark: %s", name))
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
 def main() -> None:

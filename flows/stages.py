@@ -95,13 +95,22 @@ def segment_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     return _tracked(p, "segment", {"segment": p.segment.model_dump()}, lambda run: t.segment_trajectories(p))
 
 
+@flow(name="teacher_logits", log_prints=False)
+def teacher_logits_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    """The teacher's top-k log-probs and entropies at every generated position (read by every KD method)."""
+    p = load_params(params_path)
+    return _tracked(p, "teacher_logits", {"teacher_logits": p.distill.teacher_logits.model_dump()},
+                    lambda run: t.cache_teacher_logits(p))
+
+
 @flow(name="distill", log_prints=False)
 def distill_flow(method: str, params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
     if method not in p.distill.methods:
         raise ValueError(f"unknown method {method!r}; params.yaml distill.methods has {sorted(p.distill.methods)}")
     logged = {"student": p.distill.student.model_dump(), "train": p.distill.train.model_dump(),
-              "method": p.distill.methods[method].model_dump()}
+              "method": p.distill.methods[method].model_dump(), "curriculum": p.distill.curriculum.model_dump(),
+              "teacher_logits": p.distill.teacher_logits.model_dump()}
     return _tracked(p, f"distill@{method}", {"distill": logged},
                     lambda run: t.distill_student(p, method, on_log=_mlflow_step_logger(run.info.run_id, "train/")),
                     tags={"sad.method": method})

@@ -122,13 +122,17 @@ class ArchParams(_Strict):
 
 class TrainParams(_Strict):
     epochs: float = Field(3.0, gt=0, description="passes over the training windows")
-    batch_size: int = Field(8, ge=1, description="windows per optimizer step per process")
+    batch_size: int = Field(8, ge=1, description="windows per micro-batch per process (global batch = "
+                                                 "batch_size x processes x grad_accum)")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-3, gt=0, lt=1)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
+    dev_fraction: float = Field(0.1, ge=0, le=0.5, description="share of episodes held out for dev-set loss")
+    eval_every: int = Field(0, ge=0, description="dev evaluation every N optimizer steps (0 = at the end only)")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; a rerun resumes from it (0 = off)")
 
 
 class ContextParams(_Strict):
@@ -154,16 +158,56 @@ class SegmentParams(_Strict):
 
 class MethodParams(_Strict):
     loss: Literal["sad", "token_kd", "sft"]
-    lambda_reason: float = Field(1.0, ge=0)
-    lambda_act: float = Field(1.0, ge=0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = Field(
+        "forward_kl", description="D between teacher and student next-token distributions")
+    beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight of the teacher")
+    alpha: float = Field(0.1, ge=0, lt=1, description="skew KL: teacher share of the skewed student")
+    lambda_reason: float = Field(1.0, ge=0, description="weight of REASON tokens (0 = act-only ablation)")
+    lambda_act: float = Field(1.0, ge=0, description="weight of ACT tokens (0 = reason-only ablation)")
     temperature: float = Field(1.0, gt=0)
     normalisation: Literal["per_kind_mean", "token_sum"] = "per_kind_mean"
+    ce_act: float = Field(0.0, ge=0, description="weight of an extra CE term on the teacher's ACT tokens")
+    curriculum: bool = Field(True, description="false = no-curriculum ablation (when distill.curriculum is on)")
 
     @model_validator(mode="after")
     def _weights(self) -> "MethodParams":
         if self.loss == "sad" and self.lambda_reason + self.lambda_act == 0:
             raise ValueError("sad needs lambda_reason + lambda_act > 0")
         return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.loss != "sft"
+
+    def describe(self) -> str:
+        """One line naming the objective, for results and model cards."""
+        if self.loss == "sft":
+            return "CE on the teacher's tokens" + ("" if self.curriculum else ", no curriculum")
+        d = self.divergence + (f"(beta={self.beta:g})" if self.divergence == "jsd" else "") + (
+            f"(alpha={self.alpha:g})" if self.divergence == "skew_kl" else "")
+        if self.loss == "token_kd":
+            text = f"{d}, mean over generated tokens"
+        else:
+            text = f"{self.lambda_reason:g}*{d}[reason] + {self.lambda_act:g}*{d}[act], {self.normalisation}"
+        text += f", T={self.temperature:g}" + (f", +{self.ce_act:g}*CE[act]" if self.ce_act else "")
+        return text + ("" if self.curriculum else ", no curriculum")
+
+
+class CurriculumParams(_Strict):
+    enabled: bool = Field(True, description="order trajectories easy -> hard (false = shuffled, length-grouped)")
+    alpha: float = Field(1.0, ge=0, description="weight of REASON tokens per trajectory in C(tau)")
+    beta: float = Field(1.0, ge=0, description="weight of ACT tokens per trajectory in C(tau)")
+    gamma: float = Field(100.0, ge=0, description="weight of the teacher's mean token entropy (nats) in C(tau)")
+    pacing: Literal["linear", "sqrt", "step"] = "linear"
+    start: float = Field(0.3, gt=0, le=1, description="share of the easiest data available at the start")
+    ramp: float = Field(0.5, ge=0, le=1, description="training progress at which all data is available")
+
+
+class TeacherLogitsParams(_Strict):
+    mode: Literal["cached", "online"] = Field("cached", description="cached top-k stage output, or a teacher "
+                                                                    "forward inside the training loop")
+    top_k: int = Field(16, ge=1, le=4096, description="teacher log-probs kept per generated position")
+    batch_size: int = Field(16, ge=1)
 
 
 def _default_methods() -> dict[str, MethodParams]:
@@ -177,7 +221,23 @@ def _default_methods() -> dict[str, MethodParams]:
 class DistillParams(_Strict):
     student: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256))
     train: TrainParams = Field(default_factory=TrainParams)
+    curriculum: CurriculumParams = Field(default_factory=CurriculumParams)
+    teacher_logits: TeacherLogitsParams = Field(default_factory=TeacherLogitsParams)
     methods: dict[str, MethodParams] = Field(default_factory=_default_methods)
+
+    @model_validator(mode="after")
+    def _method_names(self) -> "DistillParams":
+        import re
+
+        bad = [m for m in self.methods if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", m) or m == "teacher"]
+        if bad:
+            raise ValueError(f"method names must be lower-case identifiers other than 'teacher' "
+                             f"(they name folders and DVC stages): {bad}")
+        return self
+
+    def temperatures(self) -> list[float]:
+        """Temperatures the KD methods distil at (the cache keeps each)."""
+        return sorted({m.temperature for m in self.methods.values() if m.needs_teacher}) or [1.0]
 
 
 class EvaluateParams(_Strict):

@@ -113,6 +113,14 @@ class ParsedOutput:
 
 _ACTION_LINE = re.compile(rf"(?:^|\n){re.escape(ACTION)}[ \t]*([^\n]*)")
 _THOUGHT_TEXT = re.compile(rf"{re.escape(THOUGHT)}(.*?)(?=\n{re.escape(ACTION)}|$)", re.S)
+_INLINE_MARKER = re.compile(r"(?:^|\s)(?:Thought|Action|Observation):")
+
+
+def _cut_at_marker(text: str) -> str:
+    """Drop what follows a marker written inside a field (``Thought: a Action: b`` keeps ``a``),
+    so a stored field never holds a second marker and transcripts always segment cleanly."""
+    m = _INLINE_MARKER.search(text)
+    return text[: m.start()] if m else text
 
 
 def parse_output(text: str) -> ParsedOutput:
@@ -122,7 +130,7 @@ def parse_output(text: str) -> ParsedOutput:
     loop sends it anyway and the environment counts it as invalid.
     """
     m = _ACTION_LINE.search(text)
-    action = one_line(m.group(1)) if m else ""
+    action = one_line(_cut_at_marker(m.group(1))) if m else ""
     t = _THOUGHT_TEXT.search(text[: m.start() + 1] if m else text)
-    thought = one_line(t.group(1)) if t else ""
+    thought = one_line(_cut_at_marker(t.group(1))) if t else ""
     return ParsedOutput(thought=thought, action=action, has_action=bool(m and action))

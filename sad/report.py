@@ -94,7 +94,8 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
         "# Structured Agent Distillation: results",
         "",
         f"Profile: `{profile}`. Held-out **test** tasks; the gate for promotion uses the dev split.",
-        "Loss normalisation per method: " + ", ".join(f"`{m}`: {n}" for m, n in sorted(normalisation.items())) + ".",
+        "Objective per method (divergence, weights, normalisation): "
+        + "; ".join(f"`{m}`: {n}" for m, n in sorted(normalisation.items())) + ".",
         "",
         results_table(results, "test"),
         "",

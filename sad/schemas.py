@@ -2,7 +2,9 @@
 
 * :class:`StepSchema` - trajectories, one row per step;
 * :class:`SpanSchema` - REASON/ACT spans with character and token positions;
-* :class:`WindowSchema` - token windows with their binary masks ``m_r`` and ``m_a``.
+* :class:`WindowSchema` - token windows with their binary masks ``m_r`` and ``m_a``;
+* :class:`CoverageSchema` - spans against masks: per window and kind, the spans' tokens are
+  exactly the mask's tokens (coverage), and each span lies inside its window (lengths).
 
 :func:`validate` runs a schema lazily and raises :class:`SchemaViolation`, whose message
 names the failed checks and the episodes they concern.
@@ -101,6 +103,59 @@ class WindowSchema(pa.DataFrameModel):
     @pa.dataframe_check(error="a window must hold at least one generated (REASON or ACT) token")
     def has_generated_tokens(cls, df: pd.DataFrame) -> Series[bool]:
         return pd.Series([sum(r) + sum(a) > 0 for r, a in zip(df["reason_mask"], df["act_mask"])], index=df.index)
+
+
+class CoverageSchema(pa.DataFrameModel):
+    """One row per (episode, window, kind): token counts from the masks and from the spans."""
+
+    episode_id: Series[str]
+    window: Series[int] = pa.Field(ge=0)
+    kind: Series[str] = pa.Field(isin=list(SPAN_KINDS))
+    mask_tokens: Series[int] = pa.Field(ge=0)
+    span_tokens: Series[int] = pa.Field(ge=0)
+    mask_tokens_in_spans: Series[int] = pa.Field(ge=0)
+    max_tok_end: Series[int] = pa.Field(ge=0)
+    n_tokens: Series[int] = pa.Field(gt=0)
+
+    class Config:
+        strict = True
+
+    @pa.dataframe_check(error="spans must cover exactly the masked tokens of their kind (coverage)")
+    def spans_cover_mask(cls, df: pd.DataFrame) -> Series[bool]:
+        return (df["mask_tokens"] == df["span_tokens"]) & (df["mask_tokens_in_spans"] == df["mask_tokens"])
+
+    @pa.dataframe_check(error="a span must end inside its window (tok_end <= n_tokens)")
+    def spans_inside_window(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["max_tok_end"] <= df["n_tokens"]
+
+
+def coverage_frame(windows: pd.DataFrame, spans: pd.DataFrame) -> pd.DataFrame:
+    """Per window and kind: masked tokens, span tokens, masked tokens inside spans, last span end."""
+    by_key: dict[tuple[str, int, str], list[tuple[int, int]]] = {}
+    for e, w, k, a, b in spans[["episode_id", "window", "kind", "tok_start", "tok_end"]].itertuples(index=False):
+        by_key.setdefault((e, int(w), k), []).append((int(a), int(b)))
+    rows = []
+    for e, w, n, r, a in windows[["episode_id", "window", "n_tokens", "reason_mask", "act_mask"]].itertuples(index=False):
+        for kind, mask in (("reason", r), ("act", a)):
+            ranges = by_key.get((e, int(w), kind), [])
+            rows.append({
+                "episode_id": e, "window": int(w), "kind": kind, "mask_tokens": int(sum(mask)),
+                "span_tokens": sum(b - a for a, b in ranges),
+                "mask_tokens_in_spans": sum(int(sum(mask[a:b])) for a, b in ranges),
+                "max_tok_end": max((b for _, b in ranges), default=0), "n_tokens": int(n),
+            })
+    columns = ["episode_id", "window", "kind", "mask_tokens", "span_tokens", "mask_tokens_in_spans", "max_tok_end", "n_tokens"]
+    return pd.DataFrame(rows, columns=columns).astype({c: "int64" for c in columns[3:] + ["window"]})
+
+
+def check_coverage(windows: pd.DataFrame, spans: pd.DataFrame, what: str) -> None:
+    """Spans and masks must describe the same tokens; raises SchemaViolation naming episodes."""
+    keys = set(zip(spans["episode_id"], spans["window"]))
+    orphans = sorted({str(e) for e, w in keys - set(zip(windows["episode_id"], windows["window"]))})
+    if orphans:
+        raise SchemaViolation(f"{what} (spans): CoverageSchema failed\n  - check spans_have_window: spans of "
+                              f"window(s) missing from the window table in episode(s) {', '.join(orphans[:5])}")
+    validate(coverage_frame(windows, spans), CoverageSchema, f"{what} (coverage)")
 
 
 def validate(df: pd.DataFrame, schema: type[pa.DataFrameModel], what: str) -> pd.DataFrame:

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from sad.react import GENERATED_KINDS, Episode, episode_pieces
-from sad.schemas import SpanSchema, StepSchema, WindowSchema, validate
+from sad.markers import SegmentationError, split_transcript
+from sad.react import GENERATED_KINDS, Episode, episode_text
+from sad.schemas import SpanSchema, StepSchema, WindowSchema, check_coverage, validate
 
-
-class SegmentationError(ValueError):
-    """A transcript cannot be cut into spans (the message names the episode)."""
+__all__ = ["SegmentationError", "segment_episodes", "episode_windows", "tokenize_episode"]
 
 
 @dataclass
@@ -35,13 +34,24 @@ class TokenizedEpisode:
     piece_starts: list[int]  # character offset of each piece
 
 
+def transcript_pieces(episode: Episode) -> tuple[str, list[tuple[str, str]], list[int]]:
+    """The rendered transcript cut by the ``react`` marker rules: (text, (kind, text) pieces, starts).
+
+    Every step renders as REASON, ACT, observation; the rule-based split must find exactly
+    that structure, otherwise the episode is rejected with the reason.
+    """
+    text = episode_text(episode)
+    found = split_transcript(text, "react", episode.episode_id, allow_empty=True)
+    kinds = [p.kind for p in found]
+    expected = ["prompt"] + ["reason", "act", "observation"] * episode.n_steps
+    if kinds != expected:
+        raise SegmentationError(f"episode {episode.episode_id}: transcript pieces {kinds[:8]}... do not match "
+                                f"{episode.n_steps} Thought/Action/Observation steps (a field holds a marker line?)")
+    return text, [(p.kind, text[p.start:p.end]) for p in found], [p.start for p in found]
+
+
 def tokenize_episode(episode: Episode, tokenizer) -> TokenizedEpisode:
-    pieces = episode_pieces(episode)
-    starts, pos = [], 0
-    for _, text in pieces:
-        starts.append(pos)
-        pos += len(text)
-    text = "".join(t for _, t in pieces)
+    text, pieces, starts = transcript_pieces(episode)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     owners = []
     for tok_index, (s, e) in enumerate(enc["offset_mapping"]):
@@ -176,6 +186,7 @@ def segment_episodes(episodes: list[Episode], tokenizer, max_tokens: int, histor
     spans = spans.astype({c: "int64" for c in ["window", "span", "char_start", "char_end", "tok_start", "tok_end"]})
     windows = validate(windows, WindowSchema, f"{what} (token windows)")
     spans = validate(spans, SpanSchema, f"{what} (spans)")
+    check_coverage(windows, spans, what)
     return Segments(steps=steps, spans=spans, windows=windows)
 
 

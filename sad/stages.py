@@ -47,6 +47,28 @@ def segments_dir(p: Params) -> Path:
     return p.path("data", "segments")
 
 
+def teacher_logits_dir(p: Params) -> Path:
+    return p.path("data", "teacher_logits")
+
+
+def checkpoint_dir(model_dir: Path) -> Path:
+    """Where training checkpoints of ``model_dir`` live until the model is written (git-ignored,
+    outside every DVC-tracked folder)."""
+    return Path(".checkpoints", *model_dir.parts)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of settings and data that a checkpoint must match to be resumed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_main_process() -> bool:
+    """False on the other ranks of a multi-process (accelerate launch) run: only rank 0 writes."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def student_dir(p: Params, method: str) -> Path:
     return p.path("models", STUDENT_AGENTS_DIR, method)
 
@@ -127,21 +149,29 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     from sad.tokenizer import load_tokenizer
     from sad.training import IMITATION, train_lm
 
+    from sad.training import split_dev
+
     tokenizer = load_tokenizer(tokenizer_dir(p))
     episodes = read_episodes(demos_file(p))
     seg = segment_episodes(episodes, tokenizer, p.context.max_tokens, p.context.history_steps, what=str(demos_file(p)))
+    train_w, dev_w = split_dev(seg.windows, p.teacher.train.dev_fraction, p.teacher.train.seed)
     model = build_llama(p.teacher.arch, tokenizer, p.context.max_tokens, seed=p.teacher.train.seed)
-    result = train_lm(model, seg.windows, IMITATION, p.teacher.train, tokenizer.pad_token_id,
+    data_hash = file_hash(demos_file(p))
+    result = train_lm(model, train_w, IMITATION, p.teacher.train, tokenizer.pad_token_id, dev_windows=dev_w,
+                      checkpoint_dir=checkpoint_dir(teacher_dir(p)),
+                      fingerprint=fingerprint(p.teacher.model_dump(), p.context.model_dump(), data_hash),
                       on_log=on_log, progress=progress, desc="teacher")
+    if not is_main_process():
+        return {}
     card = {
         "role": "teacher", "method": "imitation", "parameters": count_parameters(model),
-        "arch": p.teacher.arch.model_dump(), "train_windows": len(seg.windows),
-        "final_loss": result.final_loss, "data_hash": file_hash(demos_file(p)),
+        "arch": p.teacher.arch.model_dump(), "train_windows": len(train_w), "dev_windows": len(dev_w),
+        "final_loss": result.final_loss, "dev": result.dev, "data_hash": data_hash,
     }
     save_model(model, tokenizer, teacher_dir(p), card)
     metrics = {"parameters": card["parameters"], "final_loss": result.final_loss, "steps": result.steps,
                "train_tokens_per_s": result.tokens_per_second, "train_seconds": result.seconds,
-               "windows": len(seg.windows)}
+               "windows": len(train_w), "dev_windows": len(dev_w), **{f"dev_{k}": v for k, v in result.dev.items()}}
     write_json_atomic(p.path("metrics", "teacher.json"), metrics)
     return metrics
 
@@ -188,12 +218,40 @@ def run_segment(p: Params) -> dict[str, Any]:
     return metrics
 
 
-def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> dict[str, Any]:
-    """Train one student with ``method``'s loss against the teacher."""
-    from sad.modeling import build_llama, count_parameters, load_model, save_model
+def run_teacher_logits(p: Params, progress: bool = True) -> dict[str, Any]:
+    """Cache the teacher's top-k log-probs (and entropies) at every generated position of the windows."""
+    import time
+
+    from sad.modeling import load_model
     from sad.segment import load_windows
+    from sad.teacher_cache import build_topk_cache, save_cache
+
+    windows = load_windows(segments_dir(p))
+    teacher = load_model(teacher_dir(p))
+    started = time.perf_counter()
+    cache = build_topk_cache(teacher, windows, p.distill.teacher_logits.top_k, p.distill.temperatures(),
+                             teacher.config.pad_token_id or 0, file_hash(segments_dir(p) / "windows.parquet"),
+                             p.distill.teacher_logits.batch_size, progress=progress)
+    seconds = time.perf_counter() - started
+    save_cache(cache, windows, teacher_logits_dir(p))
+    positions = int(cache.offsets[-1])
+    metrics = {"positions": positions, "top_k": cache.top_k, "temperatures": p.distill.temperatures(),
+               "cache_bytes": cache.nbytes, "full_logits_bytes": cache.full_logits_bytes(),
+               "bytes_ratio": cache.nbytes / max(cache.full_logits_bytes(), 1), "seconds": seconds,
+               "mean_teacher_entropy": float(cache.entropy_sum.sum()) / max(positions, 1)}
+    write_json_atomic(p.path("metrics", "teacher_logits.json"), metrics)
+    return metrics
+
+
+def distill_inputs(p: Params, method: str):
+    """Everything a student's training needs: (spec, tokenizer, teacher, train windows, dev windows,
+    cached targets or None, curriculum order or None, data hash)."""
+    from sad.curriculum import easy_to_hard, trajectory_difficulty
+    from sad.modeling import load_model
+    from sad.segment import load_windows
+    from sad.teacher_cache import load_cache
     from sad.tokenizer import check_compatible, load_tokenizer
-    from sad.training import train_lm
+    from sad.training import CachedTeacher, split_dev
 
     if method not in p.distill.methods:
         raise ValueError(f"unknown method {method!r}; params.yaml distill.methods has {sorted(p.distill.methods)}")
@@ -201,21 +259,62 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
     tokenizer = load_tokenizer(tokenizer_dir(p))
     check_compatible(load_tokenizer(teacher_dir(p)), tokenizer)
     teacher = load_model(teacher_dir(p))
-    windows = load_windows(segments_dir(p))
+    windows = load_windows(segments_dir(p)).reset_index(drop=True)
+    windows["cache_row"] = range(len(windows))
+    data_hash = file_hash(segments_dir(p) / "windows.parquet")
+    cur = p.distill.curriculum
+    use_curriculum = cur.enabled and spec.curriculum
+    cache = None
+    if (spec.needs_teacher and p.distill.teacher_logits.mode == "cached") or (use_curriculum and cur.gamma):
+        cache = load_cache(teacher_logits_dir(p), data_hash)
+    train_w, dev_w = split_dev(windows, p.distill.train.dev_fraction, p.distill.train.seed)
+    train_w = train_w.reset_index(drop=True)
+    order = None
+    if use_curriculum:
+        entropy = None
+        if cur.gamma:
+            import pandas as pd
+
+            entropy = pd.Series(cache.entropy_sum.numpy()[train_w["cache_row"].to_numpy()], index=train_w.index)
+        difficulty = trajectory_difficulty(train_w, entropy, cur.alpha, cur.beta, cur.gamma)
+        order = easy_to_hard(train_w, difficulty)
+    cached = CachedTeacher(cache) if spec.needs_teacher and p.distill.teacher_logits.mode == "cached" else None
+    return spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash
+
+
+def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> dict[str, Any]:
+    """Train one student with ``method``'s loss against the teacher (online or cached logits)."""
+    from sad.modeling import build_llama, count_parameters, save_model
+    from sad.training import train_lm
+
+    spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash = distill_inputs(p, method)
     student = build_llama(p.distill.student, tokenizer, p.context.max_tokens, seed=p.distill.train.seed)
-    result = train_lm(student, windows, spec, p.distill.train, tokenizer.pad_token_id, teacher=teacher,
+    online = spec.needs_teacher and cached is None
+    out_dir = student_dir(p, method)
+    result = train_lm(student, train_w, spec, p.distill.train, tokenizer.pad_token_id,
+                      teacher=teacher if online else None,
+                      cached=cached, dev_windows=dev_w, curriculum_order=order, curriculum=p.distill.curriculum,
+                      checkpoint_dir=checkpoint_dir(out_dir),
+                      fingerprint=fingerprint(method, spec.model_dump(), p.distill.model_dump(exclude={"methods"}),
+                                              p.context.model_dump(), data_hash),
                       on_log=on_log, progress=progress, desc=f"distill {method}")
+    if not is_main_process():
+        return {}
     n_student, n_teacher = count_parameters(student), count_parameters(teacher)
     card = {
-        "role": "student", "method": method, "loss": spec.model_dump(), "parameters": n_student,
-        "teacher_parameters": n_teacher, "compression": n_teacher / n_student,
-        "arch": p.distill.student.model_dump(), "final_loss": result.final_loss,
-        "data_hash": file_hash(segments_dir(p) / "windows.parquet"),
+        "role": "student", "method": method, "objective": spec.describe(), "loss": spec.model_dump(),
+        "parameters": n_student, "teacher_parameters": n_teacher, "compression": n_teacher / n_student,
+        "arch": p.distill.student.model_dump(), "final_loss": result.final_loss, "dev": result.dev,
+        "teacher_logits": p.distill.teacher_logits.mode if spec.needs_teacher else "-",
+        "curriculum": order is not None, "data_hash": data_hash,
     }
-    save_model(student, tokenizer, student_dir(p, method), card)
+    save_model(student, tokenizer, out_dir, card)
     metrics = {"parameters": n_student, "compression": card["compression"], "final_loss": result.final_loss,
                "steps": result.steps, "train_tokens_per_s": result.tokens_per_second,
-               "train_seconds": result.seconds, "normalisation": spec.normalisation if spec.loss == "sad" else "-"}
+               "train_seconds": result.seconds, "objective": spec.describe(),
+               "normalisation": spec.normalisation if spec.loss == "sad" else "-",
+               "teacher_logits": card["teacher_logits"], "curriculum": card["curriculum"],
+               "resumed_from_step": result.resumed_from, **{f"dev_{k}": v for k, v in result.dev.items()}}
     write_json_atomic(p.path("metrics", "distill", f"{method}.json"), metrics)
     return metrics
 
@@ -271,8 +370,7 @@ def run_report(p: Params) -> dict[str, Any]:
     results = load_eval_results(p, agents)
     registry_file = p.path("reports", "registry.json")
     registry = json.loads(registry_file.read_text()) if registry_file.is_file() else None
-    normalisation = {m: (s.normalisation if s.loss == "sad" else "mean over generated tokens")
-                     for m, s in p.distill.methods.items()}
+    normalisation = {m: s.describe() for m, s in p.distill.methods.items()}
     success_plot(results, p.path("reports", "success.png"))
     write_text_atomic(p.path("reports", "results.md"), render_report(results, registry, p.project.profile, normalisation))
     summary = {a: r["splits"]["test"]["overall"]["success_rate"] for a, r in results.items() if "test" in r["splits"]}

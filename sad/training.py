@@ -1,28 +1,46 @@
 """One training loop for the teacher (imitation of the demos) and every student method.
 
-It runs on accelerate: ``python -m …`` uses one process (CPU or one GPU), ``accelerate launch``
-spreads it over processes (DDP; configs in ``configs/accelerate/``). bf16 autocast on GPU.
+It runs on accelerate: plain ``python`` is one process (CPU or one GPU); ``accelerate launch``
+(configs in ``configs/accelerate/``) spreads it over processes with DDP or FSDP. bf16
+autocast on GPU.
+
+Exactness across process counts: every process draws the same global batch plan (a function
+of the seed only) and takes its shard; each loss is normalised by the token counts of the
+whole global batch (all shards and accumulation steps), and gradients are summed. One
+process with ``batch_size = b·n`` therefore takes the same steps as ``n`` processes with
+``batch_size = b``, up to float reduction order.
+
+Checkpoints (``checkpoint_every``) hold the weights (safetensors), the optimizer and
+scheduler state (loaded with ``weights_only=True``) and the step; a rerun with the same
+fingerprint resumes there and ends with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import random
+import shutil
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from sad import losses
-from sad.config import MethodParams, TrainParams
+from sad.config import CurriculumParams, MethodParams, TrainParams
 
 log = logging.getLogger(__name__)
 
-IMITATION = MethodParams(loss="sft")  # how the teacher learns from the expert's demos
+IMITATION = MethodParams(loss="sft", curriculum=False)  # how the teacher learns from the expert's demos
+CHECKPOINT_STATE = "trainer_state.pt"
+CHECKPOINT_WEIGHTS = "model.safetensors"
 
 
 @dataclass
@@ -32,10 +50,31 @@ class TrainResult:
     seconds: float
     final_loss: float
     history: list[dict] = field(default_factory=list)
+    dev: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class CachedTeacher:
+    """Teacher targets from the top-k cache (:mod:`sad.teacher_cache`)."""
+
+    cache: object  # TopkCache
+
+
+# --------------------------------------------------------------------------- data
+def split_dev(windows: pd.DataFrame, dev_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out whole episodes (a stable hash of the id) as the dev set: (train, dev)."""
+    if dev_fraction <= 0:
+        return windows, windows.iloc[0:0]
+    buckets = windows["episode_id"].map(lambda e: zlib.crc32(f"{seed}:{e}".encode()) % 10_000)
+    is_dev = buckets < int(dev_fraction * 10_000)
+    if is_dev.all() or not is_dev.any():
+        return windows, windows.iloc[0:0]
+    return windows[~is_dev], windows[is_dev]
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 32) -> list[list[int]]:
@@ -52,8 +91,42 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
     return batches
 
 
+def batch_plan(lengths: list[int], global_batch: int, n_batches: int, seed: int, world: int,
+               curriculum_order: list[int] | None = None, curriculum: CurriculumParams | None = None) -> list[list[int]]:
+    """``n_batches`` global batches of window indices, identical on every process.
+
+    Without a curriculum: length-grouped shuffles, epoch after epoch. With one: batches drawn
+    from the easiest share of ``curriculum_order`` under the pacing schedule.
+    """
+    if curriculum_order is not None and curriculum is not None:
+        from sad.curriculum import curriculum_batches
+
+        return curriculum_batches(curriculum_order, n_batches, global_batch, seed, curriculum.pacing,
+                                  curriculum.start, curriculum.ramp)
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < n_batches:
+        for b in length_grouped_batches(lengths, global_batch, seed + epoch):
+            if len(b) >= world:  # every process needs at least one window
+                plan.append(b)
+        epoch += 1
+    return plan[:n_batches]
+
+
+def shard(batch: list[int], rank: int, world: int) -> list[int]:
+    """This process's contiguous share of a global batch."""
+    per, extra = divmod(len(batch), world)
+    start = rank * per + min(rank, extra)
+    return batch[start:start + per + (1 if rank < extra else 0)]
+
+
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad windows into tensors: input_ids, attention_mask, reason_mask, act_mask [B, T]."""
+    """Right-pad windows into tensors: input_ids, attention_mask, reason_mask, act_mask [B, T].
+
+    Models are called without the attention mask: with causal attention, right padding never
+    changes the logits of real positions, and pad positions carry no loss; the plain causal
+    path of SDPA is faster than an explicit 4-D mask.
+    """
     width = max(len(r["input_ids"]) for r in rows)
 
     def pad(key: str, value: int) -> torch.Tensor:
@@ -64,32 +137,137 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attention, "reason_mask": pad("reason_mask", 0), "act_mask": pad("act_mask", 0)}
 
 
+def loss_token_counts(rows: list[dict]) -> tuple[int, int]:
+    """(REASON, ACT) tokens that carry a loss (the first token never does: nothing predicts it)."""
+    return (sum(sum(r["reason_mask"][1:]) for r in rows), sum(sum(r["act_mask"][1:]) for r in rows))
+
+
+# --------------------------------------------------------------------------- objective
 def method_loss(
     method: MethodParams,
     student_logits: torch.Tensor,
     batch: dict[str, torch.Tensor],
-    teacher_logits: torch.Tensor | None = None,
+    teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    counts: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training objective of ``method`` for one batch; returns (loss, logged parts)."""
+    """The training objective of ``method`` for one batch; returns (loss, logged parts).
+
+    student_logits [B, T, V]; batch tensors [B, T]; ``teacher`` is full teacher logits
+    [B, T, V] or cached top-k (log-probs [N, k], ids [N, k], tail log-mass [N]) for the N
+    generated positions;
+    ``counts`` = global (REASON, ACT) token counts to normalise by (default: this batch's).
+    """
     logits, targets, reason, act = losses.shift(student_logits, batch["input_ids"], batch["reason_mask"], batch["act_mask"])
-    generated = (reason + act).clamp(max=1)
+    generated = (reason + act) > 0
+    sel = logits[generated]  # [N, V]
+    r, a = reason[generated], act[generated]  # [N]
+    n_r, n_a = counts if counts is not None else (float(r.sum()), float(a.sum()))
+    parts: dict[str, float] = {}
     if method.loss == "sft":
-        loss = losses.sft_loss(logits, targets, generated)
-        return loss, {"ce": float(loss.detach())}
-    if teacher_logits is None:
-        raise ValueError(f"method {method.loss!r} needs teacher logits")
-    per_token = losses.forward_kl(logits, teacher_logits[:, :-1, :], method.temperature)
-    if method.loss == "token_kd":
-        loss = losses.token_kd_loss(per_token, generated)
-        return loss, {"kl": float(loss.detach())}
-    loss = losses.sad_loss(per_token, reason, act, method.lambda_reason, method.lambda_act, method.normalisation)
-    parts = {
-        "kl_reason": float(losses.masked_mean(per_token.detach(), reason)),
-        "kl_act": float(losses.masked_mean(per_token.detach(), act)),
-    }
+        per_token = losses.token_cross_entropy(sel, targets[generated])
+        loss = losses.masked_mean(per_token, r + a, n_r + n_a)
+        parts["ce"] = float(loss.detach())
+    else:
+        if teacher is None:
+            raise ValueError(f"method {method.loss!r} needs teacher logits (online teacher or the top-k cache)")
+        if isinstance(teacher, tuple):
+            t_logp, t_ids, t_tail = teacher
+            if t_logp.shape[0] != sel.shape[0]:
+                raise ValueError(f"cached teacher targets cover {t_logp.shape[0]} positions, the batch has {sel.shape[0]}")
+            per_token = losses.topk_divergence(sel, t_logp, t_ids, t_tail, method.divergence, method.temperature,
+                                               method.beta, method.alpha)
+        else:
+            t_sel = teacher[:, :-1, :][generated]
+            per_token = losses.logit_divergence(sel, t_sel, method.divergence, method.temperature, method.beta, method.alpha)
+        if method.loss == "token_kd":
+            loss = losses.token_kd_loss(per_token, r + a, n_r + n_a)
+            parts["kd"] = float(loss.detach())
+        else:
+            loss = losses.sad_loss(per_token, r, a, method.lambda_reason, method.lambda_act, method.normalisation,
+                                   counts=(n_r, n_a))
+            parts["d_reason"] = float(losses.masked_mean(per_token.detach(), r))
+            parts["d_act"] = float(losses.masked_mean(per_token.detach(), a))
+    if method.ce_act:
+        ce_act = losses.masked_mean(losses.token_cross_entropy(sel, targets[generated]), a, n_a)
+        loss = loss + method.ce_act * ce_act
+        parts["ce_act"] = float(ce_act.detach())
     return loss, parts
 
 
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, tokens: int, history: list[dict],
+                    fingerprint: str) -> None:
+    """Weights (safetensors) + optimizer/scheduler state + step, written to a temp dir then renamed."""
+    from safetensors.torch import save_model
+
+    from sad.io import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        save_model(model, str(tmp / CHECKPOINT_WEIGHTS))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "tokens": tokens, "fingerprint": fingerprint, "history": json.dumps(history)},
+                   tmp / CHECKPOINT_STATE)
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, fingerprint: str) -> tuple[int, int, list[dict]] | None:
+    """Restore a checkpoint written by :func:`save_checkpoint`; None if absent or for other settings.
+
+    A checkpoint that cannot be read is reported and ignored (training starts over), never half-used.
+    """
+    from safetensors.torch import load_model
+
+    state_file, weights = folder / CHECKPOINT_STATE, folder / CHECKPOINT_WEIGHTS
+    if not (state_file.is_file() and weights.is_file()):
+        return None
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means: start over
+        log.warning("checkpoint %s is unreadable (%s): starting from scratch", folder, exc)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("checkpoint %s was made with other settings or data: starting from scratch", folder)
+        return None
+    try:
+        load_model(model, str(weights))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("checkpoint weights %s are unreadable (%s): starting from scratch", weights, exc)
+        return None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]), int(state["tokens"]), json.loads(state["history"])
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_dev(model, rows: list[dict], method: MethodParams, pad_id: int, device, teacher=None,
+                 batch_size: int = 16) -> dict[str, float]:
+    """Dev-set objective, CE of the teacher's tokens and next-token accuracy on ACT tokens."""
+    was_training = model.training
+    model.eval()
+    totals = {"loss": 0.0, "ce": 0.0, "act_accuracy": 0.0}
+    n_r, n_a = loss_token_counts(rows)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"]).logits
+        t_logits = None
+        if method.needs_teacher and teacher is not None:
+            t_logits = teacher(input_ids=batch["input_ids"]).logits
+        if t_logits is not None or not method.needs_teacher:
+            loss, _ = method_loss(method, logits, batch, t_logits, counts=(n_r, n_a))
+            totals["loss"] += float(loss)
+        shifted, targets, reason, act = losses.shift(logits, batch["input_ids"], batch["reason_mask"], batch["act_mask"])
+        ce = losses.token_cross_entropy(shifted, targets)
+        totals["ce"] += float(losses.masked_mean(ce, (reason + act).clamp(max=1), n_r + n_a))
+        correct = (shifted.argmax(-1) == targets).float()
+        totals["act_accuracy"] += float(losses.masked_mean(correct, act, n_a))
+    model.train(was_training)
+    if method.needs_teacher and teacher is None:
+        totals.pop("loss")
+    return totals
+
+
+# --------------------------------------------------------------------------- loop
 def train_lm(
     model,
     windows: pd.DataFrame,
@@ -97,36 +275,45 @@ def train_lm(
     train: TrainParams,
     pad_id: int,
     teacher=None,
+    cached: CachedTeacher | None = None,
+    dev_windows: pd.DataFrame | None = None,
+    curriculum_order: list[int] | None = None,
+    curriculum: CurriculumParams | None = None,
+    checkpoint_dir: str | Path | None = None,
+    fingerprint: str = "",
     on_log: Callable[[int, dict], None] | None = None,
     log_every: int = 10,
     progress: bool = True,
     desc: str = "train",
+    stop_after: int | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on the window table with ``method``'s objective."""
+    """Train ``model`` in place on the window table with ``method``'s objective.
+
+    Teacher targets come from ``teacher`` (online: a forward pass per batch, no grad) or
+    ``cached`` (top-k cache rows addressed by the windows' ``cache_row`` column).
+    ``curriculum_order`` (positions into ``windows``, easy → hard) switches the curriculum on.
+    ``stop_after`` ends after that many steps (as a crash would; for resume tests).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
     use_gpu = torch.cuda.is_available()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=train.grad_accum,
-        mixed_precision="bf16" if use_gpu else "no",
-        cpu=not use_gpu,
-    )
+    accelerator = Accelerator(mixed_precision="bf16" if use_gpu else "no", cpu=not use_gpu)
     set_seed(train.seed)
-    rows = windows[["input_ids", "reason_mask", "act_mask"]].to_dict("records")
+    columns = ["input_ids", "reason_mask", "act_mask"] + (["cache_row"] if "cache_row" in windows else [])
+    rows = windows[columns].to_dict("records")
     if not rows:
         raise ValueError(f"{desc}: no training windows")
-    lengths = [len(r["input_ids"]) for r in rows]
-    per_step = train.batch_size * train.grad_accum * accelerator.num_processes
-    total_steps = max(1, math.ceil(train.epochs * len(rows) / per_step))
-
-    def batches_forever():
-        epoch = 0
-        while True:
-            for batch in length_grouped_batches(lengths, train.batch_size, train.seed + epoch):
-                yield batch
-            epoch += 1
+    if method.needs_teacher and teacher is None and cached is None:
+        raise ValueError(f"{desc}: method {method.loss!r} needs a teacher (online) or the top-k cache")
+    if cached is not None and "cache_row" not in windows:
+        raise ValueError(f"{desc}: cached teacher targets need a 'cache_row' column in the windows")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    global_batch = train.batch_size * world
+    total_steps = max(1, math.ceil(train.epochs * len(rows) / (global_batch * train.grad_accum)))
+    plan = batch_plan([len(r["input_ids"]) for r in rows], global_batch, total_steps * train.grad_accum, train.seed, world,
+                      curriculum_order, curriculum)
 
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -134,51 +321,86 @@ def train_lm(
         [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=train.lr, betas=(0.9, 0.95),
     )
+    # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(train.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    start_step, tokens, history = 0, 0, []
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None:
+        restored = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint)
+        if restored:
+            start_step, tokens, history = restored
+            log.info("%s: resuming from the checkpoint at step %d of %d", desc, start_step, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     model.train()
 
-    stream = batches_forever()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    history: list[dict] = []
-    tokens = 0
+    dev_rows = dev_windows[["input_ids", "reason_mask", "act_mask"]].to_dict("records") if dev_windows is not None else []
+    dev_metrics: dict[str, float] = {}
     started = time.perf_counter()
-    bar = tqdm(range(total_steps), desc=desc, disable=not (progress and accelerator.is_main_process), unit="step")
+    bar = tqdm(range(start_step, total_steps), desc=desc, disable=not (progress and accelerator.is_main_process),
+               unit="step", initial=start_step, total=total_steps)
     last_loss = float("nan")
     for step in bar:
-        for _ in range(train.grad_accum):
-            # Every process draws the same global batch sequence and takes its own shard.
-            global_batch = [next(stream) for _ in range(world)]
-            batch = collate([rows[i] for i in global_batch[rank]], pad_id)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model), accelerator.autocast():
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                teacher_logits = None
-                if teacher is not None and method.loss != "sft":
-                    with torch.no_grad():
-                        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss, parts = method_loss(method, out.logits, batch, teacher_logits)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum()) * world
-        last_loss = float(loss.detach())
-        if step % log_every == 0 or step == total_steps - 1:
+        micro = plan[step * train.grad_accum:(step + 1) * train.grad_accum]
+        counts = loss_token_counts([rows[i] for b in micro for i in b])
+        counts = (float(counts[0]), float(counts[1]))
+        step_loss = torch.zeros((), device=accelerator.device)
+        parts: dict[str, float] = {}
+        for m, global_indices in enumerate(micro):
+            mine = [rows[i] for i in shard(global_indices, rank, world)]
+            batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
+            sync = m == len(micro) - 1
+            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                out = model(input_ids=batch["input_ids"])
+                targets = None
+                if method.needs_teacher:
+                    if cached is not None:
+                        targets = cached.cache.batch_targets([int(r["cache_row"]) for r in mine], method.temperature)
+                        targets = tuple(t.to(accelerator.device) for t in targets)
+                    else:
+                        with torch.no_grad():
+                            targets = teacher(input_ids=batch["input_ids"]).logits
+                loss, parts = method_loss(method, out.logits, batch, targets, counts=counts)
+                # DDP averages gradients over processes: scale so that they sum instead.
+                accelerator.backward(loss * world)
+            step_loss += loss.detach() * world
+            tokens += sum(len(rows[i]["input_ids"]) for i in global_indices)
+        accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if step % log_every == 0 or done == total_steps:
+            last_loss = float(accelerator.reduce(step_loss, "mean"))
             record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], **parts,
                       "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9)}
             history.append(record)
             bar.set_postfix(loss=f"{last_loss:.3f}")
             if on_log and accelerator.is_main_process:
                 on_log(step, record)
+        if dev_rows and train.eval_every and done % train.eval_every == 0 and done < total_steps:
+            dev_metrics = evaluate_dev(model, dev_rows, method, pad_id, accelerator.device, teacher)
+            if on_log and accelerator.is_main_process:
+                on_log(step, {f"dev_{k}": v for k, v in dev_metrics.items()})
+        if ckpt is not None and train.checkpoint_every and done % train.checkpoint_every == 0 and done < total_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, done, tokens, history, fingerprint)
+        if stop_after is not None and done >= stop_after and done < total_steps:
+            break
     seconds = time.perf_counter() - started
+    if dev_rows:
+        dev_metrics = evaluate_dev(model, dev_rows, method, pad_id, accelerator.device, teacher)
+        if on_log and accelerator.is_main_process:
+            on_log(total_steps, {f"dev_{k}": v for k, v in dev_metrics.items()})
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
-    return TrainResult(steps=total_steps, tokens=tokens, seconds=seconds, final_loss=last_loss, history=history)
+    finished = stop_after is None or stop_after >= total_steps
+    if ckpt is not None and finished and accelerator.is_main_process and ckpt.exists():
+        shutil.rmtree(ckpt, ignore_errors=True)  # the finished model supersedes it
+    return TrainResult(steps=total_steps, tokens=tokens, seconds=seconds, final_loss=last_loss, history=history,
+                       dev=dev_metrics, resumed_from=start_step)

@@ -62,6 +62,11 @@ def segment_trajectories(p: Params) -> dict[str, Any]:
     return stages.run_segment(p)
 
 
+@task(name="cache-teacher-logits", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def cache_teacher_logits(p: Params) -> dict[str, Any]:
+    return stages.run_teacher_logits(p)
+
+
 @task(name="distill-student", cache_policy=NO_CACHE)
 def distill_student(p: Params, method: str, on_log=None) -> dict[str, Any]:
     return stages.run_distill(p, method, on_log=on_log)

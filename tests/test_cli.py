@@ -40,3 +40,26 @@ def test_env_benchmark_prints_reset_time_and_steps_per_second(tmp_path):
     for name, m in out["envs"].items():
         assert m["episodes"] == 10 and m["steps"] >= 10, name
         assert m["steps_per_s"] > 0 and m["reset_ms_mean"] > 0 and m["expert_success_rate"] == 1.0
+
+
+def test_bench_train_reports_every_method_and_the_cache(tmp_path):
+    out = _run("bench", "train", "--steps", "2", "--batch-size", "2", "--max-tokens", "128", "--json",
+               "--params", str(Path(__file__).resolve().parents[1] / "params.yaml"), cwd=tmp_path)
+    assert set(out["tokens_per_s"]) == {"sad", "token_kd", "sft", "sad_online", "token_kd_online"}
+    assert all(v > 0 for v in out["tokens_per_s"].values())
+    assert 0 < out["cache"]["bytes_ratio"] < 0.1 and out["cache"]["build_s"] > 0
+
+
+def test_segment_text_cuts_a_numbered_transcript_and_rejects_a_broken_one(tmp_path):
+    good = tmp_path / "t.txt"
+    good.write_text("Question: q?\nThought 1: look.\nAction 1: Search[x]\nObservation 1: x is y.\n"
+                    "Thought 2: done.\nAction 2: Finish[y]\n")
+    result = subprocess.run([SAD, "segment-text", str(good), "--markers", "hotpotqa", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    kinds = [p["kind"] for p in json.loads(result.stdout)]
+    assert kinds == ["prompt", "reason", "act", "observation", "reason", "act"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Question: q?\nThought 1: look.\nObservation 1: x\n")
+    result = subprocess.run([SAD, "segment-text", str(bad), "--markers", "hotpotqa"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "bad.txt: line 3" in result.stderr and "ACT line" in result.stderr

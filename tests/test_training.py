@@ -43,7 +43,7 @@ def test_each_method_trains_a_student_and_lowers_its_loss(loss, windows, tokeniz
     assert result.steps > 0 and result.tokens > 0
     assert after.item() < before.item()
     if loss == "sad":
-        assert set(parts) == {"kl_reason", "kl_act"}
+        assert set(parts) == {"d_reason", "d_act"}
 
 
 def test_kd_methods_require_teacher_logits(windows, tokenizer, tiny_model_factory):
@@ -61,3 +61,87 @@ def test_training_is_deterministic_for_a_seed(windows, tokenizer, tiny_model_fac
         train_lm(model, windows, MethodParams(loss="sft"), TrainParams(epochs=1, batch_size=4, seed=7), tokenizer.pad_token_id, progress=False)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(runs[0], runs[1])
+
+
+def _weights(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _resume_setup(windows, tiny_model_factory):
+    from sad.config import CurriculumParams
+    from sad.curriculum import easy_to_hard, trajectory_difficulty
+
+    w = windows.reset_index(drop=True)
+    order = easy_to_hard(w, trajectory_difficulty(w, None, 1.0, 1.0, 0.0))
+    train = TrainParams(epochs=2, batch_size=4, lr=1e-2, seed=5, checkpoint_every=2, dev_fraction=0)
+    return w, order, CurriculumParams(), train, tiny_model_factory(hidden=32, seed=1)
+
+
+def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_with_the_same_weights(windows, tokenizer, tiny_model_factory, tmp_path):
+    w, order, cur, train, teacher = _resume_setup(windows, tiny_model_factory)
+    method = MethodParams(loss="sad", lambda_reason=0.5)
+    kwargs = dict(teacher=teacher, curriculum_order=order, curriculum=cur, fingerprint="f1", progress=False)
+    straight = tiny_model_factory(hidden=16, seed=2)
+    full = train_lm(straight, w, method, train, tokenizer.pad_token_id, checkpoint_dir=tmp_path / "a", **kwargs)
+    assert full.steps >= 5 and not (tmp_path / "a").exists()  # the finished model supersedes its checkpoint
+
+    crashed = tiny_model_factory(hidden=16, seed=2)
+    train_lm(crashed, w, method, train, tokenizer.pad_token_id, checkpoint_dir=tmp_path / "b", stop_after=3, **kwargs)
+    assert (tmp_path / "b" / "trainer_state.pt").is_file()  # checkpoint of step 2 survives the crash at step 3
+    resumed_model = tiny_model_factory(hidden=16, seed=2)  # a new process builds a fresh model
+    resumed = train_lm(resumed_model, w, method, train, tokenizer.pad_token_id, checkpoint_dir=tmp_path / "b", **kwargs)
+    assert resumed.resumed_from == 2
+    assert torch.equal(_weights(resumed_model), _weights(straight))
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_ignored_not_half_used(windows, tokenizer, tiny_model_factory, tmp_path, caplog):
+    w, _, _, train, _ = _resume_setup(windows, tiny_model_factory)
+    method = MethodParams(loss="sft")
+    reference = tiny_model_factory(hidden=16, seed=2)
+    train_lm(reference, w, method, train, tokenizer.pad_token_id, progress=False)
+
+    ckpt = tmp_path / "ckpt"
+    train_lm(tiny_model_factory(hidden=16, seed=2), w, method, train, tokenizer.pad_token_id, checkpoint_dir=ckpt,
+             fingerprint="f1", stop_after=3, progress=False)
+    (ckpt / "trainer_state.pt").write_bytes(b"truncated garbage")
+    model = tiny_model_factory(hidden=16, seed=2)
+    result = train_lm(model, w, method, train, tokenizer.pad_token_id, checkpoint_dir=ckpt, fingerprint="f1", progress=False)
+    assert result.resumed_from == 0 and "unreadable" in caplog.text
+    assert torch.equal(_weights(model), _weights(reference))
+
+    train_lm(tiny_model_factory(hidden=16, seed=2), w, method, train, tokenizer.pad_token_id, checkpoint_dir=ckpt,
+             fingerprint="f1", stop_after=3, progress=False)
+    other = train_lm(tiny_model_factory(hidden=16, seed=2), w, method, train, tokenizer.pad_token_id, checkpoint_dir=ckpt,
+                     fingerprint="other-settings", progress=False)
+    assert other.resumed_from == 0 and "other settings" in caplog.text
+
+
+def test_dev_split_holds_out_whole_episodes_and_dev_metrics_are_reported(windows, tokenizer, tiny_model_factory):
+    from sad.training import split_dev
+
+    train_w, dev_w = split_dev(windows, 0.3, seed=0)
+    assert len(dev_w) > 0 and set(train_w["episode_id"]).isdisjoint(dev_w["episode_id"])
+    assert len(train_w) + len(dev_w) == len(windows)
+    result = train_lm(tiny_model_factory(hidden=16), train_w, MethodParams(loss="sft"),
+                      TrainParams(epochs=1, batch_size=4, eval_every=1), tokenizer.pad_token_id, dev_windows=dev_w,
+                      progress=False)
+    assert set(result.dev) == {"loss", "ce", "act_accuracy"} and 0 <= result.dev["act_accuracy"] <= 1
+
+
+def test_shards_split_a_global_batch_without_loss_or_overlap():
+    from sad.training import shard
+
+    batch = list(range(7))
+    parts = [shard(batch, r, 3) for r in range(3)]
+    assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def test_right_padding_leaves_real_positions_unchanged_without_a_mask(tiny_model_factory):
+    model = tiny_model_factory(hidden=16)
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "reason_mask": [0] * 5, "act_mask": [0] * 5},
+            {"input_ids": [5, 6], "reason_mask": [0] * 2, "act_mask": [0] * 2}]
+    batch = collate(rows, pad_id=0)
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"]).logits
+        alone = model(input_ids=torch.tensor([[5, 6]])).logits
+    assert torch.allclose(padded[1, :2], alone[0], atol=1e-5)

@@ -1,0 +1,79 @@
+"""Curriculum: order trajectories easy → hard and pace how fast the hard ones come in.
+
+Difficulty of a trajectory τ (the paper's form, with the weights as parameters)::
+
+    C(τ) = α · len_reason(τ) + β · len_act(τ) + γ · H̄_T(τ)
+
+with lengths in tokens that carry the loss, and H̄_T the teacher's mean next-token entropy
+(nats) over those tokens. Every window of an episode gets its episode's difficulty.
+
+Pacing (competence-based, Platanios et al. 2019): at training progress ``f`` ∈ [0, 1] the
+sampler draws batches from the easiest ``c(f)`` share of windows, with ``c(0) = start`` and
+``c(f) = 1`` from ``f = ramp`` on; ``linear`` and ``sqrt`` grow continuously, ``step`` adds
+the data in four equal stages. After the ramp, batches come from all data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Literal
+
+import pandas as pd
+
+Pacing = Literal["linear", "sqrt", "step"]
+
+
+def trajectory_difficulty(windows: pd.DataFrame, entropy: pd.Series | None, alpha: float, beta: float,
+                          gamma: float) -> pd.Series:
+    """C(τ) per episode_id.
+
+    windows: the window table (episode_id, reason_mask, act_mask); entropy: per window row
+    (same index), the teacher's summed entropy over the window's generated tokens (or None
+    when γ = 0).
+    """
+    reason = windows["reason_mask"].map(sum)
+    act = windows["act_mask"].map(sum)
+    frame = pd.DataFrame({"episode_id": windows["episode_id"], "reason": reason, "act": act})
+    if gamma:
+        if entropy is None:
+            raise ValueError("curriculum gamma > 0 needs the teacher's token entropies (the teacher_logits stage)")
+        frame["entropy_sum"] = entropy.values
+    else:
+        frame["entropy_sum"] = 0.0
+    per_episode = frame.groupby("episode_id", sort=False).sum()
+    generated = (per_episode["reason"] + per_episode["act"]).clip(lower=1)
+    mean_entropy = per_episode["entropy_sum"] / generated
+    return alpha * per_episode["reason"] + beta * per_episode["act"] + gamma * mean_entropy
+
+
+def competence(progress: float, pacing: Pacing, start: float, ramp: float) -> float:
+    """Share of the (sorted) data available at training progress ``progress`` ∈ [0, 1]."""
+    f = min(1.0, max(0.0, progress) / ramp) if ramp > 0 else 1.0
+    if pacing == "linear":
+        return start + (1.0 - start) * f
+    if pacing == "sqrt":
+        return math.sqrt(start * start + (1.0 - start * start) * f)
+    if pacing == "step":
+        return start + (1.0 - start) * math.floor(f * 4) / 4
+    raise ValueError(f"unknown pacing {pacing!r}; use linear, sqrt or step")
+
+
+def easy_to_hard(windows: pd.DataFrame, difficulty: pd.Series) -> list[int]:
+    """Window row positions sorted by their episode's difficulty (ties: table order)."""
+    keyed = windows["episode_id"].map(difficulty).tolist()
+    return sorted(range(len(windows)), key=lambda i: (keyed[i], i))
+
+
+def curriculum_batches(order: list[int], total_batches: int, batch_size: int, seed: int, pacing: Pacing,
+                       start: float, ramp: float) -> list[list[int]]:
+    """``total_batches`` batches of window positions, each drawn without replacement from the
+    easiest ``c(progress)`` share of ``order`` (at least one batch's worth)."""
+    rng = random.Random(seed)
+    n = len(order)
+    out = []
+    for b in range(total_batches):
+        progress = b / max(1, total_batches - 1)
+        pool = max(min(n, batch_size), math.ceil(competence(progress, pacing, start, ramp) * n))
+        out.append(rng.sample(order[:pool], min(batch_size, pool)))
+    return out

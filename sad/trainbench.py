@@ -1,0 +1,160 @@
+"""Training benchmark: tokens/s per method and the top-k teacher cache against online teacher logits.
+
+All figures come from one run on the same synthetic windows (shaped like the pipeline's: a
+prompt, then REASON/ACT/observation spans, lengths up to ``context.max_tokens``) and the
+params' teacher and student sizes. Each configuration runs in a fresh subprocess so that its
+peak memory (``ru_maxrss``) is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def synthetic_windows(n: int, vocab: int, max_tokens: int, seed: int = 0) -> pd.DataFrame:
+    """Windows of 40-100% of ``max_tokens`` tokens: a prompt, then steps of REASON (~20 tokens),
+    ACT (~8) and observation (~30) pieces; masks on REASON/ACT."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        length = rng.randint(int(0.4 * max_tokens), max_tokens)
+        reason, act = [0] * length, [0] * length
+        pos = rng.randint(40, 120)
+        while pos < length:
+            for mask, size in ((reason, rng.randint(10, 30)), (act, rng.randint(4, 12)), (None, rng.randint(15, 45))):
+                end = min(length, pos + size)
+                if mask is not None:
+                    mask[pos:end] = [1] * (end - pos)
+                pos = end
+        rows.append({"episode_id": f"ep{i}", "window": 0, "input_ids": [rng.randrange(4, vocab) for _ in range(length)],
+                     "reason_mask": reason, "act_mask": act})
+    return pd.DataFrame(rows)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _tokenizer_stub(vocab: int):
+    class _Tok:  # build_llama only needs the special ids and the size
+        pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+        def __len__(self) -> int:
+            return vocab
+
+    return _Tok()
+
+
+def run_config(config: dict[str, Any]) -> dict[str, Any]:
+    """One measurement in this process: build the top-k cache (``mode: build``) into
+    ``cache_dir``, or train ``steps`` steps of one method against the online teacher or the cache."""
+    import torch
+
+    from sad.config import ArchParams, MethodParams, TrainParams
+    from sad.modeling import build_llama
+    from sad.teacher_cache import build_topk_cache, load_cache, save_cache
+    from sad.training import CachedTeacher, train_lm
+
+    torch.manual_seed(0)
+    tok = _tokenizer_stub(config["vocab"])
+    windows = synthetic_windows(config["windows"], config["vocab"], config["max_tokens"])
+    windows["cache_row"] = range(len(windows))
+    base_rss = _rss_mb()
+    out: dict[str, Any] = {}
+    if config["mode"] == "build":
+        teacher = build_llama(ArchParams(**config["teacher"]), tok, config["max_tokens"], seed=1)
+        started = time.perf_counter()
+        cache = build_topk_cache(teacher, windows, config["top_k"], [1.0], 0, "bench", progress=False)
+        out["build_s"] = time.perf_counter() - started
+        save_cache(cache, windows, config["cache_dir"])
+        out.update({"cache_bytes": cache.nbytes, "full_logits_bytes": cache.full_logits_bytes(),
+                    "positions": int(cache.offsets[-1]), "peak_rss_mb": _rss_mb()})
+        return out
+    teacher, cached = None, None
+    if config["needs_teacher"] and config["mode"] == "online":
+        teacher = build_llama(ArchParams(**config["teacher"]), tok, config["max_tokens"], seed=1)
+    if config["needs_teacher"] and config["mode"] == "cached":
+        cached = CachedTeacher(load_cache(config["cache_dir"], "bench"))
+    student = build_llama(ArchParams(**config["student"]), tok, config["max_tokens"], seed=2)
+    train = TrainParams(epochs=1, batch_size=config["batch_size"], lr=1e-3, dev_fraction=0)
+    result = train_lm(student, windows, MethodParams(**config["method"]), train, 0, teacher=teacher,
+                      cached=cached, progress=False, log_every=10**9)
+    out.update({"train_s": result.seconds, "tokens": result.tokens, "tokens_per_s": result.tokens_per_second,
+                "steps": result.steps, "peak_rss_mb": _rss_mb(), "rss_over_baseline_mb": _rss_mb() - base_rss})
+    return out
+
+
+def _in_subprocess(config: dict[str, Any]) -> dict[str, Any]:
+    code = "import json,sys; from sad.trainbench import run_config; print(json.dumps(run_config(json.loads(sys.argv[1]))))"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark configuration {config['name']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int | None = None,
+                       progress=None) -> dict[str, Any]:
+    """Tokens/s of sad, token_kd and sft, and the cache against online teacher logits (one run).
+
+    Every training configuration makes one pass over the same ``steps * batch_size`` windows.
+    """
+    import tempfile
+
+    epochs = p.distill.train.epochs
+    with tempfile.TemporaryDirectory(prefix="sad-trainbench-") as tmp:
+        common = {
+            "vocab": p.tokenizer.vocab_size, "max_tokens": max_tokens or p.context.max_tokens,
+            "teacher": p.teacher.arch.model_dump(), "student": p.distill.student.model_dump(),
+            "top_k": p.distill.teacher_logits.top_k, "steps": steps, "batch_size": batch_size,
+            "windows": steps * batch_size, "cache_dir": str(Path(tmp) / "cache"),
+        }
+        configs = [
+            {"name": "cache_build", "mode": "build", "needs_teacher": True},
+            {"name": "sad_cached", "method": {"loss": "sad"}, "mode": "cached", "needs_teacher": True},
+            {"name": "token_kd_cached", "method": {"loss": "token_kd"}, "mode": "cached", "needs_teacher": True},
+            {"name": "sft", "method": {"loss": "sft"}, "mode": "online", "needs_teacher": False},
+            {"name": "sad_online", "method": {"loss": "sad"}, "mode": "online", "needs_teacher": True},
+            {"name": "token_kd_online", "method": {"loss": "token_kd"}, "mode": "online", "needs_teacher": True},
+        ]
+        runs = {}
+        for c in configs:
+            if progress:
+                progress(c["name"])
+            runs[c["name"]] = _in_subprocess({**common, **c})
+    build, sad_c, kd_c, sft, sad_o, kd_o = (runs[c["name"]] for c in configs)
+    # The three-method sweep (sad, token_kd, sft), one pass each, then projected to distill.train.epochs:
+    # online, both KD methods run the teacher at every step; cached, one build serves both.
+    one_pass_online = sad_o["train_s"] + kd_o["train_s"] + sft["train_s"]
+    one_pass_cached = build["build_s"] + sad_c["train_s"] + kd_c["train_s"] + sft["train_s"]
+    proj_online = epochs * one_pass_online
+    proj_cached = build["build_s"] + epochs * (sad_c["train_s"] + kd_c["train_s"] + sft["train_s"])
+    return {
+        "setup": {**{k: v for k, v in common.items() if k not in ("teacher", "student", "cache_dir")},
+                  "teacher_arch": common["teacher"], "student_arch": common["student"], "epochs": epochs,
+                  "data": "synthetic windows shaped like the pipeline's (prompt, REASON/ACT/observation spans)",
+                  "threads": __import__("torch").get_num_threads()},
+        "runs": runs,
+        "tokens_per_s": {"sad": sad_c["tokens_per_s"], "token_kd": kd_c["tokens_per_s"], "sft": sft["tokens_per_s"],
+                         "sad_online": sad_o["tokens_per_s"], "token_kd_online": kd_o["tokens_per_s"]},
+        "sad_overhead_vs_token_kd": kd_c["tokens_per_s"] / sad_c["tokens_per_s"] - 1.0,
+        "cache": {
+            "bytes": build["cache_bytes"], "full_logits_bytes": build["full_logits_bytes"],
+            "bytes_ratio": build["cache_bytes"] / build["full_logits_bytes"],
+            "build_s": build["build_s"],
+            "kd_step_speedup_vs_online": sad_c["tokens_per_s"] / sad_o["tokens_per_s"],
+            "sweep_one_pass_online_s": one_pass_online, "sweep_one_pass_cached_s": one_pass_cached,
+            "sweep_one_pass_time_saved": 1.0 - one_pass_cached / one_pass_online,
+            f"sweep_{epochs:g}_epochs_time_saved_projected": 1.0 - proj_cached / proj_online,
+            "peak_rss_mb": {"train_online": sad_o["peak_rss_mb"], "train_cached": sad_c["peak_rss_mb"],
+                            "cache_build": build["peak_rss_mb"], "train_sft": sft["peak_rss_mb"]},
+        },
+    }

@@ -1,0 +1,44 @@
+"""Two CPU processes (gloo) take the same steps as one process on the same global batch."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "ddp_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str]) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    one = _run([sys.executable, str(WORKER), "--batch-size", "4", "--out", str(tmp_path / "one.safetensors")])
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port()), str(WORKER), "--batch-size", "2", "--out", str(tmp_path / "two.safetensors")])
+    assert "processes=1" in one
+    assert "processes=2 backend=gloo" in two
+    # same number of steps and tokens seen, same final loss to float precision
+    assert re.search(r"steps=(\d+) tokens=(\d+)", one).groups() == re.search(r"steps=(\d+) tokens=(\d+)", two).groups()
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), f"{key}: max diff {(a[key] - b[key]).abs().max()}"
+    loss_one = float(re.search(r"loss=([\d.]+)", one).group(1))
+    loss_two = float(re.search(r"loss=([\d.]+)", two).group(1))
+    assert abs(loss_one - loss_two) < 1e-4

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from sad import losses
+from sad.config import MethodParams
+from sad.segment import segment_episodes
+from sad.teacher_cache import StaleCacheError, build_topk_cache, generated_positions, load_cache, save_cache
+from sad.training import collate, method_loss
+
+
+@pytest.fixture(scope="module")
+def windows(demos, tokenizer):
+    return segment_episodes(demos[:4], tokenizer, 512).windows.reset_index(drop=True)
+
+
+def test_cache_round_trips_and_matches_online_teacher_at_full_k(windows, tokenizer, tiny_model_factory, tmp_path):
+    teacher = tiny_model_factory(hidden=32, seed=5)
+    vocab = teacher.config.vocab_size
+    cache = build_topk_cache(teacher, windows, top_k=vocab, temperatures=[1.0, 2.0], pad_id=tokenizer.pad_token_id,
+                             windows_hash="abc", progress=False)
+    save_cache(cache, windows, tmp_path / "cache")
+    loaded = load_cache(tmp_path / "cache", "abc")
+    assert torch.equal(loaded.indices, cache.indices) and torch.equal(loaded.offsets, cache.offsets)
+    n_positions = sum(len(generated_positions(r, a)) for r, a in zip(windows["reason_mask"], windows["act_mask"]))
+    assert int(loaded.offsets[-1]) == n_positions
+    # with k = V the cached objective equals the online one (up to the cache's float16)
+    student = tiny_model_factory(hidden=16, seed=6)
+    rows = list(range(3))
+    batch = collate(windows.iloc[rows][["input_ids", "reason_mask", "act_mask"]].to_dict("records"), tokenizer.pad_token_id)
+    with torch.no_grad():
+        s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for temperature in (1.0, 2.0):
+        method = MethodParams(loss="sad", temperature=temperature)
+        online, _ = method_loss(method, s_logits, batch, t_logits)
+        cached, _ = method_loss(method, s_logits, batch, loaded.batch_targets(rows, temperature))
+        assert cached.item() == pytest.approx(online.item(), rel=2e-3)
+
+
+def test_small_k_cache_is_a_few_percent_of_full_logits(windows, tokenizer, tiny_model_factory):
+    teacher = tiny_model_factory(hidden=32, seed=5)
+    cache = build_topk_cache(teacher, windows, top_k=8, temperatures=[1.0], pad_id=tokenizer.pad_token_id,
+                             windows_hash="abc", progress=False)
+    assert cache.indices.dtype == torch.int16 and cache.logp["logp@1"].dtype == torch.float16
+    # per position: 8 int16 ids + 8 float16 log-probs + one float32 tail, against V float32 logits
+    assert cache.nbytes / cache.full_logits_bytes() == pytest.approx((8 * 2 + 8 * 2 + 4) / (teacher.config.vocab_size * 4))
+    assert (cache.entropy_sum > 0).all()
+
+
+def test_stale_or_missing_cache_is_refused(windows, tokenizer, tiny_model_factory, tmp_path):
+    with pytest.raises(FileNotFoundError, match="teacher_logits"):
+        load_cache(tmp_path / "nowhere")
+    cache = build_topk_cache(tiny_model_factory(seed=5), windows, 4, [1.0], tokenizer.pad_token_id, "old", progress=False)
+    save_cache(cache, windows, tmp_path / "c")
+    with pytest.raises(StaleCacheError, match="rerun the teacher_logits stage"):
+        load_cache(tmp_path / "c", "new")
+    with pytest.raises(StaleCacheError, match="temperature 3"):
+        cache.batch_targets([0], 3.0)
+
+
+def test_mismatched_cache_rows_are_an_error(windows, tokenizer, tiny_model_factory):
+    cache = build_topk_cache(tiny_model_factory(seed=5), windows, 4, [1.0], tokenizer.pad_token_id, "h", progress=False)
+    batch = collate(windows.iloc[[0]][["input_ids", "reason_mask", "act_mask"]].to_dict("records"), tokenizer.pad_token_id)
+    logits = tiny_model_factory(seed=6)(input_ids=batch["input_ids"]).logits
+    with pytest.raises(ValueError, match="cover"):
+        method_loss(MethodParams(loss="token_kd"), logits, batch, cache.batch_targets([1], 1.0))
