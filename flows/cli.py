@@ -54,6 +54,7 @@ class Stage(str, Enum):
     teacher_logits = "teacher_logits"
     distill = "distill"
     evaluate = "evaluate"
+    scale = "scale"
     register = "register"
     report = "report"
 
@@ -100,6 +101,7 @@ def stage(
     name: Stage = typer.Argument(..., help="the stage to run"),
     method: Optional[str] = typer.Option(None, help="distill: the method (a key of distill.methods)"),
     agent: Optional[str] = typer.Option(None, help="evaluate: 'teacher' or a method name"),
+    size: Optional[str] = typer.Option(None, help="scale: a key of distill.scaling.sizes"),
     params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
 ) -> None:
     """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
@@ -112,6 +114,8 @@ def stage(
         _fail("the distill stage needs --method (one of: " + ", ".join(p.distill.methods) + ")")
     if name is Stage.evaluate and not agent:
         _fail("the evaluate stage needs --agent ('teacher' or a method)")
+    if name is Stage.scale and not size:
+        _fail("the scale stage needs --size (one of: " + ", ".join(p.distill.scaling.sizes) + ")")
     runners = {
         Stage.tasks: lambda: f.tasks_flow(path),
         Stage.demos: lambda: f.demos_flow_for(p)(path),
@@ -122,6 +126,7 @@ def stage(
         Stage.teacher_logits: lambda: f.teacher_logits_flow(path),
         Stage.distill: lambda: f.distill_flow(method, path),
         Stage.evaluate: lambda: f.evaluate_flow(agent, path),
+        Stage.scale: lambda: f.scale_flow(size, path),
         Stage.register: lambda: f.register_flow(path),
         Stage.report: lambda: f.report_flow(path),
     }
@@ -328,6 +333,27 @@ def bench_train(
     p = _load_params(params)
     result = benchmark_training(p, steps=steps, batch_size=batch_size, max_tokens=max_tokens,
                                 progress=lambda name: log.info("benchmark: %s", name))
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+@bench_app.command("eval")
+def bench_eval(
+    per_env: int = typer.Option(8, help="generated test tasks per environment"),
+    batch_size: int = typer.Option(16, help="episodes in flight in the batched run"),
+    max_steps: int = typer.Option(5, help="step cap per episode (keeps the one-at-a-time run short)"),
+    model: Path = typer.Option(Path("models/teacher"), help="model folder (an untrained one of the teacher's size if absent)"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Evaluation episodes/s: batched on the KV cache against one episode at a time (same tasks, same model)."""
+    import platform
+
+    from sad.evalbench import benchmark_evaluation
+
+    _setup_logging()
+    p = _load_params(params)
+    result = benchmark_evaluation(p, model, per_env, batch_size, max_steps)
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 

@@ -125,7 +125,25 @@ def evaluate_flow(agent: str, params_path: str = "params.yaml") -> dict[str, Any
         results = t.evaluate_agent(p, agent)
         for split, r in results["splits"].items():
             log_metrics(r["overall"], prefix=f"{split}/")
+        if "agreement" in results:
+            log_metrics({k: results["agreement"][k] for k in ("cot_match_rate", "action_agreement")}, prefix="test/")
     return results
+
+
+@flow(name="scale", log_prints=False)
+def scale_flow(size: str, params_path: str = "params.yaml") -> dict[str, Any]:
+    """One point of the student-size sweep: train distill.scaling.method at this size, evaluate on test."""
+    p = load_params(params_path)
+    if size not in p.distill.scaling.sizes:
+        raise ValueError(f"unknown size {size!r}; distill.scaling.sizes has {sorted(p.distill.scaling.sizes)}")
+    logged = {"scaling": {"method": p.distill.scaling.method, "size": size,
+                          "arch": p.distill.scaling.sizes[size].model_dump()}}
+
+    def work(run) -> dict[str, Any]:
+        out = t.scale_student(p, size)
+        return {"parameters": out["parameters"], "test_success_rate": out["splits"]["test"]["overall"]["success_rate"]}
+
+    return _tracked(p, f"scale@{size}", logged, work, tags={"sad.size": size})
 
 
 @flow(name="register", log_prints=False)
@@ -143,8 +161,13 @@ def report_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
     with stage_run(p.tracking, "report"):
         summary = t.write_report(p)
-        log_metrics(summary, prefix="test_success/")
-        for name in ("results.md", "success.png"):
+        log_metrics(summary["test_success"], prefix="test_success/")
+        diff = summary["sad_vs_token_kd"].get("difference")
+        if diff:
+            log_metrics({"mean": diff["mean"], "ci_low": diff["low"], "ci_high": diff["high"]}, prefix="sad_minus_token_kd/")
+        from sad.report import PLOTS
+
+        for name in ("results.md", *PLOTS):
             mlflow.log_artifact(str(p.path("reports", name)))
     return summary
 

@@ -218,9 +218,20 @@ def _default_methods() -> dict[str, MethodParams]:
     }
 
 
+class ScalingParams(_Strict):
+    method: str = Field("sad", description="the method trained at every size (a key of distill.methods)")
+    sizes: dict[str, ArchParams] = Field(default_factory=lambda: {
+        "xs": ArchParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=96),
+        "m": ArchParams(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384)}, description="extra student sizes; the main "
+                                                                         "student (distill.student) is one more point")
+
+
 class DistillParams(_Strict):
     student: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256))
     train: TrainParams = Field(default_factory=TrainParams)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="one student per method and seed "
+                                                                             "(the seed of init, batches and curriculum)")
+    scaling: ScalingParams = Field(default_factory=ScalingParams)
     curriculum: CurriculumParams = Field(default_factory=CurriculumParams)
     teacher_logits: TeacherLogitsParams = Field(default_factory=TeacherLogitsParams)
     methods: dict[str, MethodParams] = Field(default_factory=_default_methods)
@@ -229,10 +240,16 @@ class DistillParams(_Strict):
     def _method_names(self) -> "DistillParams":
         import re
 
-        bad = [m for m in self.methods if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", m) or m == "teacher"]
+        bad = [m for m in [*self.methods, *self.scaling.sizes] if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", m) or m == "teacher"]
         if bad:
-            raise ValueError(f"method names must be lower-case identifiers other than 'teacher' "
+            raise ValueError(f"method and size names must be lower-case identifiers other than 'teacher' "
                              f"(they name folders and DVC stages): {bad}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
+        if not self.scaling.sizes:
+            raise ValueError("scaling.sizes needs at least one extra student size (the sweep is a pipeline stage)")
+        if self.scaling.method not in self.methods:
+            raise ValueError(f"scaling.method {self.scaling.method!r} is not a key of distill.methods {sorted(self.methods)}")
         return self
 
     def temperatures(self) -> list[float]:
@@ -243,6 +260,11 @@ class DistillParams(_Strict):
 class EvaluateParams(_Strict):
     splits: list[Literal["dev", "test"]] = Field(default_factory=lambda: ["dev", "test"])
     batch_size: int = Field(32, ge=1)
+    cot_threshold: float = Field(0.5, gt=0, le=1, description="CoT match: ROUGE-L F1 of a thought vs the teacher's >= this")
+    agreement_steps: int = Field(300, ge=0, description="teacher test steps sampled for CoT match / action "
+                                                        "agreement (0 = all)")
+    bootstrap: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for confidence intervals")
+    confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
 class RegisterParams(_Strict):

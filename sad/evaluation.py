@@ -26,10 +26,15 @@ def load_agent(model_dir: Path, params: Params, temperature: float | None = None
 
 
 def evaluate_agent(
-    model_dir: Path, agent_name: str, params: Params, tasks_root: Path, progress: bool = True
+    model_dir: Path, agent_name: str, params: Params, tasks_root: Path, progress: bool = True,
+    agent: LMAgent | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Episode]]]:
-    """Play every environment's dev/test tasks; returns (metrics, episodes per split)."""
-    agent = load_agent(model_dir, params)
+    """Play every environment's dev/test tasks; returns (metrics, episodes per split).
+
+    Per split: ``overall`` and per-``envs`` summaries, success ``by_task_type``, and
+    ``per_task`` success (1.0/0.0 per env, in task order) for confidence intervals.
+    """
+    agent = agent or load_agent(model_dir, params)
     card = read_card(model_dir)
     results: dict[str, Any] = {
         "agent": agent_name,
@@ -51,6 +56,72 @@ def evaluate_agent(
             "overall": overall,
             "envs": {env: summarize([e for e in episodes if e.env == env], agent.tokenizer) for env in params.tasks.envs},
             "by_task_type": success_by(episodes, "task_type"),
+            "per_task": {env: [1.0 if e.success else 0.0 for e in episodes if e.env == env] for env in params.tasks.envs},
         }
         log.info("%s on %s: success %.3f over %d episodes", agent_name, split, overall["success_rate"], len(episodes))
     return results, episodes_by_split
+
+
+def teacher_forced_agreement(
+    agent: LMAgent,
+    teacher_episodes: list[Episode],
+    max_tokens: int,
+    history_steps: int,
+    threshold: float,
+    batch_size: int,
+    max_items: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """CoT match and action agreement, teacher-forced on the teacher's trajectories.
+
+    At every step of the teacher's episodes the agent sees exactly the context it would see at
+    play time (prompt + latest ``history_steps`` teacher steps) and generates one block:
+
+    * CoT match - the share of steps whose thought has ROUGE-L F1 >= ``threshold`` against the
+      teacher's thought at that step;
+    * action agreement - the share of steps whose action equals the teacher's (case and
+      whitespace aside).
+
+    ``max_items`` > 0 evaluates a seeded sample of that many steps (the same steps for every
+    agent). Returns the rates overall and per env, and the per-step outcomes.
+    """
+    import random
+
+    from tqdm.auto import tqdm
+
+    from sad.agent import fit_context
+    from sad.metrics import action_agrees, cot_match
+    from sad.react import parse_output, step_pieces
+
+    tok = agent.tokenizer
+    budget = max_tokens - agent.max_new_tokens
+    items = []
+    for ep in teacher_episodes:
+        prompt_ids = tok.encode(ep.prompt)
+        step_ids: list[list[int]] = []
+        for i, step in enumerate(ep.steps):
+            history = step_ids[-history_steps:] if history_steps else step_ids
+            items.append({"env": ep.env, "task_id": ep.task_id, "step": i, "thought": step.thought,
+                          "action": step.action, "context": fit_context(prompt_ids, history, budget)})
+            step_ids.append(tok.encode("".join(text for _, text in step_pieces(step))))
+    if max_items and len(items) > max_items:
+        keep = sorted(random.Random(seed).sample(range(len(items)), max_items))
+        items = [items[i] for i in keep]
+    outcomes = []
+    for start in tqdm(range(0, len(items), batch_size), desc="teacher-forced", disable=not progress, unit="batch"):
+        chunk = items[start:start + batch_size]
+        for item, gen in zip(chunk, agent.generate([it["context"] for it in chunk])):
+            parsed = parse_output(gen.text)
+            outcomes.append({"env": item["env"], "task_id": item["task_id"], "step": item["step"],
+                             "cot_match": cot_match(parsed.thought, item["thought"], threshold),
+                             "action_agrees": action_agrees(parsed.action, item["action"])})
+
+    def rates(rows: list[dict]) -> dict[str, float]:
+        n = max(len(rows), 1)
+        return {"cot_match_rate": sum(r["cot_match"] for r in rows) / n,
+                "action_agreement": sum(r["action_agrees"] for r in rows) / n, "steps": float(len(rows))}
+
+    envs = sorted({o["env"] for o in outcomes})
+    return {**rates(outcomes), "threshold": threshold,
+            "envs": {env: rates([o for o in outcomes if o["env"] == env]) for env in envs}, "outcomes": outcomes}

@@ -1,11 +1,51 @@
-"""Episode metrics: success, steps, reasoning length, invalid actions, latency."""
+"""Episode metrics: success, steps, reasoning length, invalid actions, latency; CoT match and
+action agreement against the teacher."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from statistics import mean
 
+from rapidfuzz.distance import LCSseq
+
 from sad.react import Episode
+
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge_score's default tokenisation: lower-case, runs of [a-z0-9]."""
+    return _ROUGE_TOKEN.findall(text.lower())
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 of two texts: the longest common subsequence of their words (0 if either is empty)."""
+    p, r = rouge_tokens(prediction), rouge_tokens(reference)
+    if not p or not r:
+        return 0.0
+    lcs = LCSseq.similarity(p, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def normalize_action(action: str) -> str:
+    """Actions compare case- and whitespace-insensitively."""
+    return " ".join(action.lower().split())
+
+
+def cot_match(prediction: str, reference: str, threshold: float) -> bool:
+    """CoT match: ROUGE-L F1 of the student's thought against the teacher's is at least ``threshold``."""
+    return rouge_l(prediction, reference) >= threshold
+
+
+def action_agrees(prediction: str, reference: str) -> bool:
+    """Action agreement: the same non-empty action after :func:`normalize_action` (no action parsed
+    never agrees, not even with a teacher that parsed none)."""
+    p = normalize_action(prediction)
+    return bool(p) and p == normalize_action(reference)
 
 
 def _safe_mean(values: list[float]) -> float:

@@ -1,60 +1,155 @@
-"""The comparison report: one row per agent, a markdown table and a success plot."""
+"""The results report in the paper's layout: tables with 95% confidence intervals, SAD against
+token-KD as a paired comparison, the scaling sweep, and PNG plots.
+
+Inputs are the evaluate stage's JSON per agent (``metrics/eval/<agent>.json``: per-seed,
+per-task success), the scaling stage's JSON per size and the distill stage's loss curves.
+"""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
+from sad.stats import Interval, bootstrap_ci, paired_comparison
+
 AGENT_ORDER = ("teacher", "sft", "token_kd", "sad")
+ENV_SCORE = {"hotpotqa": ("f1", "F1"), "webshop": ("avg_reward", "score")}
 
 
-def _order(agents: list[str]) -> list[str]:
+def order_agents(agents: list[str]) -> list[str]:
     known = [a for a in AGENT_ORDER if a in agents]
     return known + sorted(a for a in agents if a not in AGENT_ORDER)
 
 
-def env_cell(env: str, m: dict[str, float] | None) -> str:
-    """Success rate (episodes), plus the benchmark's own score: HotPotQA F1, WebShop mean reward."""
-    if not m:
-        return "-"
-    cell = f"{100 * m['success_rate']:.1f}% ({int(m['episodes'])})"
-    if "f1" in m:
-        cell += f", F1 {m['f1']:.2f}"
-    elif env == "webshop":
-        cell += f", score {m.get('avg_reward', 0.0):.2f}"
-    return cell
+def envs_of(results: dict[str, dict[str, Any]], split: str = "test") -> list[str]:
+    return sorted({env for r in results.values() for env in r["splits"].get(split, {}).get("envs", {})})
 
 
-def results_table(results: dict[str, dict[str, Any]], split: str = "test") -> str:
-    """Markdown table from ``{agent: evaluation metrics}`` (the evaluate stage's JSON)."""
-    agents = _order(list(results))
-    envs = sorted({env for r in results.values() for env in r["splits"].get(split, {}).get("envs", {})})
-    teacher_params = results.get("teacher", {}).get("parameters")
-    header = ["agent", "method", "params", "compression"]
-    header += [{"hotpotqa": "hotpotqa EM", "webshop": "webshop success"}.get(env, f"{env} success") for env in envs]
-    header += ["avg steps", "reasoning tokens / episode", "tokens / thought", "invalid actions", "latency / step (s)"]
+def success_matrix(result: dict[str, Any], split: str, env: str | None = None) -> list[list[float]]:
+    """[seeds][tasks] success of one agent (all envs concatenated when ``env`` is None)."""
+    rows = []
+    for seed_result in result["seeds"].values():
+        per_task = seed_result["splits"][split]["per_task"]
+        rows.append(list(per_task[env]) if env else [v for e in sorted(per_task) for v in per_task[e]])
+    return rows
+
+
+def success_interval(result: dict[str, Any], split: str, env: str | None, n_boot: int, confidence: float) -> Interval | None:
+    rows = success_matrix(result, split, env)
+    if not rows or not rows[0]:
+        return None
+    return bootstrap_ci(rows, n_boot, confidence)
+
+
+def success_table(results: dict[str, dict[str, Any]], split: str, n_boot: int, confidence: float) -> str:
+    """Rows: agents; columns: success per env (and overall) with CIs, + each benchmark's own score."""
+    envs = envs_of(results, split)
+    header = ["agent", "seeds", *[f"{env} success %" for env in envs], "all envs success %"]
+    header += [f"{env} {label}" for env, (_, label) in ENV_SCORE.items() if env in envs]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for agent in agents:
+    for agent in order_agents(list(results)):
         r = results[agent]
-        overall = r["splits"].get(split, {}).get("overall", {})
+        row = [agent, str(len(r["seeds"]))]
+        for env in [*envs, None]:
+            ci = success_interval(r, split, env, n_boot, confidence)
+            row.append(ci.fmt() if ci else "-")
+        for env, (key, _) in ENV_SCORE.items():
+            if env in envs:
+                m = r["splits"][split]["envs"].get(env, {})
+                row.append(f"{m[key]:.2f}" if key in m else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def behaviour_table(results: dict[str, dict[str, Any]], split: str = "test") -> str:
+    """Rows: agents; columns: size, CoT match, action agreement, steps, reasoning length, invalid
+    actions, latency and throughput (means over seeds)."""
+    teacher_params = results.get("teacher", {}).get("parameters")
+    header = ["agent", "objective", "params", "compression", "CoT match", "action agreement", "avg steps",
+              "tokens / thought", "reasoning tokens / episode", "invalid actions", "latency / step (s)", "generated tokens/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for agent in order_agents(list(results)):
+        r = results[agent]
+        o = r["splits"].get(split, {}).get("overall", {})
         params = r.get("parameters", 0)
-        compression = f"{teacher_params / params:.1f}x" if teacher_params and params else "-"
-        row = [agent, r.get("method", "-"), f"{params:,}", compression]
-        for env in envs:
-            row.append(env_cell(env, r["splits"][split]["envs"].get(env)))
-        row += [
-            f"{overall.get('avg_steps', 0):.1f}",
-            f"{overall.get('avg_reasoning_tokens', 0):.1f}",
-            f"{overall.get('avg_thought_tokens', 0):.1f}",
-            f"{100 * overall.get('invalid_action_rate', 0):.1f}%",
-            f"{overall.get('latency_per_step_s', 0):.3f}",
+        agreement = r.get("agreement")
+        row = [
+            agent, r.get("objective", "-"), f"{params:,}",
+            f"{teacher_params / params:.1f}x" if teacher_params and params else "-",
+            f"{100 * agreement['cot_match_rate']:.1f}%" if agreement else "-",
+            f"{100 * agreement['action_agreement']:.1f}%" if agreement else "-",
+            f"{o.get('avg_steps', 0):.1f}", f"{o.get('avg_thought_tokens', 0):.1f}",
+            f"{o.get('avg_reasoning_tokens', 0):.1f}", f"{100 * o.get('invalid_action_rate', 0):.1f}%",
+            f"{o.get('latency_per_step_s', 0):.3f}", f"{o.get('generated_tokens_per_s', 0):.0f}",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
+def paired_section(results: dict[str, dict[str, Any]], a: str, b: str, split: str, n_boot: int,
+                   confidence: float) -> tuple[str, dict[str, Any]]:
+    """SAD against token-KD on the same tasks and seed indices: difference in success, its CI,
+    the one-sided bootstrap p-value and win/loss counts, per env and overall."""
+    if a not in results or b not in results:
+        return f"(`{a}` or `{b}` is not among the methods: no paired comparison)", {}
+    if len(results[a]["seeds"]) != len(results[b]["seeds"]):
+        return f"(`{a}` and `{b}` have different seed counts: no paired comparison)", {}
+    lines = [f"| env | {a} - {b} (success, points) | {int(confidence * 100)}% CI | P({a} not better) | wins / losses |",
+             "|---|---|---|---|---|"]
+    out: dict[str, Any] = {}
+    for env in [*envs_of(results, split), None]:
+        cmp = paired_comparison(success_matrix(results[a], split, env), success_matrix(results[b], split, env),
+                                n_boot, confidence)
+        d = cmp.difference
+        name = env or "all envs"
+        out[name] = cmp.as_dict()
+        lines.append(f"| {name} | {100 * d.mean:+.1f} | [{100 * d.low:+.1f}, {100 * d.high:+.1f}] | "
+                     f"{cmp.p_not_better:.3f} | {cmp.wins} / {cmp.losses} |")
+    return "\n".join(lines), out
+
+
+def verdict(comparison: dict[str, Any], a: str, b: str, confidence: float) -> str:
+    """One plain sentence on whether ``a`` beats ``b`` overall."""
+    overall = comparison.get("all envs")
+    if not overall:
+        return ""
+    d = overall["difference"]
+    level = int(confidence * 100)
+    if d["low"] > 0:
+        return (f"**{a} beats {b}**: +{100 * d['mean']:.1f} points of test success over all environments, "
+                f"{level}% CI [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}].")
+    if d["high"] < 0:
+        return (f"**{a} is worse than {b}**: {100 * d['mean']:+.1f} points, {level}% CI "
+                f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}].")
+    return (f"**No significant difference between {a} and {b}**: {100 * d['mean']:+.1f} points of test success, "
+            f"{level}% CI [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] includes 0.")
+
+
+def scaling_points(results: dict[str, dict[str, Any]], scaling: dict[str, dict[str, Any]], method: str,
+                   n_boot: int, confidence: float) -> list[dict[str, Any]]:
+    """(size, parameters, test success CI) for the main student of ``method`` (first seed) and each sweep size."""
+    points = []
+    if method in results:
+        r = results[method]
+        first = next(iter(r["seeds"]))
+        ci = bootstrap_ci([success_matrix({"seeds": {first: r["seeds"][first]}}, "test")[0]], n_boot, confidence)
+        points.append({"size": "main", "parameters": r["parameters"], "success": ci})
+    for size, s in scaling.items():
+        per_task = s["splits"]["test"]["per_task"]
+        row = [v for e in sorted(per_task) for v in per_task[e]]
+        points.append({"size": size, "parameters": s["parameters"], "success": bootstrap_ci([row], n_boot, confidence)})
+    return sorted(points, key=lambda x: x["parameters"])
+
+
+def scaling_table(points: list[dict[str, Any]], method: str) -> str:
+    lines = [f"| student size | params | `{method}` test success % (seed 0) |", "|---|---|---|"]
+    lines += [f"| {p['size']} | {p['parameters']:,} | {p['success'].fmt()} |" for p in points]
+    return "\n".join(lines)
+
+
 def task_type_table(results: dict[str, dict[str, Any]], split: str = "test") -> str:
-    agents = _order(list(results))
+    agents = order_agents(list(results))
     types = sorted({t for r in results.values() for t in r["splits"].get(split, {}).get("by_task_type", {})})
     lines = ["| task type | " + " | ".join(agents) + " |", "|---|" + "---|" * len(agents)]
     for t in types:
@@ -66,47 +161,170 @@ def task_type_table(results: dict[str, dict[str, Any]], split: str = "test") -> 
     return "\n".join(lines)
 
 
-def success_plot(results: dict[str, dict[str, Any]], path: Path, split: str = "test") -> None:
+# --------------------------------------------------------------------------- plots
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    agents = _order(list(results))
-    values = [100 * results[a]["splits"].get(split, {}).get("overall", {}).get("success_rate", 0.0) for a in agents]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar(agents, values, color=["#555555" if a == "teacher" else "#3b7dd8" for a in agents])
-    ax.bar_label(bars, fmt="%.1f%%")
-    ax.set_ylabel(f"success rate on {split} (%)")
-    ax.set_ylim(0, max(100, max(values, default=0) * 1.15))
-    ax.set_title("Success by agent")
-    fig.tight_layout()
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Write a PNG atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    _figure().close(fig)
     tmp.replace(path)
 
 
+def success_plot(results: dict[str, dict[str, Any]], path: Path, n_boot: int, confidence: float,
+                 split: str = "test") -> None:
+    """Grouped bars: success per environment (and over all) for every agent, with CI error bars."""
+    plt = _figure()
+    agents = order_agents(list(results))
+    groups = [*envs_of(results, split), None]
+    width = 0.8 / max(len(agents), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 0.4 * len(agents)), 3.8))
+    for i, agent in enumerate(agents):
+        cis = [success_interval(results[agent], split, env, n_boot, confidence) for env in groups]
+        means = [100 * c.mean if c else 0 for c in cis]
+        errors = [[100 * (c.mean - c.low) if c else 0 for c in cis], [100 * (c.high - c.mean) if c else 0 for c in cis]]
+        xs = [g + (i - (len(agents) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, means, width, yerr=errors, capsize=3, label=agent, color="#555555" if agent == "teacher" else None)
+    ax.set_xticks(range(len(groups)), [g or "all envs" for g in groups])
+    ax.set_ylabel(f"{split} success (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Success by method and environment ({int(confidence * 100)}% CI over episodes and seeds)")
+    ax.legend(fontsize=8, ncol=min(len(agents), 4))
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def scaling_plot(points: list[dict[str, Any]], method: str, teacher_success: float | None, path: Path) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    xs = [p["parameters"] for p in points]
+    ys = [100 * p["success"].mean for p in points]
+    err = [[100 * (p["success"].mean - p["success"].low) for p in points],
+           [100 * (p["success"].high - p["success"].mean) for p in points]]
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{method} students")
+    for p, x, y in zip(points, xs, ys):
+        ax.annotate(p["size"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if teacher_success is not None:
+        ax.axhline(100 * teacher_success, color="#555555", linestyle="--", label="teacher")
+    ax.set_xscale("log")
+    ax.set_xlabel("student parameters")
+    ax.set_ylabel("test success (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Success against student size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def reasoning_plot(results: dict[str, dict[str, Any]], path: Path, split: str = "test") -> None:
+    """Reasoning length per agent: tokens per thought and per episode."""
+    plt = _figure()
+    agents = order_agents(list(results))
+    per_thought = [results[a]["splits"][split]["overall"].get("avg_thought_tokens", 0) for a in agents]
+    per_episode = [results[a]["splits"][split]["overall"].get("avg_reasoning_tokens", 0) for a in agents]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.bar(agents, per_thought, color="#3b7dd8")
+    ax1.set_title("tokens per thought")
+    ax2.bar(agents, per_episode, color="#d8843b")
+    ax2.set_title("reasoning tokens per episode")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"Reasoning length ({split})")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def read_curves(folder: Path, methods: list[str]) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """``metrics/curves/<method>.csv`` -> {method: {seed: [(step, loss)]}}."""
+    out: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    for method in methods:
+        path = folder / f"{method}.csv"
+        if not path.is_file():
+            continue
+        with path.open() as fh:
+            for row in csv.DictReader(fh):
+                out.setdefault(method, {}).setdefault(int(row["seed"]), []).append((int(row["step"]), float(row["loss"])))
+    return out
+
+
+def curves_plot(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Path) -> None:
+    """Training loss against step, one line per method and seed."""
+    plt = _figure()
+    fig, axes = plt.subplots(1, max(len(curves), 1), figsize=(3.2 * max(len(curves), 1), 3.2), squeeze=False)
+    for ax, (method, by_seed) in zip(axes[0], curves.items()):
+        for seed, points in sorted(by_seed.items()):
+            ax.plot([s for s, _ in points], [v for _, v in points], label=f"seed {seed}", linewidth=1)
+        ax.set_title(method)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("training loss")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Learning curves (each method's own objective)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+PLOTS = ("success.png", "scaling.png", "reasoning.png", "learning_curves.png")
+
+
 def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] | None, profile: str,
-                  normalisation: dict[str, str]) -> str:
+                  objectives: dict[str, str], scaling_md: str, paired_md: str, verdict_md: str,
+                  n_boot: int, confidence: float) -> str:
+    level = int(confidence * 100)
     parts = [
         "# Structured Agent Distillation: results",
         "",
-        f"Profile: `{profile}`. Held-out **test** tasks; the gate for promotion uses the dev split.",
-        "Objective per method (divergence, weights, normalisation): "
-        + "; ".join(f"`{m}`: {n}" for m, n in sorted(normalisation.items())) + ".",
+        f"Profile: `{profile}`. Held-out **test** tasks. Success in percent with {level}% bootstrap confidence "
+        f"intervals over episodes and training seeds ({n_boot} resamples). The promotion gate uses the dev split.",
+        "Objective per method: " + "; ".join(f"`{m}`: {n}" for m, n in sorted(objectives.items())) + ".",
         "",
-        results_table(results, "test"),
+        "## Success (test)",
+        "",
+        success_table(results, "test", n_boot, confidence),
+        "",
+        "![success by method and environment](success.png)",
+        "",
+        "## SAD against token-level KD (paired: same tasks, same seed index)",
+        "",
+        verdict_md,
+        "",
+        paired_md,
+        "",
+        "## Behaviour (test; means over seeds)",
+        "",
+        "CoT match: share of the teacher's test steps where the student's thought, teacher-forced on the same "
+        "context, has ROUGE-L F1 >= the threshold against the teacher's; action agreement: share where its action "
+        "equals the teacher's.",
+        "",
+        behaviour_table(results, "test"),
+        "",
+        "![reasoning length](reasoning.png)",
+        "",
+        "## Student size",
+        "",
+        scaling_md,
+        "",
+        "![success against student size](scaling.png)",
         "",
         "## Success by task type (test)",
         "",
         task_type_table(results, "test"),
         "",
-        "![success](success.png)",
+        "## Learning curves",
+        "",
+        "![learning curves](learning_curves.png)",
     ]
     if "dev" in next(iter(results.values()), {}).get("splits", {}):
-        parts += ["", "## Dev split", "", results_table(results, "dev")]
+        parts += ["", "## Dev split", "", success_table(results, "dev", n_boot, confidence)]
     if registry:
         parts += ["", "## Registry", "", f"- candidate: `{registry.get('candidate')}`"
                   f" (dev success {registry.get('challenger_value', 0):.3f})",

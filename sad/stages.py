@@ -69,12 +69,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def student_dir(p: Params, method: str) -> Path:
-    return p.path("models", STUDENT_AGENTS_DIR, method)
+def student_dir(p: Params, method: str, seed: int | None = None) -> Path:
+    """``models/students/<method>`` (all seeds) or ``…/<method>/seed<k>`` (one student)."""
+    base = p.path("models", STUDENT_AGENTS_DIR, method)
+    return base if seed is None else base / f"seed{seed}"
 
 
-def agent_dir(p: Params, agent: str) -> Path:
-    return teacher_dir(p) if agent == "teacher" else student_dir(p, agent)
+def scaling_dir(p: Params, size: str) -> Path:
+    return p.path("models", "scaling", size)
 
 
 def eval_metrics_file(p: Params, agent: str) -> Path:
@@ -282,53 +284,167 @@ def distill_inputs(p: Params, method: str):
     return spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash
 
 
-def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> dict[str, Any]:
-    """Train one student with ``method``'s loss against the teacher (online or cached logits)."""
+def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: str, on_log=None,
+                   progress: bool = True, checkpoint_for: Path | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Train and save one student into ``out_dir``; returns (metrics, loss history). Checkpoints
+    live under the final model path ``checkpoint_for`` (default ``out_dir``) so a rerun finds them."""
     from sad.modeling import build_llama, count_parameters, save_model
     from sad.training import train_lm
 
-    spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash = distill_inputs(p, method)
-    student = build_llama(p.distill.student, tokenizer, p.context.max_tokens, seed=p.distill.train.seed)
+    spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash = inputs
+    train = p.distill.train.model_copy(update={"seed": seed})
+    student = build_llama(arch, tokenizer, p.context.max_tokens, seed=seed)
     online = spec.needs_teacher and cached is None
-    out_dir = student_dir(p, method)
-    result = train_lm(student, train_w, spec, p.distill.train, tokenizer.pad_token_id,
-                      teacher=teacher if online else None,
-                      cached=cached, dev_windows=dev_w, curriculum_order=order, curriculum=p.distill.curriculum,
-                      checkpoint_dir=checkpoint_dir(out_dir),
-                      fingerprint=fingerprint(method, spec.model_dump(), p.distill.model_dump(exclude={"methods"}),
+    result = train_lm(student, train_w, spec, train, tokenizer.pad_token_id,
+                      teacher=teacher if online else None, cached=cached, dev_windows=dev_w,
+                      curriculum_order=order, curriculum=p.distill.curriculum,
+                      checkpoint_dir=checkpoint_dir(checkpoint_for or out_dir),
+                      fingerprint=fingerprint(method, seed, arch.model_dump(), spec.model_dump(),
+                                              p.distill.model_dump(exclude={"methods", "seeds", "scaling", "student"}),
                                               p.context.model_dump(), data_hash),
-                      on_log=on_log, progress=progress, desc=f"distill {method}")
+                      on_log=on_log, progress=progress, desc=f"distill {method} seed {seed}")
     if not is_main_process():
-        return {}
+        return {}, []
     n_student, n_teacher = count_parameters(student), count_parameters(teacher)
     card = {
-        "role": "student", "method": method, "objective": spec.describe(), "loss": spec.model_dump(),
+        "role": "student", "method": method, "seed": seed, "objective": spec.describe(), "loss": spec.model_dump(),
         "parameters": n_student, "teacher_parameters": n_teacher, "compression": n_teacher / n_student,
-        "arch": p.distill.student.model_dump(), "final_loss": result.final_loss, "dev": result.dev,
+        "arch": arch.model_dump(), "final_loss": result.final_loss, "dev": result.dev,
         "teacher_logits": p.distill.teacher_logits.mode if spec.needs_teacher else "-",
         "curriculum": order is not None, "data_hash": data_hash,
     }
     save_model(student, tokenizer, out_dir, card)
     metrics = {"parameters": n_student, "compression": card["compression"], "final_loss": result.final_loss,
                "steps": result.steps, "train_tokens_per_s": result.tokens_per_second,
-               "train_seconds": result.seconds, "objective": spec.describe(),
-               "normalisation": spec.normalisation if spec.loss == "sad" else "-",
-               "teacher_logits": card["teacher_logits"], "curriculum": card["curriculum"],
-               "resumed_from_step": result.resumed_from, **{f"dev_{k}": v for k, v in result.dev.items()}}
-    write_json_atomic(p.path("metrics", "distill", f"{method}.json"), metrics)
-    return metrics
+               "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
+               **{f"dev_{k}": v for k, v in result.dev.items()}}
+    return metrics, result.history
+
+
+def _mean_metrics(per_seed: dict[str, dict[str, Any]]) -> dict[str, float]:
+    keys = {k for m in per_seed.values() for k, v in m.items() if isinstance(v, (int, float))}
+    return {k: sum(m[k] for m in per_seed.values() if k in m) / len(per_seed) for k in sorted(keys)}
+
+
+def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> dict[str, Any]:
+    """Train one student per seed with ``method``'s loss against the teacher (online or cached logits)."""
+    import csv
+    import io
+
+    inputs = distill_inputs(p, method)
+    spec = inputs[0]
+    per_seed: dict[str, dict[str, Any]] = {}
+    curves: list[dict[str, Any]] = []
+    with atomic_dir(student_dir(p, method)) as tmp:
+        for seed in p.distill.seeds:
+            log_seed = (lambda step, record, s=seed: on_log(step, {f"seed{s}/{k}": v for k, v in record.items()})) if on_log else None
+            metrics, history = _train_student(p, inputs, p.distill.student, seed, tmp / f"seed{seed}", method,
+                                              log_seed, progress, checkpoint_for=student_dir(p, method, seed))
+            per_seed[str(seed)] = metrics
+            curves += [{"step": h["step"], "seed": seed, "loss": h["loss"]} for h in history]
+    if not is_main_process():
+        return {}
+    mean = _mean_metrics(per_seed)
+    out = {**mean, "objective": spec.describe(), "normalisation": spec.normalisation if spec.loss == "sad" else "-",
+           "teacher_logits": p.distill.teacher_logits.mode if spec.needs_teacher else "-",
+           "curriculum": inputs[6] is not None, "seeds": per_seed}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", "seed", "loss"])
+    writer.writeheader()
+    writer.writerows(curves)
+    write_text_atomic(p.path("metrics", "curves", f"{method}.csv"), buf.getvalue())
+    write_json_atomic(p.path("metrics", "distill", f"{method}.json"), out)
+    return out
+
+
+def _agreement(p: Params, agent, progress: bool) -> dict[str, Any] | None:
+    """Teacher-forced CoT match / action agreement on the teacher's test episodes (None if absent)."""
+    from sad.evaluation import teacher_forced_agreement
+
+    path = p.path("data", "eval", "teacher", "test.jsonl")
+    if not path.is_file():
+        log.warning("%s not found: no CoT match / action agreement (run evaluate_teacher first)", path)
+        return None
+    return teacher_forced_agreement(agent, read_episodes(path), p.context.max_tokens, p.context.history_steps,
+                                    p.evaluate.cot_threshold, p.evaluate.batch_size, p.evaluate.agreement_steps,
+                                    seed=p.project.seed, progress=progress)
+
+
+def aggregate_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of every split's overall/env/task-type numbers (the per-task lists stay per seed)."""
+    first = next(iter(per_seed.values()))
+    out: dict[str, Any] = {}
+    for split, body in first.items():
+        out[split] = {
+            "overall": _mean_metrics({s: r[split]["overall"] for s, r in per_seed.items()}),
+            "envs": {env: _mean_metrics({s: r[split]["envs"][env] for s, r in per_seed.items()}) for env in body["envs"]},
+            "by_task_type": _mean_metrics({s: r[split]["by_task_type"] for s, r in per_seed.items()}),
+        }
+    return out
 
 
 def run_evaluate(p: Params, agent: str, progress: bool = True) -> dict[str, Any]:
-    """Play dev/test tasks with an agent; writes its episodes and metrics."""
-    from sad.evaluation import evaluate_agent
+    """Play dev/test tasks with the teacher or with every seed of a method's students; for students,
+    also CoT match and action agreement against the teacher's test trajectories."""
+    from sad.evaluation import evaluate_agent, load_agent
+    from sad.modeling import read_card
 
-    results, episodes = evaluate_agent(agent_dir(p, agent), agent, p, tasks_root(p), progress=progress)
+    if agent == "teacher":
+        seeds = {str(p.teacher.train.seed): teacher_dir(p)}
+    else:
+        seeds = {str(seed): student_dir(p, agent, seed) for seed in p.distill.seeds}
+    per_seed: dict[str, dict[str, Any]] = {}
+    agreement: dict[str, dict[str, Any]] = {}
+    results: dict[str, Any] = {"agent": agent}
     with atomic_dir(p.path("data", "eval", agent)) as tmp:
-        for split, eps in episodes.items():
-            write_jsonl_atomic(tmp / f"{split}.jsonl", (e.to_dict() for e in eps))
+        for seed, model_dir in seeds.items():
+            lm = load_agent(model_dir, p)
+            res, episodes = evaluate_agent(model_dir, agent, p, tasks_root(p), progress=progress, agent=lm)
+            per_seed[seed] = res["splits"]
+            results.update({"method": res["method"], "parameters": res["parameters"]})
+            folder = tmp if agent == "teacher" else tmp / f"seed{seed}"
+            for split, eps in episodes.items():
+                write_jsonl_atomic(folder / f"{split}.jsonl", (e.to_dict() for e in eps))
+            if agent != "teacher":
+                found = _agreement(p, lm, progress)
+                if found is not None:
+                    write_jsonl_atomic(folder / "agreement.jsonl", found.pop("outcomes"))
+                    agreement[seed] = found
+    card = read_card(seeds[next(iter(seeds))])
+    results.update({
+        "objective": card.get("objective", "imitation of the expert demos" if agent == "teacher" else "-"),
+        "compression": card.get("compression", 1.0),
+        "splits": aggregate_seeds(per_seed),
+        "seeds": {s: {"splits": r} for s, r in per_seed.items()},
+    })
+    if agreement:
+        results["agreement"] = {
+            "cot_match_rate": sum(a["cot_match_rate"] for a in agreement.values()) / len(agreement),
+            "action_agreement": sum(a["action_agreement"] for a in agreement.values()) / len(agreement),
+            "threshold": p.evaluate.cot_threshold, "seeds": agreement,
+        }
     write_json_atomic(eval_metrics_file(p, agent), results)
     return results
+
+
+def run_scale(p: Params, size: str, progress: bool = True) -> dict[str, Any]:
+    """One point of the scaling sweep: ``distill.scaling.method`` at student size ``size``
+    (first seed), evaluated on the test split."""
+    from sad.evaluation import evaluate_agent, load_agent
+
+    if size not in p.distill.scaling.sizes:
+        raise ValueError(f"unknown size {size!r}; distill.scaling.sizes has {sorted(p.distill.scaling.sizes)}")
+    method, seed = p.distill.scaling.method, p.distill.seeds[0]
+    inputs = distill_inputs(p, method)
+    metrics, _ = _train_student(p, inputs, p.distill.scaling.sizes[size], seed, scaling_dir(p, size),
+                                f"{method}@{size}", progress=progress)
+    test_only = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"splits": ["test"]})})
+    res, _ = evaluate_agent(scaling_dir(p, size), method, test_only, tasks_root(p), progress=progress,
+                            agent=load_agent(scaling_dir(p, size), p))
+    out = {"size": size, "method": method, "seed": seed, "arch": p.distill.scaling.sizes[size].model_dump(),
+           "parameters": metrics["parameters"], "train": metrics, "splits": res["splits"]}
+    write_json_atomic(p.path("metrics", "scaling", f"{size}.json"), out)
+    return out
 
 
 def load_eval_results(p: Params, agents: list[str]) -> dict[str, dict[str, Any]]:
@@ -341,12 +457,15 @@ def load_eval_results(p: Params, agents: list[str]) -> dict[str, dict[str, Any]]
     return out
 
 
-def best_student(p: Params) -> tuple[str, float]:
-    """The student with the best gate metric on the gate split (ties: first in params order)."""
+def best_student(p: Params) -> tuple[str, int, float]:
+    """(method, seed, gate value): the method with the best mean gate metric over seeds on the gate
+    split, then its best seed (ties: first in params order)."""
     results = load_eval_results(p, list(p.distill.methods))
     split, metric = p.registration.gate_split, p.registration.gate_metric
-    scored = [(m, results[m]["splits"][split]["overall"][metric]) for m in p.distill.methods]
-    return max(scored, key=lambda x: x[1])
+    method = max(p.distill.methods, key=lambda m: results[m]["splits"][split]["overall"][metric])
+    seeds = results[method]["seeds"]
+    seed = max(seeds, key=lambda s: seeds[s]["splits"][split]["overall"][metric])
+    return method, int(seed), seeds[seed]["splits"][split]["overall"][metric]
 
 
 def run_register(p: Params) -> dict[str, Any]:
@@ -354,24 +473,54 @@ def run_register(p: Params) -> dict[str, Any]:
     from sad.modeling import read_card
     from sad.registry import decision_dict, register_and_promote
 
-    method, value = best_student(p)
-    card = {**read_card(student_dir(p, method)), "gate_split": p.registration.gate_split,
+    method, seed, value = best_student(p)
+    model_dir = student_dir(p, method, seed)
+    card = {**read_card(model_dir), "gate_split": p.registration.gate_split,
             "gate_metric": p.registration.gate_metric, "gate_value": value}
-    decision = register_and_promote(student_dir(p, method), card, value, p.tracking, p.registration.min_improvement)
-    out = {"candidate": method, **decision_dict(decision)}
+    decision = register_and_promote(model_dir, card, value, p.tracking, p.registration.min_improvement)
+    out = {"candidate": method, "seed": seed, **decision_dict(decision)}
     write_json_atomic(p.path("reports", "registry.json"), out)
     return out
 
 
+def load_scaling_results(p: Params) -> dict[str, dict[str, Any]]:
+    out = {}
+    for size in p.distill.scaling.sizes:
+        path = p.path("metrics", "scaling", f"{size}.json")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (run 'sad stage scale --size {size}' first)")
+        out[size] = json.loads(path.read_text())
+    return out
+
+
 def run_report(p: Params) -> dict[str, Any]:
-    from sad.report import render_report, success_plot
+    """results.md in the paper's layout, with CIs, the paired SAD vs token-KD comparison and plots."""
+    from sad import report as r
 
     agents = ["teacher", *p.distill.methods]
     results = load_eval_results(p, agents)
+    scaling = load_scaling_results(p)
+    n_boot, confidence = p.evaluate.bootstrap, p.evaluate.confidence
     registry_file = p.path("reports", "registry.json")
     registry = json.loads(registry_file.read_text()) if registry_file.is_file() else None
-    normalisation = {m: s.describe() for m, s in p.distill.methods.items()}
-    success_plot(results, p.path("reports", "success.png"))
-    write_text_atomic(p.path("reports", "results.md"), render_report(results, registry, p.project.profile, normalisation))
-    summary = {a: r["splits"]["test"]["overall"]["success_rate"] for a, r in results.items() if "test" in r["splits"]}
+    objectives = {m: s.describe() for m, s in p.distill.methods.items()}
+    paired_md, paired = r.paired_section(results, "sad", "token_kd", "test", n_boot, confidence)
+    verdict_md = r.verdict(paired, "sad", "token_kd", confidence)
+    method = p.distill.scaling.method
+    points = r.scaling_points(results, scaling, method, n_boot, confidence)
+    teacher_success = results["teacher"]["splits"]["test"]["overall"]["success_rate"]
+    reports = p.path("reports")
+    r.success_plot(results, reports / "success.png", n_boot, confidence)
+    r.scaling_plot(points, method, teacher_success, reports / "scaling.png")
+    r.reasoning_plot(results, reports / "reasoning.png")
+    r.curves_plot(r.read_curves(p.path("metrics", "curves"), list(p.distill.methods)), reports / "learning_curves.png")
+    text = r.render_report(results, registry, p.project.profile, objectives, r.scaling_table(points, method),
+                           paired_md, verdict_md, n_boot, confidence)
+    write_text_atomic(reports / "results.md", text)
+    summary = {
+        "test_success": {a: res["splits"]["test"]["overall"]["success_rate"] for a, res in results.items()},
+        "sad_vs_token_kd": paired.get("all envs", {}),
+        "scaling": {pt["size"]: {"parameters": pt["parameters"], "success": pt["success"].mean} for pt in points},
+    }
+    write_json_atomic(p.path("metrics", "report.json"), summary)
     return summary

@@ -77,6 +77,11 @@ def evaluate_agent(p: Params, agent: str) -> dict[str, Any]:
     return stages.run_evaluate(p, agent)
 
 
+@task(name="scale-student", cache_policy=NO_CACHE)
+def scale_student(p: Params, size: str) -> dict[str, Any]:
+    return stages.run_scale(p, size)
+
+
 @task(name="register-best-student", **RETRY)
 def register_best_student(p: Params) -> dict[str, Any]:
     return stages.run_register(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -58,12 +59,29 @@ def pipeline_run(tmp_path_factory):
 def test_report_has_teacher_and_three_students(pipeline_run):
     repo, _, _ = pipeline_run
     report = (repo / "reports" / "results.md").read_text()
-    for agent in ("teacher", "sad", "token_kd", "sft"):
-        assert f"| {agent} |" in report
-    for column in ("alfworld success", "hotpotqa EM", "webshop success"):  # a column per environment
-        assert column in report
-    assert (repo / "reports" / "success.png").stat().st_size > 1000
+    for agent, seeds in (("teacher", 1), ("sad", 2), ("token_kd", 2), ("sft", 2)):
+        assert f"| {agent} | {seeds} |" in report  # success table: agent, number of seeds
+    for column in ("alfworld success %", "hotpotqa success %", "webshop success %", "hotpotqa F1", "webshop score"):
+        assert column in report  # a column per environment
+    assert re.search(r"\| sad \| 2 \| \d+\.\d \[\d+\.\d, \d+\.\d\]", report)  # success with its CI
+    assert "## SAD against token-level KD" in report and "P(sad not better)" in report
+    assert re.search(r"\*\*(sad beats token_kd|sad is worse|No significant difference)", report)
+    assert "CoT match" in report and "| xs |" in report and "| m |" in report and "| main |" in report
+    for plot in ("success.png", "scaling.png", "reasoning.png", "learning_curves.png"):
+        assert (repo / "reports" / plot).stat().st_size > 1000
     assert (repo / "dvc.lock").is_file()
+
+
+def test_dvc_plots_and_metrics_show_the_results(pipeline_run):
+    repo, env, _ = pipeline_run
+    dvc = str(Path(sys.executable).parent / "dvc")
+    shown = _run([dvc, "metrics", "show", "--json"], repo, env)
+    assert shown.returncode == 0, shown.stderr
+    assert "sad_vs_token_kd" in shown.stdout and "success_rate" in shown.stdout
+    plots = _run([dvc, "plots", "show", "--json"], repo, env)
+    assert plots.returncode == 0, plots.stderr
+    for name in ("metrics/curves/sad.csv", "reports/success.png", "reports/scaling.png"):
+        assert name in plots.stdout
 
 
 def test_metrics_exist_and_lie_in_range(pipeline_run):
@@ -71,6 +89,11 @@ def test_metrics_exist_and_lie_in_range(pipeline_run):
     for agent in ("teacher", "sad", "token_kd", "sft"):
         result = json.loads((repo / "metrics" / "eval" / f"{agent}.json").read_text())
         assert result["parameters"] > 0
+        assert len(result["seeds"]) == (1 if agent == "teacher" else 2)
+        if agent != "teacher":
+            assert 0.0 <= result["agreement"]["cot_match_rate"] <= 1.0
+            assert 0.0 <= result["agreement"]["action_agreement"] <= 1.0
+            assert (repo / "data" / "eval" / agent / "seed1" / "agreement.jsonl").is_file()
         for split in ("dev", "test"):
             m = result["splits"][split]["overall"]
             assert 0.0 <= m["success_rate"] <= 1.0

@@ -1,0 +1,80 @@
+"""Uncertainty: bootstrap confidence intervals over episodes and training seeds, paired comparisons.
+
+Results are a matrix ``values[seed][task]`` (e.g. 1.0 if the student trained with that seed
+solved that task). The bootstrap is hierarchical: resample seeds with replacement, then tasks
+with replacement (the same task draw for every seed, since seeds play the same tasks), and
+average. Percentile intervals, a fixed generator seed: the same inputs give the same interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n_seeds: int
+    n_tasks: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def fmt(self, scale: float = 100.0, digits: int = 1) -> str:
+        """``"41.7 [33.3, 50.0]"`` (percent by default)."""
+        return f"{self.mean * scale:.{digits}f} [{self.low * scale:.{digits}f}, {self.high * scale:.{digits}f}]"
+
+
+def _matrix(values: list[list[float]]) -> np.ndarray:
+    m = np.asarray(values, dtype=float)
+    if m.ndim != 2 or m.shape[0] == 0 or m.shape[1] == 0:
+        raise ValueError(f"expected a non-empty [seeds][tasks] matrix, got shape {m.shape}")
+    return m
+
+
+def _resampled_means(m: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Means of ``n_boot`` hierarchical resamples of m [S, N] -> [n_boot]."""
+    s, n = m.shape
+    seeds = rng.integers(0, s, size=(n_boot, s))
+    tasks = rng.integers(0, n, size=(n_boot, n))
+    # m[seeds][:, :, tasks] per resample: gather rows then columns
+    rows = m[seeds]  # [n_boot, S, N]
+    picked = np.take_along_axis(rows, tasks[:, None, :].repeat(s, axis=1), axis=2)
+    return picked.mean(axis=(1, 2))
+
+
+def bootstrap_ci(values: list[list[float]], n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> Interval:
+    """Mean of ``values[seed][task]`` with a percentile bootstrap interval over seeds and tasks."""
+    m = _matrix(values)
+    means = _resampled_means(m, n_boot, np.random.default_rng(seed))
+    tail = (1 - confidence) / 2
+    return Interval(float(m.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)), *m.shape)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    difference: Interval  # mean of a - b with its interval
+    p_not_better: float  # bootstrap share of resamples where a - b <= 0 (one-sided)
+    wins: int  # (seed, task) pairs where a > b
+    losses: int  # where a < b
+
+    def as_dict(self) -> dict:
+        return {"difference": self.difference.as_dict(), "p_not_better": self.p_not_better,
+                "wins": self.wins, "losses": self.losses}
+
+
+def paired_comparison(a: list[list[float]], b: list[list[float]], n_boot: int = 2000, confidence: float = 0.95,
+                      seed: int = 0) -> PairedComparison:
+    """A against B on the same tasks and seed indices: the per-pair difference, bootstrapped."""
+    ma, mb = _matrix(a), _matrix(b)
+    if ma.shape != mb.shape:
+        raise ValueError(f"paired comparison needs equal [seeds][tasks] shapes, got {ma.shape} and {mb.shape}")
+    diff = ma - mb
+    means = _resampled_means(diff, n_boot, np.random.default_rng(seed))
+    tail = (1 - confidence) / 2
+    interval = Interval(float(diff.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)), *diff.shape)
+    return PairedComparison(interval, float((means <= 0).mean()), int((diff > 0).sum()), int((diff < 0).sum()))

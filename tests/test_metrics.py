@@ -1,0 +1,69 @@
+"""Metric and interval functions on hand-computed cases."""
+
+import numpy as np
+import pytest
+
+from sad.metrics import action_agrees, cot_match, rouge_l, rouge_tokens
+from sad.stats import bootstrap_ci, paired_comparison
+
+
+def test_rouge_l_by_hand():
+    # LCS("i need to find the mug", "i need a mug") = "i need mug" = 3; P = 3/6, R = 3/4
+    assert rouge_l("I need to find the mug.", "i need a mug") == pytest.approx(2 * 0.5 * 0.75 / 1.25)
+    assert rouge_l("a b c", "c b a") == pytest.approx(1 / 3)  # LCS 1 of 3 each side
+    assert rouge_l("Same words here", "same, WORDS; here!") == 1.0
+    assert rouge_l("", "anything") == 0.0 and rouge_l("x", "") == 0.0
+    assert rouge_tokens("Go to Cabinet-1, now") == ["go", "to", "cabinet", "1", "now"]
+
+
+def test_cot_match_uses_the_threshold_inclusively():
+    assert cot_match("I need a mug", "i need to find the mug", 0.6)  # exactly 0.6
+    assert not cot_match("I need a mug", "i need to find the mug", 0.61)
+
+
+def test_action_agreement_ignores_case_and_spacing_only():
+    assert action_agrees("go to  Cabinet 1", "go to cabinet 1")
+    assert not action_agrees("go to cabinet 1", "go to cabinet 2")
+    assert not action_agrees("", "look")
+    assert not action_agrees("", "")  # two missing actions are not agreement
+
+
+def test_interval_collapses_on_constant_results():
+    ci = bootstrap_ci([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    assert (ci.mean, ci.low, ci.high) == (1.0, 1.0, 1.0)
+    assert (ci.n_seeds, ci.n_tasks) == (2, 3)
+
+
+def test_interval_matches_the_normal_approximation_for_many_episodes():
+    rng = np.random.default_rng(1)
+    values = (rng.random(2000) < 0.3).astype(float)
+    ci = bootstrap_ci([values.tolist()], n_boot=4000)
+    half = 1.96 * np.sqrt(values.mean() * (1 - values.mean()) / len(values))
+    assert ci.low == pytest.approx(values.mean() - half, abs=0.005)
+    assert ci.high == pytest.approx(values.mean() + half, abs=0.005)
+
+
+def test_seed_variance_widens_the_interval():
+    same = bootstrap_ci([[1, 0] * 20, [1, 0] * 20, [1, 0] * 20])
+    spread = bootstrap_ci([[1] * 40, [0] * 40, [1, 0] * 20])
+    assert same.mean == spread.mean == 0.5
+    assert (spread.high - spread.low) > 2 * (same.high - same.low)
+
+
+def test_interval_is_reproducible_and_validates_its_input():
+    assert bootstrap_ci([[0, 1, 1]]) == bootstrap_ci([[0, 1, 1]])
+    with pytest.raises(ValueError, match="seeds"):
+        bootstrap_ci([])
+
+
+def test_paired_comparison_by_hand():
+    a = [[1, 1, 0, 1], [1, 0, 0, 1]]
+    b = [[0, 1, 0, 0], [1, 0, 1, 0]]
+    cmp = paired_comparison(a, b, n_boot=500)
+    # differences: [1,0,0,1] and [0,0,-1,1] -> mean 2/8
+    assert cmp.difference.mean == pytest.approx(0.25)
+    assert (cmp.wins, cmp.losses) == (3, 1)
+    assert cmp.difference.low <= 0.25 <= cmp.difference.high
+    assert paired_comparison(b, b).difference.mean == 0.0
+    with pytest.raises(ValueError, match="equal"):
+        paired_comparison([[1, 0]], [[1, 0, 1]])
