@@ -1,6 +1,9 @@
 """``sad``: run the pipeline, one stage, or the expert from the command line.
 
-    sad pipeline                  # dvc repro with a local Prefect server (the main job)
+    sad pipeline                  # retrain: dvc repro, register, gate, promote (the main job)
+    sad pipeline --set distill.train.lr=0.001   # the same as a DVC experiment (dvc exp run -S)
+    sad registry list | promote 3 | rollback
+    sad schedule --cron "0 3 * * 0"              # serve the retrain deployment on a Prefect server
     sad profile tiny              # rewrite params.yaml with profiles/tiny.yaml merged in
     sad stage teacher             # run one stage's Prefect flow by hand
     sad stage distill --method sad
@@ -12,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,7 +59,7 @@ class Stage(str, Enum):
     distill = "distill"
     evaluate = "evaluate"
     scale = "scale"
-    register = "register"
+    select = "select"
     report = "report"
 
 
@@ -127,7 +131,7 @@ def stage(
         Stage.distill: lambda: f.distill_flow(method, path),
         Stage.evaluate: lambda: f.evaluate_flow(agent, path),
         Stage.scale: lambda: f.scale_flow(size, path),
-        Stage.register: lambda: f.register_flow(path),
+        Stage.select: lambda: f.select_flow(path),
         Stage.report: lambda: f.report_flow(path),
     }
     started = time.perf_counter()
@@ -139,11 +143,16 @@ def stage(
 @app.command()
 def pipeline(
     force: bool = typer.Option(False, "--force", help="rerun every stage (dvc repro --force)"),
-    target: Optional[str] = typer.Argument(None, help="a dvc.yaml stage to reproduce up to (default: all)"),
+    target: Optional[str] = typer.Argument(None, help="reproduce up to this dvc.yaml stage and register nothing"),
+    set_params: list[str] = typer.Option([], "--set", "-S", help="KEY=VALUE: run as a DVC experiment (dvc exp run -S), repeatable"),
     preload: bool = typer.Option(True, "--preload/--no-preload",
                                  help="fork each stage from one process that imported torch/transformers/Prefect/MLflow once"),
 ) -> None:
-    """Reproduce the whole pipeline with DVC, with local Prefect and MLflow servers for all stages."""
+    """Retrain: reproduce the pipeline with DVC, register the best student in MLflow, promote it if the gates pass.
+
+    Starts local Prefect and MLflow servers (127.0.0.1) for the run and stops them afterwards.
+    The decision is printed and written to reports/registry.json.
+    """
     from flows.server import pipeline_services
     from sad.tracking import tracking_uri
 
@@ -151,16 +160,128 @@ def pipeline(
     p = _load_params(Path("params.yaml"))
     home = Path(os.environ["PREFECT_HOME"])
     started = time.perf_counter()
+    code = 0
     with pipeline_services(home, tracking_uri(p.tracking), Path(p.tracking.artifacts), preload) as services:
-        env = {**os.environ, **services}
-        # dvc.yaml's commands call `sad`: make sure it resolves to this installation.
-        bindir = str(Path(sys.executable).parent)
-        env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
-        cmd = [str(Path(sys.executable).with_name("dvc")), "repro"] + (["--force"] if force else []) + ([target] if target else [])
-        log.info("running %s", " ".join(cmd[1:]))
-        code = subprocess.call(cmd, env=env)
+        os.environ.update(services)  # before Prefect reads its settings: the flow reports to this server
+        from flows.retrain import RetrainBusy, retrain_flow
+
+        busy = None
+        try:
+            result = retrain_flow(set_params=set_params, force=force, target=target, preload=preload)
+        except RetrainBusy as exc:
+            busy, code = str(exc), 2
+        except Exception as exc:  # the flow logged the traceback; say what failed in one line
+            log.error("retrain failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            code = 1
+        else:
+            if "version" in result:
+                typer.echo(f"registry: v{result['version']} "
+                           f"{'promoted to @champion' if result['promoted'] else 'not promoted'}: {result['reason']}")
+        _drain_prefect()  # while the server is still up: queued logs and events would block the exit
+    if busy:
+        typer.secho(f"error: {busy}", fg=typer.colors.RED, err=True)
     log.info("pipeline finished in %.1fs with exit code %d", time.perf_counter() - started, code)
-    raise typer.Exit(code)
+    _exit_now(code)
+
+
+def _drain_prefect(timeout_s: float = 20.0) -> None:
+    """Send Prefect's queued logs and events now (at interpreter exit they would wait on a stopped server)."""
+    from prefect._internal.concurrency.services import _QueueServiceBase
+
+    with contextlib.suppress(Exception):
+        _QueueServiceBase.drain_all(timeout=timeout_s, at_exit=False)
+
+
+registry_app = typer.Typer(help="The MLflow model registry: list versions, promote one by hand, roll back.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("list")
+def registry_list(params: Path = typer.Option(Path("params.yaml"), help="parameter file (tracking URI, model name)"),
+                  as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Every registered version, newest first, with aliases, gate value and the promotion decision."""
+    from sad.registry import list_versions
+
+    _setup_logging()
+    rows = list_versions(_load_params(params).tracking)
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for r in rows:
+        aliases = ",".join("@" + a for a in r["aliases"]) or "-"
+        typer.echo(f"v{r['version']:<4} {aliases:<24} {r['method'] or '-':<10} {r['gate_metric']}={r['gate_value']}  {r['decision']}")
+
+
+@registry_app.command("promote")
+def registry_promote(version: str = typer.Argument(..., help="the version to make @champion"),
+                     reason: str = typer.Option("promoted by hand", help="recorded on the version"),
+                     params: Path = typer.Option(Path("params.yaml"), help="parameter file")) -> None:
+    """Make VERSION the champion by hand (no gates), under the retrain lock."""
+    from flows.retrain import RetrainBusy, single_flight
+    from sad.registry import RegistryError, promote
+
+    _setup_logging()
+    p = _load_params(params)
+    try:
+        with single_flight(Path.cwd(), p.retrain.lock_timeout_s):
+            promote(p.tracking, version, reason)
+    except (RegistryError, RetrainBusy) as exc:
+        _fail(str(exc))
+    typer.echo(f"{p.tracking.registered_model} v{version} is now @champion")
+
+
+@registry_app.command("rollback")
+def registry_rollback(params: Path = typer.Option(Path("params.yaml"), help="parameter file")) -> None:
+    """Move @champion back to the previous champion."""
+    from flows.retrain import RetrainBusy, single_flight
+    from sad.registry import RegistryError, rollback
+
+    _setup_logging()
+    p = _load_params(params)
+    try:
+        with single_flight(Path.cwd(), p.retrain.lock_timeout_s):
+            before, after = rollback(p.tracking)
+    except (RegistryError, RetrainBusy) as exc:
+        _fail(str(exc))
+    typer.echo(f"{p.tracking.registered_model}: @champion rolled back from v{before} to v{after}")
+
+
+@app.command()
+def schedule(
+    cron: Optional[str] = typer.Option(None, help="cron expression (default: retrain.cron in params.yaml)"),
+    name: str = typer.Option("scheduled", help="deployment name (the flow is 'retrain')"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
+) -> None:
+    """Serve the retrain flow as a cron-scheduled deployment on the Prefect server at PREFECT_API_URL.
+
+    Start the server first:  prefect server start --host 127.0.0.1 --port 4200
+    and point at it:          export PREFECT_API_URL=http://127.0.0.1:4200/api
+    Runs until interrupted (Ctrl-C); at most one retrain runs at a time.
+    """
+    _setup_logging()
+    p = _load_params(params)
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        _fail("PREFECT_API_URL is not set: start a server with `prefect server start --host 127.0.0.1 --port 4200` "
+              "and `export PREFECT_API_URL=http://127.0.0.1:4200/api` (a schedule needs a real server)")
+    from prefect import serve
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from flows.retrain import retrain_flow
+
+    cron = cron or p.retrain.cron
+    try:
+        CronSchedule(cron=cron)
+    except ValueError as exc:
+        _fail(f"--cron {cron!r}: not a valid cron expression ({str(exc).splitlines()[-1].strip()})")
+    deployment = retrain_flow.to_deployment(
+        name=name, cron=cron, concurrency_limit=1,
+        parameters={"project_dir": str(Path.cwd()), "params_path": str(params)},
+        description=f"Retrain the SAD student in {Path.cwd()} on '{cron}', then gate and promote.",
+    )
+    log.info("serving retrain/%s on %s (cron %r, project %s)", name, api, cron, Path.cwd())
+    serve(deployment)
 
 
 @app.command()
@@ -289,9 +410,32 @@ def segment_text(
         typer.echo(f"{r['kind']:>11} step {r['step']:>2}  {r['text'].rstrip()[:100]}")
 
 
-bench_app = typer.Typer(help="Benchmarks that print JSON (machines are noisy: compare ratios from one run).",
-                        no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print JSON (machines are noisy: compare ratios from one run). "
+                        "Without a subcommand: the whole suite, each performance target met or not.")
 app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench_suite(
+    ctx: typer.Context,
+    quick: bool = typer.Option(False, "--quick", help="smaller samples (a smoke run, for tests)"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameter file (sizes; the project's models if present)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the JSON to this file"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (else indented)"),
+) -> None:
+    """The whole suite: rollout, training/MFU, teacher cache, student vs teacher, pipeline overheads."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from flows.bench import run_suite
+    from sad.io import write_text_atomic
+
+    _setup_logging()
+    p = _load_params(params)
+    result = run_suite(p, Path.cwd(), quick=quick, log=lambda msg: log.info(msg))
+    text = json.dumps(result) if as_json else json.dumps(result, indent=2)
+    if output:
+        write_text_atomic(output, json.dumps(result, indent=2) + "\n")
+    typer.echo(text)
 
 
 @bench_app.command("envs")

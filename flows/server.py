@@ -148,6 +148,9 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
             proc, url = spawn_mlflow(mlflow_uri, artifact_root, log_dir / "mlflow-server.log")
             procs.append((proc, url + "/health"))
             env["SAD_MLFLOW_URI"] = url
+        if os.environ.get("SAD_PRELOAD_SOCKET"):
+            env["SAD_PRELOAD_SOCKET"] = os.environ["SAD_PRELOAD_SOCKET"]
+            preload = False
         if preload:
             # Started with the final environment: libraries that read settings at import see it.
             preload_proc, sock = spawn_preload(log_dir / "preload.log", {**os.environ, **env})

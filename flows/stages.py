@@ -146,12 +146,11 @@ def scale_flow(size: str, params_path: str = "params.yaml") -> dict[str, Any]:
     return _tracked(p, f"scale@{size}", logged, work, tags={"sad.size": size})
 
 
-@flow(name="register", log_prints=False)
-def register_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+@flow(name="select", log_prints=False)
+def select_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    """The registry candidate: best method by mean gate metric over seeds, then its best seed."""
     p = load_params(params_path)
-    with stage_run(p.tracking, "register", {"register": p.registration.model_dump()}):
-        decision = t.register_best_student(p)
-    return decision
+    return _tracked(p, "select", {"register": p.registration.model_dump()}, lambda run: t.select_candidate(p))
 
 
 @flow(name="report", log_prints=False)

@@ -46,8 +46,12 @@ def fit_context(prompt_ids: list[int], step_ids: list[list[int]], budget: int) -
 class LMAgent:
     """Batched greedy/sampled generation of one ``Thought/Action`` block per context."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: int = 0):
+    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 static_cache: bool = True):
         self.model = model.eval()
+        # A preallocated KV cache written in place: a growing cache re-copies every layer's keys and
+        # values at each generated token (O(context) bytes per token, the decode loop's main cost on CPU).
+        self.static_cache = static_cache
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -65,6 +69,31 @@ class LMAgent:
         out = self.model(**inputs, **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1)
         new_cache = getattr(out, "cache", None) if self._cache_arg == "cache" else out.past_key_values
         return new_cache, out.logits[:, -1, :]
+
+    def _prefill_rows(self, contexts: list[list[int]], width: int):
+        """Prefill each context on its own (no padding, causal attention without a mask: the fast SDPA
+        path) and copy its keys/values into a preallocated batch cache, left-aligned to ``width``.
+
+        Returns (cache holding ``width`` positions [B, heads, width + max_new_tokens, head_dim], logits [B, V]).
+        """
+        from transformers import DynamicCache, StaticCache
+
+        config = self.model.config
+        cache = StaticCache(config=config, max_cache_len=width + self.max_new_tokens)
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache.early_initialization(len(contexts), heads, head_dim, next(self.model.parameters()).dtype, self.device)
+        last_logits = []
+        for row, ctx in enumerate(contexts):
+            ids = torch.tensor([ctx], dtype=torch.long, device=self.device)
+            own, logits = self._forward(DynamicCache(config=config), input_ids=ids)
+            for layer, source in zip(cache.layers, own.layers):
+                layer.keys[row, :, width - len(ctx):width] = source.keys[0]
+                layer.values[row, :, width - len(ctx):width] = source.values[0]
+            last_logits.append(logits[0])
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(width)
+        return cache, torch.stack(last_logits)
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> next token ids [B]."""
@@ -87,7 +116,10 @@ class LMAgent:
             attention[i, width - len(ctx):] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        past, logits = self._forward(None, input_ids=input_ids, attention_mask=attention, position_ids=positions)
+        if self.static_cache:
+            past, logits = self._prefill_rows(contexts, width)
+        else:
+            past, logits = self._forward(None, input_ids=input_ids, attention_mask=attention, position_ids=positions)
         next_pos = positions[:, -1:] + 1
 
         generated: list[list[int]] = [[] for _ in range(batch)]

@@ -267,10 +267,33 @@ class EvaluateParams(_Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
+# Gate metrics and whether higher is better. Evaluation metrics are read on register.gate_split;
+# dev_ce / dev_act_accuracy are the distillation stage's teacher-forced dev numbers (every method
+# has them, so they gate even where no student succeeds yet).
+GATE_METRICS: dict[str, bool] = {
+    "success_rate": True, "avg_reward": True, "f1": True, "invalid_action_rate": False,
+    "cot_match_rate": True, "action_agreement": True, "dev_ce": False, "dev_act_accuracy": True,
+}
+
+
 class RegisterParams(_Strict):
+    """Which student is the candidate, and the gates ``@champion`` must pass to move."""
+
     gate_split: Literal["dev", "test"] = "dev"
-    gate_metric: Literal["success_rate"] = "success_rate"
+    gate_metric: Literal[tuple(GATE_METRICS)] = "success_rate"  # type: ignore[valid-type]
     min_improvement: float = Field(0.0, ge=0, description="a challenger must beat the champion by more than this")
+    max_env_regression: float = Field(0.05, ge=0, le=1, description="largest allowed drop of any env's success rate")
+    min_teacher_share: float = Field(0.0, ge=0, le=1, description="success rate >= this share of the teacher's")
+
+
+class RetrainParams(_Strict):
+    """The retrain flow (``sad pipeline``, the scheduled deployment)."""
+
+    cron: str = Field("0 3 * * 0", min_length=9, description="schedule of the retraining deployment")
+    lock_timeout_s: float = Field(0.0, ge=0, description="wait this long for another retrain's lock, then refuse")
+    retries: int = Field(1, ge=0, le=10, description="reruns of a failed dvc repro (DVC resumes from its cache)")
+    retry_delay_s: float = Field(10.0, ge=0)
+    dvc_remote: str | None = Field(None, description="push outputs to this DVC remote after a retrain (null: none)")
 
 
 class Params(_Strict):
@@ -286,6 +309,7 @@ class Params(_Strict):
     distill: DistillParams = Field(default_factory=DistillParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     registration: RegisterParams = Field(default_factory=RegisterParams, alias="register")
+    retrain: RetrainParams = Field(default_factory=RetrainParams)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":

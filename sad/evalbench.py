@@ -25,7 +25,7 @@ def _capped(p: Params, max_steps: int) -> Params:
 
 
 def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, batch_size: int = 16,
-                         max_steps: int = 5) -> dict[str, Any]:
+                         max_steps: int = 5, compare_cache: bool = True) -> dict[str, Any]:
     """Play ``per_env`` test tasks per environment with ``batch_size`` episodes in flight, then one at a time."""
     from sad.agent import LMAgent
     from sad.benchmarks import generate_fresh
@@ -51,7 +51,11 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
         tasks = []
         for env in p.tasks.envs:  # each env writes under root/<env>/, as the tasks stage does
             tasks += generate_fresh(capped, env, "test", per_env, root)
-        for label, size in (("batched", batch_size), ("one_at_a_time", 1)):
+        runs = [("batched", batch_size, True), ("one_at_a_time", 1, True)]
+        if compare_cache:
+            runs.append(("batched_growing_cache", batch_size, False))  # before the preallocated cache + row prefill
+        for label, size, static in runs:
+            agent.static_cache = static
             stats = PlayStats()
             started = time.perf_counter()
             episodes = play_agent(tasks, root, agent, "bench", p.context.max_tokens, size, stats=stats,
@@ -64,4 +68,52 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
     b, one = out["runs"]["batched"], out["runs"]["one_at_a_time"]
     out["speedup_episodes_per_s"] = b["episodes_per_s"] / one["episodes_per_s"]
     out["same_steps"] = b["steps"] == one["steps"]
+    if compare_cache:
+        grow = out["runs"]["batched_growing_cache"]
+        out["static_cache_speedup"] = b["episodes_per_s"] / grow["episodes_per_s"]
+        out["same_steps"] = out["same_steps"] and grow["steps"] == b["steps"]
+    agent.static_cache = True
+    return out
+
+
+def benchmark_student_vs_teacher(p: Params, teacher_dir: Path, student_dir: Path, per_env: int = 4,
+                                 batch_size: int = 16, max_steps: int = 5) -> dict[str, Any]:
+    """Per-step latency and generated tokens/s of the teacher and a student on the same tasks (batched).
+
+    Untrained models of the params' sizes stand in for missing folders (said in the output).
+    """
+    from sad.agent import LMAgent
+    from sad.benchmarks import generate_fresh
+    from sad.evaluation import load_agent
+    from sad.modeling import build_llama, count_parameters
+    from sad.rollout import PlayStats, play_agent
+    from sad.tokenizer import train_bpe
+
+    capped = _capped(p, max_steps)
+    stand_in = None
+    agents = {}
+    for name, folder, arch in (("teacher", teacher_dir, p.teacher.arch), ("student", student_dir, p.distill.student)):
+        if (folder / "config.json").is_file():
+            agents[name] = (load_agent(folder, p), f"{folder} (trained)")
+        else:
+            stand_in = stand_in or train_bpe(["Thought: look around.\nAction: look\nObservation: nothing.\n"] * 20,
+                                             p.tokenizer.vocab_size, 1)
+            model = build_llama(arch, stand_in, p.context.max_tokens)
+            agents[name] = (LMAgent(model, stand_in, p.context.max_new_tokens), "untrained, params' size")
+    out: dict[str, Any] = {"episodes": per_env * len(p.tasks.envs), "batch_size": batch_size, "max_steps": max_steps}
+    with tempfile.TemporaryDirectory(prefix="sad-agentbench-") as tmp:
+        root = Path(tmp)
+        tasks = [t for env in p.tasks.envs for t in generate_fresh(capped, env, "test", per_env, root)]
+        for name, (agent, source) in agents.items():
+            stats = PlayStats()
+            episodes = play_agent(tasks, root, agent, name, p.context.max_tokens, batch_size, stats=stats,
+                                  history_steps=p.context.history_steps)
+            steps = sum(e.n_steps for e in episodes)
+            out[name] = {"model": source, "parameters": count_parameters(agent.model),
+                         "latency_per_step_s": stats.generation_seconds / max(stats.batches, 1),  # one batched step
+                         "generation_s_per_episode_step": stats.generation_seconds / max(steps, 1),
+                         "generated_tokens_per_s": stats.tokens_per_second, "steps": steps}
+    t, st = out["teacher"], out["student"]
+    out["student_speedup_tokens_per_s"] = st["generated_tokens_per_s"] / max(t["generated_tokens_per_s"], 1e-9)
+    out["student_speedup_per_step"] = t["generation_s_per_episode_step"] / max(st["generation_s_per_episode_step"], 1e-9)
     return out

@@ -1,44 +1,126 @@
-"""The MLflow model registry: register a student, compare it with the champion, promote by alias.
+"""The MLflow model registry: register a candidate student, gate it against the champion, promote,
+roll back.
 
-A registered version carries its gate metric as a tag; ``@challenger`` marks the newest
-candidate, and ``@champion`` moves only when the candidate beats the current champion.
+Every registered version carries its *standing* as tags (gate metric and value, overall and
+per-environment success, the teacher's success, a hash of its weights). ``@challenger`` marks the
+newest version; ``@champion`` moves only when :func:`check_gates` passes, or by hand
+(:func:`promote`). Each move is appended to the registered model's champion history, which
+:func:`rollback` walks back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sad.config import TrackingParams
+from sad.config import GATE_METRICS, RegisterParams, TrackingParams
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-GATE_TAG = "sad.gate_value"
+STANDING_TAG = "sad.standing"
+WEIGHTS_TAG = "sad.weights_sha256"
+DECISION_TAG = "sad.promotion"
+HISTORY_TAG = "sad.champion_history"
 
 PIP_REQUIREMENTS = ["torch", "transformers", "tokenizers", "safetensors"]
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done (no such version, nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What the gates compare: a student's numbers on the gate split, and the teacher's."""
+
+    gate_metric: str
+    gate_value: float
+    success_rate: float
+    env_success: dict[str, float] = field(default_factory=dict)
+    teacher_success_rate: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Standing":
+        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)
 class Decision:
     version: str
     promoted: bool
-    reason: str
-    challenger_value: float
-    champion_version: str | None
-    champion_value: float | None
+    reasons: list[str]
+    champion_before: str | None
+    champion_after: str | None
+    standing: dict[str, Any]
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
 
 
-def decide(challenger: float, champion: float | None, min_improvement: float) -> tuple[bool, str]:
-    """Promote when there is no champion, or the challenger beats it by more than ``min_improvement``."""
+def check_gates(candidate: Standing, champion: Standing | None, gates: RegisterParams) -> tuple[bool, list[str]]:
+    """Whether ``candidate`` may replace ``champion``, and one line per gate saying why.
+
+    Gates: (1) the gate metric beats the champion's by more than ``min_improvement`` (in the metric's
+    direction); (2) no environment's success rate drops by more than ``max_env_regression``;
+    (3) the success rate is at least ``min_teacher_share`` x the teacher's. With no champion only
+    (3) applies.
+    """
+    reasons: list[str] = []
+    passed = True
+    share = gates.min_teacher_share * candidate.teacher_success_rate
+    if candidate.success_rate + 1e-12 >= share:
+        reasons.append(f"PASS teacher share: success {candidate.success_rate:.3f} >= {gates.min_teacher_share} x "
+                       f"teacher {candidate.teacher_success_rate:.3f}")
+    else:
+        passed = False
+        reasons.append(f"FAIL teacher share: success {candidate.success_rate:.3f} < {gates.min_teacher_share} x "
+                       f"teacher {candidate.teacher_success_rate:.3f}")
     if champion is None:
-        return True, "no current champion"
-    if challenger > champion + min_improvement:
-        return True, f"gate metric {challenger:.4f} beats champion {champion:.4f} by more than {min_improvement}"
-    return False, f"gate metric {challenger:.4f} does not beat champion {champion:.4f} by more than {min_improvement}"
+        reasons.append("PASS no current champion")
+        return passed, reasons
+    metric = candidate.gate_metric
+    if champion.gate_metric != metric:
+        reasons.append(f"FAIL the champion was gated on {champion.gate_metric}, the candidate on {metric}: "
+                       "not comparable (promote by hand with `sad registry promote`)")
+        return False, reasons
+    higher = GATE_METRICS[metric]
+    gain = (candidate.gate_value - champion.gate_value) * (1 if higher else -1)
+    if gain > gates.min_improvement:
+        reasons.append(f"PASS {metric} {candidate.gate_value:.4f} beats champion {champion.gate_value:.4f} "
+                       f"by more than {gates.min_improvement}")
+    else:
+        passed = False
+        reasons.append(f"FAIL {metric} {candidate.gate_value:.4f} does not beat champion {champion.gate_value:.4f} "
+                       f"by more than {gates.min_improvement} ({'higher' if higher else 'lower'} is better)")
+    drops = {env: champion.env_success[env] - value for env, value in candidate.env_success.items()
+             if env in champion.env_success and champion.env_success[env] - value > gates.max_env_regression + 1e-12}
+    if drops:
+        passed = False
+        reasons.append("FAIL environments regress beyond " + str(gates.max_env_regression) + ": "
+                       + ", ".join(f"{env} -{d:.3f}" for env, d in sorted(drops.items())))
+    else:
+        reasons.append(f"PASS no environment's success drops by more than {gates.max_env_regression}")
+    return passed, reasons
+
+
+def weights_hash(model_dir: Path) -> str:
+    """sha256 over the folder's safetensors files (what identifies a trained student)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _client(tracking: TrackingParams):
@@ -50,62 +132,169 @@ def _client(tracking: TrackingParams):
     return MlflowClient()
 
 
-def champion_version(tracking: TrackingParams) -> tuple[str, float] | None:
-    """(version, gate value) of the current champion, or None."""
+def _version_standing(mv) -> Standing | None:
+    text = mv.tags.get(STANDING_TAG)
+    return Standing.from_json(text) if text else None
+
+
+def champion(tracking: TrackingParams) -> tuple[str, Standing | None] | None:
+    """(version, standing) of the current ``@champion``, or None."""
+    from mlflow.exceptions import MlflowException
+
     client = _client(tracking)
     try:
         mv = client.get_model_version_by_alias(tracking.registered_model, CHAMPION)
+    except MlflowException:
+        return None
+    return str(mv.version), _version_standing(mv)
+
+
+def find_version(tracking: TrackingParams, weights_sha256: str) -> str | None:
+    """The registered version holding exactly these weights, if any."""
+    client = _client(tracking)
+    try:
+        versions = client.search_model_versions(f"name='{tracking.registered_model}'")
     except Exception:
         return None
-    value = mv.tags.get(GATE_TAG)
-    return str(mv.version), float(value) if value is not None else float("-inf")
+    for mv in versions:
+        if mv.tags.get(WEIGHTS_TAG) == weights_sha256:
+            return str(mv.version)
+    return None
 
 
-def log_student(model_dir: Path, card: dict[str, Any], tracking: TrackingParams) -> str:
-    """Log the student (transformers flavor, tokenizer included) in the active run and register it.
-
-    Returns the new version number. Must run inside an active MLflow run.
+def register_candidate(model_dir: Path, card: dict[str, Any], standing: Standing, tracking: TrackingParams) -> str:
+    """Log the student in the active MLflow run (transformers flavor, tokenizer and model card
+    included), register it, tag its standing and point ``@challenger`` at it. Returns the version.
     """
     import mlflow
 
     from sad.modeling import load_model
     from sad.tokenizer import load_tokenizer
 
+    client = _client(tracking)
+    name = tracking.registered_model
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
+    card = {**card, "standing": asdict(standing)}
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         name="model",
         task="text-generation",
         pip_requirements=PIP_REQUIREMENTS,
-        registered_model_name=tracking.registered_model,
+        registered_model_name=name,
         model_config={"max_new_tokens": 64, "do_sample": False},
         metadata={"sad_card": json.dumps(card, sort_keys=True)},
     )
     mlflow.log_dict(card, "model_card.json")
-    return str(info.registered_model_version)
-
-
-def register_and_promote(model_dir: Path, card: dict[str, Any], gate_value: float, tracking: TrackingParams,
-                         min_improvement: float) -> Decision:
-    """Register a new version, tag it, set ``@challenger``, then move ``@champion`` if it wins."""
-    client = _client(tracking)
-    version = log_student(model_dir, card, tracking)
-    name = tracking.registered_model
-    client.set_model_version_tag(name, version, GATE_TAG, str(gate_value))
-    for key in ("method", "gate_split", "gate_metric", "data_hash"):
+    version = str(info.registered_model_version)
+    tags = {STANDING_TAG: standing.to_json(), WEIGHTS_TAG: weights_hash(model_dir),
+            "sad.gate_metric": standing.gate_metric, "sad.gate_value": str(standing.gate_value)}
+    for key in ("method", "seed", "objective", "data_hash", "dvc_lock_sha256", "git_commit"):
         if key in card:
-            client.set_model_version_tag(name, version, f"sad.{key}", str(card[key]))
+            tags[f"sad.{key}"] = str(card[key])
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=model_card_markdown(card))
     client.set_registered_model_alias(name, CHALLENGER, version)
-    current = champion_version(tracking)
-    promote, reason = decide(gate_value, current[1] if current else None, min_improvement)
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "sad.promotion", ("promoted: " if promote else "kept champion: ") + reason)
-    decision = Decision(version, promote, reason, gate_value, current[0] if current else None, current[1] if current else None)
-    log.info("registry %s v%s: %s", name, version, reason)
-    return decision
+    log.info("registered %s v%s (@%s)", name, version, CHALLENGER)
+    return version
 
 
-def decision_dict(decision: Decision) -> dict[str, Any]:
-    return asdict(decision)
+def model_card_markdown(card: dict[str, Any]) -> str:
+    """A short human-readable model card for the registry's version description."""
+    standing = card.get("standing", {})
+    lines = [f"SAD student: method `{card.get('method')}`, seed {card.get('seed')}",
+             f"objective: {card.get('objective', '-')}",
+             f"parameters: {card.get('parameters', '-')}, compression vs teacher: {card.get('compression', '-')}",
+             f"data hash: {card.get('data_hash', '-')}, dvc.lock sha256: {card.get('dvc_lock_sha256', '-')}",
+             f"git commit: {card.get('git_commit', '-')}"]
+    if standing:
+        lines.append(f"{standing['gate_metric']}: {standing['gate_value']:.4f}; success {standing['success_rate']:.3f} "
+                     f"(teacher {standing['teacher_success_rate']:.3f}); by env: "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in sorted(standing.get("env_success", {}).items())))
+    return "\n\n".join(lines)
+
+
+def _history(client, name: str) -> list[str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException:  # nothing registered yet
+        return []
+    text = rm.tags.get(HISTORY_TAG)
+    return json.loads(text) if text else []
+
+
+def promote(tracking: TrackingParams, version: str, reason: str) -> None:
+    """Point ``@champion`` at ``version`` and record the move (used by the gates and by hand)."""
+    client = _client(tracking)
+    name = tracking.registered_model
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise RegistryError(f"{name} has no version {version!r} (see `sad registry list`)") from None
+    history = _history(client, name)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [version]))
+    client.set_model_version_tag(name, version, DECISION_TAG, "promoted: " + reason)
+    log.info("%s v%s is @%s: %s", name, version, CHAMPION, reason)
+
+
+def gate_and_promote(tracking: TrackingParams, version: str, standing: Standing, gates: RegisterParams) -> Decision:
+    """Check the gates for ``version`` against the current champion; move ``@champion`` if they pass.
+
+    The decision and its reasons are written on the version's tags either way.
+    """
+    client = _client(tracking)
+    current = champion(tracking)
+    before = current[0] if current else None
+    if before == version:
+        return Decision(version, False, ["already the champion"], before, before, asdict(standing))
+    promoted, reasons = check_gates(standing, current[1] if current else None, gates)
+    if current is not None and current[1] is None:
+        promoted, reasons = False, reasons + [f"FAIL champion v{before} has no recorded standing"]
+    if promoted:
+        promote(tracking, version, "; ".join(reasons))
+    else:
+        client.set_model_version_tag(tracking.registered_model, version, DECISION_TAG,
+                                     "kept champion: " + "; ".join(reasons))
+    after = version if promoted else before
+    log.info("gates for v%s: %s -> %s", version, "; ".join(reasons), "promoted" if promoted else "not promoted")
+    return Decision(version, promoted, reasons, before, after, asdict(standing))
+
+
+def rollback(tracking: TrackingParams) -> tuple[str, str]:
+    """Move ``@champion`` back to the previous champion; returns (from version, to version)."""
+    client = _client(tracking)
+    name = tracking.registered_model
+    history = _history(client, name)
+    current = champion(tracking)
+    if current is None or len(history) < 2:
+        raise RegistryError(f"{name}: no previous champion to roll back to (history: {history or 'empty'})")
+    previous = history[-2]
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
+    client.set_model_version_tag(name, current[0], DECISION_TAG, f"rolled back: champion returned to v{previous}")
+    log.info("%s: @%s rolled back from v%s to v%s", name, CHAMPION, current[0], previous)
+    return current[0], previous
+
+
+def list_versions(tracking: TrackingParams) -> list[dict[str, Any]]:
+    """Every version with its aliases, gate value and promotion decision (newest first)."""
+    client = _client(tracking)
+    name = tracking.registered_model
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:
+        return []
+    aliases = client.get_registered_model(name).aliases  # {alias: version}
+    rows = []
+    for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        held = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
+        rows.append({"version": str(mv.version), "aliases": held, "method": mv.tags.get("sad.method"),
+                     "gate_metric": mv.tags.get("sad.gate_metric"), "gate_value": mv.tags.get("sad.gate_value"),
+                     "decision": mv.tags.get(DECISION_TAG, "")})
+    return rows

@@ -326,8 +326,11 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
     if "dev" in next(iter(results.values()), {}).get("splits", {}):
         parts += ["", "## Dev split", "", success_table(results, "dev", n_boot, confidence)]
     if registry:
-        parts += ["", "## Registry", "", f"- candidate: `{registry.get('candidate')}`"
-                  f" (dev success {registry.get('challenger_value', 0):.3f})",
-                  f"- registered version: {registry.get('version')}; promoted to champion: "
-                  f"{registry.get('promoted')} ({registry.get('reason')})"]
+        st = registry.get("standing", {})
+        parts += ["", "## Registry candidate", "",
+                  f"- `{registry.get('method')}` seed {registry.get('seed')}: {st.get('gate_metric')} = "
+                  f"{st.get('gate_value', float('nan')):.4f}, success {st.get('success_rate', 0):.3f} "
+                  f"(teacher {st.get('teacher_success_rate', 0):.3f})",
+                  "- registered and gated by the retrain flow (`sad pipeline`); decision: `reports/registry.json`,"
+                  " `sad registry list`"]
     return "\n".join(parts) + "\n"

@@ -457,30 +457,61 @@ def load_eval_results(p: Params, agents: list[str]) -> dict[str, dict[str, Any]]
     return out
 
 
+def _seed_gate_values(p: Params, method: str, result: dict[str, Any]) -> dict[str, float]:
+    """{seed: gate metric value} for one method (evaluation, agreement or distillation metrics)."""
+    metric, split = p.registration.gate_metric, p.registration.gate_split
+    if metric in ("dev_ce", "dev_act_accuracy"):
+        path = p.path("metrics", "distill", f"{method}.json")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (run 'sad stage distill --method {method}' first)")
+        seeds = json.loads(path.read_text())["seeds"]
+        return {s: float(v[metric]) for s, v in seeds.items()}
+    if metric in ("cot_match_rate", "action_agreement"):
+        return {s: float(v[metric]) for s, v in result["agreement"]["seeds"].items()}
+    return {s: float(v["splits"][split]["overall"][metric]) for s, v in result["seeds"].items()}
+
+
 def best_student(p: Params) -> tuple[str, int, float]:
-    """(method, seed, gate value): the method with the best mean gate metric over seeds on the gate
-    split, then its best seed (ties: first in params order)."""
+    """(method, seed, gate value): the method with the best mean gate metric over seeds, then its
+    best seed (in the metric's direction; ties: first in params order)."""
+    from sad.config import GATE_METRICS
+
+    sign = 1.0 if GATE_METRICS[p.registration.gate_metric] else -1.0
     results = load_eval_results(p, list(p.distill.methods))
-    split, metric = p.registration.gate_split, p.registration.gate_metric
-    method = max(p.distill.methods, key=lambda m: results[m]["splits"][split]["overall"][metric])
-    seeds = results[method]["seeds"]
-    seed = max(seeds, key=lambda s: seeds[s]["splits"][split]["overall"][metric])
-    return method, int(seed), seeds[seed]["splits"][split]["overall"][metric]
+    values = {m: _seed_gate_values(p, m, results[m]) for m in p.distill.methods}
+    method = max(p.distill.methods, key=lambda m: sign * sum(values[m].values()) / len(values[m]))
+    seed = max(values[method], key=lambda s: sign * values[method][s])
+    return method, int(seed), values[method][seed]
 
 
-def run_register(p: Params) -> dict[str, Any]:
-    """Register the best student; ``@champion`` moves only if it beats the current one."""
+def candidate_file(p: Params) -> Path:
+    return p.path("reports", "candidate.json")
+
+
+def run_select(p: Params) -> dict[str, Any]:
+    """Pick the candidate student for the registry and write its standing (what the gates compare).
+
+    The registry itself is changed by the retrain flow, outside DVC: a cached stage must never
+    skip or repeat a registration.
+    """
     from sad.modeling import read_card
-    from sad.registry import decision_dict, register_and_promote
+    from sad.registry import Standing, weights_hash
 
     method, seed, value = best_student(p)
+    split = p.registration.gate_split
+    student = load_eval_results(p, [method])[method]["seeds"][str(seed)]["splits"][split]
+    teacher = load_eval_results(p, ["teacher"])["teacher"]["splits"][split]["overall"]
+    standing = Standing(gate_metric=p.registration.gate_metric, gate_value=value,
+                        success_rate=float(student["overall"]["success_rate"]),
+                        env_success={env: float(m["success_rate"]) for env, m in student["envs"].items()},
+                        teacher_success_rate=float(teacher["success_rate"]))
     model_dir = student_dir(p, method, seed)
-    card = {**read_card(model_dir), "gate_split": p.registration.gate_split,
-            "gate_metric": p.registration.gate_metric, "gate_value": value}
-    decision = register_and_promote(model_dir, card, value, p.tracking, p.registration.min_improvement)
-    out = {"candidate": method, "seed": seed, **decision_dict(decision)}
-    write_json_atomic(p.path("reports", "registry.json"), out)
-    return out
+    card = {**read_card(model_dir), "method": method, "seed": seed, "gate_split": split}
+    out = {"method": method, "seed": seed, "model_dir": str(model_dir), "weights_sha256": weights_hash(model_dir),
+           "standing": standing.__dict__, "card": card}
+    write_json_atomic(candidate_file(p), out)
+    log.info("candidate: %s seed %d (%s %s = %.4f)", method, seed, split, p.registration.gate_metric, value)
+    return {"gate_value": value, "success_rate": standing.success_rate}
 
 
 def load_scaling_results(p: Params) -> dict[str, dict[str, Any]]:
@@ -501,7 +532,7 @@ def run_report(p: Params) -> dict[str, Any]:
     results = load_eval_results(p, agents)
     scaling = load_scaling_results(p)
     n_boot, confidence = p.evaluate.bootstrap, p.evaluate.confidence
-    registry_file = p.path("reports", "registry.json")
+    registry_file = candidate_file(p)
     registry = json.loads(registry_file.read_text()) if registry_file.is_file() else None
     objectives = {m: s.describe() for m, s in p.distill.methods.items()}
     paired_md, paired = r.paired_section(results, "sad", "token_kd", "test", n_boot, confidence)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -83,11 +85,20 @@ def stage_run(tracking: TrackingParams, stage: str, params: Mapping[str, Any] | 
 
     configure(tracking)
     all_tags = {"sad.stage": stage, "git.commit": git_commit(), **(tags or {})}
+    started = time.perf_counter()
     with mlflow.start_run(run_name=stage, tags=all_tags) as run:
         if params:
             flat = redact(flatten(params))
             mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
         yield run
+        mlflow.log_metrics({"stage/seconds": time.perf_counter() - started, "stage/peak_rss_mb": peak_rss_mb()})
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and its finished children, in MiB (Linux ru_maxrss is KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> None:

@@ -70,6 +70,10 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
     windows["cache_row"] = range(len(windows))
     base_rss = _rss_mb()
     out: dict[str, Any] = {}
+    if config["mode"] == "peak":
+        from sad.perf import matmul_peak_flops
+
+        return {"matmul_flops_per_s": matmul_peak_flops(), "threads": torch.get_num_threads()}
     if config["mode"] == "build":
         teacher = build_llama(ArchParams(**config["teacher"]), tok, config["max_tokens"], seed=1)
         started = time.perf_counter()
@@ -88,7 +92,14 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
     train = TrainParams(epochs=1, batch_size=config["batch_size"], lr=1e-3, dev_fraction=0)
     result = train_lm(student, windows, MethodParams(**config["method"]), train, 0, teacher=teacher,
                       cached=cached, progress=False, log_every=10**9)
+    from sad.modeling import count_parameters
+    from sad.perf import train_flops_per_token
+
+    arch = ArchParams(**config["student"])
+    mean_len = float(windows["input_ids"].map(len).mean())
+    flops_per_token = train_flops_per_token(count_parameters(student), arch.num_layers, arch.hidden_size, mean_len)
     out.update({"train_s": result.seconds, "tokens": result.tokens, "tokens_per_s": result.tokens_per_second,
+                "student_flops_per_s": flops_per_token * result.tokens_per_second, "mean_seq_len": mean_len,
                 "steps": result.steps, "peak_rss_mb": _rss_mb(), "rss_over_baseline_mb": _rss_mb() - base_rss})
     return out
 
@@ -118,6 +129,7 @@ def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int 
             "windows": steps * batch_size, "cache_dir": str(Path(tmp) / "cache"),
         }
         configs = [
+            {"name": "matmul_peak", "mode": "peak", "needs_teacher": False},
             {"name": "cache_build", "mode": "build", "needs_teacher": True},
             {"name": "sad_cached", "method": {"loss": "sad"}, "mode": "cached", "needs_teacher": True},
             {"name": "token_kd_cached", "method": {"loss": "token_kd"}, "mode": "cached", "needs_teacher": True},
@@ -130,7 +142,8 @@ def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int 
             if progress:
                 progress(c["name"])
             runs[c["name"]] = _in_subprocess({**common, **c})
-    build, sad_c, kd_c, sft, sad_o, kd_o = (runs[c["name"]] for c in configs)
+    peak, build, sad_c, kd_c, sft, sad_o, kd_o = (runs[c["name"]] for c in configs)
+    peak_flops = peak["matmul_flops_per_s"]
     # The three-method sweep (sad, token_kd, sft), one pass each, then projected to distill.train.epochs:
     # online, both KD methods run the teacher at every step; cached, one build serves both.
     one_pass_online = sad_o["train_s"] + kd_o["train_s"] + sft["train_s"]
@@ -146,6 +159,10 @@ def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int 
         "tokens_per_s": {"sad": sad_c["tokens_per_s"], "token_kd": kd_c["tokens_per_s"], "sft": sft["tokens_per_s"],
                          "sad_online": sad_o["tokens_per_s"], "token_kd_online": kd_o["tokens_per_s"]},
         "sad_overhead_vs_token_kd": kd_c["tokens_per_s"] / sad_c["tokens_per_s"] - 1.0,
+        # Student FLOP/s (6N + attention, on real tokens) over a square fp32 matmul's FLOP/s, same run and threads.
+        "mfu": {"matmul_peak_flops_per_s": peak_flops,
+                "sft": sft["student_flops_per_s"] / peak_flops, "sad_cached": sad_c["student_flops_per_s"] / peak_flops,
+                "token_kd_cached": kd_c["student_flops_per_s"] / peak_flops},
         "cache": {
             "bytes": build["cache_bytes"], "full_logits_bytes": build["full_logits_bytes"],
             "bytes_ratio": build["cache_bytes"] / build["full_logits_bytes"],

@@ -82,9 +82,9 @@ def scale_student(p: Params, size: str) -> dict[str, Any]:
     return stages.run_scale(p, size)
 
 
-@task(name="register-best-student", **RETRY)
-def register_best_student(p: Params) -> dict[str, Any]:
-    return stages.run_register(p)
+@task(name="select-candidate", **RETRY)
+def select_candidate(p: Params) -> dict[str, Any]:
+    return stages.run_select(p)
 
 
 @task(name="write-report", **RETRY)

@@ -38,6 +38,9 @@ def test_batched_generation_matches_one_at_a_time(trained_model, tokenizer):
     batched = [g.text for g in agent.generate(contexts)]
     single = [agent.generate([c])[0].text for c in contexts]
     assert batched == single
+    # the growing-cache path with one padded prefill gives the same text as the static cache's row prefill
+    growing = LMAgent(trained_model, tokenizer, max_new_tokens=24, static_cache=False)
+    assert [g.text for g in growing.generate(contexts)] == batched
 
 
 def test_generation_stops_after_the_action_line(trained_model, tokenizer):

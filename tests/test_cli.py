@@ -42,14 +42,6 @@ def test_env_benchmark_prints_reset_time_and_steps_per_second(tmp_path):
         assert m["steps_per_s"] > 0 and m["reset_ms_mean"] > 0 and m["expert_success_rate"] == 1.0
 
 
-def test_bench_train_reports_every_method_and_the_cache(tmp_path):
-    out = _run("bench", "train", "--steps", "2", "--batch-size", "2", "--max-tokens", "128", "--json",
-               "--params", str(Path(__file__).resolve().parents[1] / "params.yaml"), cwd=tmp_path)
-    assert set(out["tokens_per_s"]) == {"sad", "token_kd", "sft", "sad_online", "token_kd_online"}
-    assert all(v > 0 for v in out["tokens_per_s"].values())
-    assert 0 < out["cache"]["bytes_ratio"] < 0.1 and out["cache"]["build_s"] > 0
-
-
 def test_segment_text_cuts_a_numbered_transcript_and_rejects_a_broken_one(tmp_path):
     good = tmp_path / "t.txt"
     good.write_text("Question: q?\nThought 1: look.\nAction 1: Search[x]\nObservation 1: x is y.\n"
@@ -63,3 +55,46 @@ def test_segment_text_cuts_a_numbered_transcript_and_rejects_a_broken_one(tmp_pa
     bad.write_text("Question: q?\nThought 1: look.\nObservation 1: x\n")
     result = subprocess.run([SAD, "segment-text", str(bad), "--markers", "hotpotqa"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "bad.txt: line 3" in result.stderr and "ACT line" in result.stderr
+
+
+def test_bench_suite_prints_every_section_and_target(tmp_path):
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(repo / "profiles", tmp_path / "profiles")
+    assert subprocess.run([SAD, "profile", "tiny"], cwd=tmp_path, capture_output=True, timeout=120).returncode == 0
+    out = _run("bench", "--quick", "--json", "--output", "bench.json", cwd=tmp_path)
+    assert set(out) >= {"rollout", "training", "student_vs_teacher", "pipeline", "targets", "machine"}
+    assert out["rollout"]["speedup_episodes_per_s"] > 0 and out["rollout"]["same_steps"] is True
+    assert 0 < out["training"]["mfu"]["sft"] < 1.5 and out["training"]["mfu"]["matmul_peak_flops_per_s"] > 1e8
+    assert set(out["training"]["tokens_per_s"]) == {"sad", "token_kd", "sft", "sad_online", "token_kd_online"}
+    assert 0 < out["training"]["cache"]["bytes_ratio"] < 0.1
+    assert out["student_vs_teacher"]["student"]["parameters"] < out["student_vs_teacher"]["teacher"]["parameters"]
+    assert out["pipeline"]["prefect"]["flow_run_s"] > 0
+    assert "skipped" in out["pipeline"]["noop_dvc_repro"]  # no pipeline has run in this folder
+    targets = out["targets"]
+    assert targets["cache_bytes_ratio"]["met"] in (True, False) and targets["noop_dvc_repro_s"]["met"] is None
+    assert json.loads((tmp_path / "bench.json").read_text())["targets"] == targets
+
+
+def test_schedule_needs_a_server_and_a_valid_cron(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run([SAD, "schedule"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "prefect server start --host 127.0.0.1" in result.stderr
+    env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # never contacted: the cron is checked first
+    result = subprocess.run([SAD, "schedule", "--cron", "0 3 * *"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "not a valid cron expression" in result.stderr, result.stderr[-1500:]
+
+
+def test_registry_rollback_without_history_says_so(tmp_path):
+    import shutil
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    result = subprocess.run([SAD, "registry", "rollback"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no previous champion" in result.stderr, result.stderr[-1500:]

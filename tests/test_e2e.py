@@ -141,3 +141,82 @@ def test_second_repro_is_a_no_op(pipeline_run):
     assert result.returncode == 0, result.stderr
     assert "Running stage" not in result.stdout
     assert "Data and pipelines are up to date" in result.stdout or "didn't change" in result.stdout
+
+
+# ---------------------------------------------------------------- model lifecycle (run in file order)
+def _sad(args: list[str], repo: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return _run([str(Path(sys.executable).parent / "sad"), *args], repo, env, timeout=timeout)
+
+
+def _versions(repo: Path, env: dict[str, str]) -> dict[str, dict]:
+    listed = _sad(["registry", "list", "--json"], repo, env, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    return {row["version"]: row for row in json.loads(listed.stdout.strip().splitlines()[-1])}
+
+
+def test_a_worse_retrain_is_registered_but_not_promoted(pipeline_run):
+    repo, env, _ = pipeline_run
+    # a DVC experiment over a distillation parameter: a learning rate that leaves students untrained
+    result = _sad(["pipeline", "--set", "distill.train.lr=0.0000001"], repo, env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    decision = json.loads((repo / "reports" / "registry.json").read_text())
+    assert decision["version"] == "2" and decision["promoted"] is False
+    assert decision["champion_before"] == decision["champion_after"] == "1"
+    assert any("does not beat" in r for r in decision["reasons"])  # higher dev CE than the champion's
+    versions = _versions(repo, env)
+    assert versions["1"]["aliases"] == ["champion"] and versions["2"]["aliases"] == ["challenger"]
+    assert "kept champion" in versions["2"]["decision"]
+    exps = _run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--json"], repo, env, timeout=120)
+    assert exps.returncode == 0 and "1e-07" in exps.stdout.replace("0.0000001", "1e-07")
+
+
+def test_rollback_restores_the_previous_champion(pipeline_run):
+    repo, env, _ = pipeline_run
+    promoted = _sad(["registry", "promote", "2", "--reason", "e2e: by hand"], repo, env, timeout=120)
+    assert promoted.returncode == 0, promoted.stderr
+    assert "champion" in _versions(repo, env)["2"]["aliases"]
+    rolled = _sad(["registry", "rollback"], repo, env, timeout=120)
+    assert rolled.returncode == 0 and "from v2 to v1" in rolled.stdout, rolled.stderr
+    assert "champion" in _versions(repo, env)["1"]["aliases"]
+
+
+def test_a_second_retrain_at_once_is_refused(pipeline_run):
+    from filelock import FileLock
+
+    repo, env, _ = pipeline_run
+    with FileLock(str(repo / ".retrain.lock")):  # a retrain in flight holds this lock
+        result = _sad(["pipeline"], repo, env, timeout=300)
+    assert result.returncode == 2 and "another retrain is running" in result.stderr, result.stderr[-2000:]
+    assert "champion" in _versions(repo, env)["1"]["aliases"]
+
+
+def test_scheduled_deployment_runs_on_a_real_prefect_server(pipeline_run, tmp_path):
+    from flows.server import start_server, stop_server
+
+    repo, env, _ = pipeline_run
+    server, api = start_server(tmp_path / "prefect-server.log")
+    served = None
+    try:
+        env2 = {**env, "PREFECT_API_URL": api}
+        served = subprocess.Popen([str(Path(sys.executable).parent / "sad"), "schedule", "--cron", "0 3 * * 0"],
+                                  cwd=repo, env=env2, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        prefect = str(Path(sys.executable).parent / "prefect")
+        deadline = time.monotonic() + 120
+        while True:  # the serve process registers the deployment
+            shown = _run([prefect, "deployment", "inspect", "retrain/scheduled"], repo, env2, timeout=60)
+            if shown.returncode == 0:
+                break
+            assert time.monotonic() < deadline and served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(2)
+        assert "0 3 * * 0" in shown.stdout  # the cron schedule is on the deployment
+        ran = _run([prefect, "deployment", "run", "retrain/scheduled", "--watch", "--watch-timeout", "400"], repo, env2,
+                   timeout=450)
+        assert ran.returncode == 0 and "Completed" in ran.stdout, ran.stdout[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
+        decision = json.loads((repo / "reports" / "registry.json").read_text())
+        assert decision["promoted"] is False and "unchanged" in decision["reason"]  # nothing new since v2
+    finally:
+        if served is not None:
+            stop_server(served)
+        stop_server(server)
+    assert served.poll() is not None and server.poll() is not None  # everything the test started is gone

@@ -1,16 +1,54 @@
-"""The registry against a real MLflow SQLite store: register, gate, promote."""
+"""The registry against a real MLflow SQLite store: gates, register, promote, roll back."""
 
 import pytest
 
-from sad.config import TrackingParams
-from sad.registry import CHALLENGER, CHAMPION, champion_version, decide, register_and_promote
+from sad.config import RegisterParams, TrackingParams
+from sad.registry import (CHALLENGER, CHAMPION, RegistryError, Standing, champion, check_gates, find_version,
+                          gate_and_promote, list_versions, promote, register_candidate, rollback, weights_hash)
 
 
-def test_decide():
-    assert decide(0.5, None, 0.0) == (True, "no current champion")
-    assert decide(0.6, 0.5, 0.0)[0] is True
-    assert decide(0.5, 0.5, 0.0)[0] is False
-    assert decide(0.55, 0.5, 0.1)[0] is False
+def standing(value=0.4, success=0.4, envs=None, teacher=0.5, metric="success_rate"):
+    return Standing(metric, value, success, envs or {"alfworld": success, "webshop": success}, teacher)
+
+
+GATES = RegisterParams(min_improvement=0.0, max_env_regression=0.05, min_teacher_share=0.5)
+
+
+def test_first_candidate_needs_only_the_teacher_share():
+    ok, reasons = check_gates(standing(success=0.3, teacher=0.5), None, GATES)
+    assert ok and any("no current champion" in r for r in reasons)
+    ok, reasons = check_gates(standing(success=0.2, teacher=0.5), None, GATES)  # 0.2 < 0.5 x 0.5
+    assert not ok and any(r.startswith("FAIL teacher share") for r in reasons)
+
+
+def test_gate_metric_must_beat_the_champion_by_the_margin():
+    assert check_gates(standing(0.5, 0.5), standing(0.4, 0.4), GATES)[0]
+    ok, reasons = check_gates(standing(0.4, 0.4), standing(0.4, 0.4), GATES)  # a tie is not a win
+    assert not ok and any("does not beat" in r for r in reasons)
+    margin = RegisterParams(min_improvement=0.2)
+    assert not check_gates(standing(0.55, 0.55), standing(0.4, 0.4), margin)[0]
+
+
+def test_lower_is_better_metrics_gate_in_their_direction():
+    gates = RegisterParams(gate_metric="dev_ce")
+    better = standing(value=2.0, metric="dev_ce")
+    worse = standing(value=3.0, metric="dev_ce")
+    assert check_gates(better, worse, gates)[0]
+    ok, reasons = check_gates(worse, better, gates)
+    assert not ok and any("lower is better" in r for r in reasons)
+
+
+def test_an_environment_regressing_beyond_the_tolerance_blocks_promotion():
+    champ = standing(0.40, 0.40, {"alfworld": 0.6, "webshop": 0.2})
+    cand = standing(0.45, 0.45, {"alfworld": 0.5, "webshop": 0.4})  # better overall, alfworld -0.10
+    ok, reasons = check_gates(cand, champ, GATES)
+    assert not ok and any("alfworld -0.100" in r for r in reasons)
+    assert check_gates(cand, champ, RegisterParams(max_env_regression=0.15))[0]
+
+
+def test_a_champion_gated_on_another_metric_is_not_compared():
+    ok, reasons = check_gates(standing(metric="dev_ce"), standing(), RegisterParams(gate_metric="dev_ce"))
+    assert not ok and any("not comparable" in r for r in reasons)
 
 
 @pytest.fixture()
@@ -21,31 +59,51 @@ def tracking(tmp_path, monkeypatch):
                           experiment="test", registered_model="test-student")
 
 
-def test_champion_moves_only_for_a_better_student(tmp_path, tracking, tiny_model_factory, tokenizer):
+def test_register_gate_promote_and_roll_back(tmp_path, tracking, tiny_model_factory, tokenizer):
     import mlflow
 
     from sad.modeling import save_model
     from sad.tracking import stage_run
 
-    model_dir = tmp_path / "student"
-    save_model(tiny_model_factory(), tokenizer, model_dir, {"method": "sad"})
+    dirs = []
+    for seed in range(3):
+        d = tmp_path / f"student{seed}"
+        save_model(tiny_model_factory(seed=seed), tokenizer, d, {"method": "sad"})
+        dirs.append(d)
+    gates = RegisterParams()
 
-    with stage_run(tracking, "register"):
-        first = register_and_promote(model_dir, {"method": "sad"}, 0.4, tracking, 0.0)
-    with stage_run(tracking, "register"):
-        worse = register_and_promote(model_dir, {"method": "sft"}, 0.3, tracking, 0.0)
-    assert first.promoted and not worse.promoted
-    assert champion_version(tracking) == (first.version, 0.4)
+    def retrain(model_dir, s):
+        with stage_run(tracking, "retrain"):
+            version = register_candidate(model_dir, {"method": "sad", "seed": 0}, s, tracking)
+        return gate_and_promote(tracking, version, s, gates)
 
+    first = retrain(dirs[0], standing(0.4, 0.4))
+    assert first.promoted and first.champion_before is None and champion(tracking)[0] == first.version
+    worse = retrain(dirs[1], standing(0.3, 0.3))
+    assert not worse.promoted and champion(tracking)[0] == first.version  # champion unchanged
     client = mlflow.MlflowClient()
-    assert str(client.get_model_version_by_alias(tracking.registered_model, CHALLENGER).version) == worse.version
-    assert "does not beat" in client.get_model_version(tracking.registered_model, worse.version).tags["sad.promotion"]
+    name = tracking.registered_model
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == worse.version
+    assert "does not beat" in client.get_model_version(name, worse.version).tags["sad.promotion"]
+    assert find_version(tracking, weights_hash(dirs[1])) == worse.version
+    assert "method `sad`" in client.get_model_version(name, worse.version).description  # the model card
 
-    with stage_run(tracking, "register"):
-        better = register_and_promote(model_dir, {"method": "token_kd"}, 0.5, tracking, 0.0)
-    assert better.promoted and champion_version(tracking)[0] == better.version
+    better = retrain(dirs[2], standing(0.5, 0.5))
+    assert better.promoted and champion(tracking)[0] == better.version
+    assert champion(tracking)[1].gate_value == 0.5
+
+    assert rollback(tracking) == (better.version, first.version)
+    assert champion(tracking)[0] == first.version
+    with pytest.raises(RegistryError, match="no previous champion"):
+        rollback(tracking)
+    promote(tracking, worse.version, "by hand")
+    assert champion(tracking)[0] == worse.version
+    with pytest.raises(RegistryError, match="no version '99'"):
+        promote(tracking, "99", "typo")
+    rows = list_versions(tracking)
+    assert [r["version"] for r in rows] == ["3", "2", "1"] and "champion" in rows[1]["aliases"]
 
     # the champion loads through MLflow and generates text
-    pipe = mlflow.transformers.load_model(f"models:/{tracking.registered_model}@{CHAMPION}")
+    pipe = mlflow.transformers.load_model(f"models:/{name}@{CHAMPION}")
     out = pipe("[alfworld] You are in the middle of a room.", max_new_tokens=5, do_sample=False)
     assert isinstance(out[0]["generated_text"], str) and len(out[0]["generated_text"]) > 0

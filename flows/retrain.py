@@ -1,0 +1,189 @@
+"""The retrain flow: reproduce the pipeline with DVC, log the run to MLflow, register the candidate
+student, and move ``@champion`` only if the gates pass.
+
+``sad pipeline`` runs it once; ``sad schedule`` serves it as a cron-scheduled deployment. One
+retrain at a time per project folder (a file lock, plus the deployment's concurrency limit of 1):
+a second one waits ``retrain.lock_timeout_s`` and then refuses, so two runs can never both promote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from sad.config import Params, load_params
+from sad.io import write_json_atomic
+from sad.tracking import flatten, git_commit, log_metrics, redact, stage_run
+
+log = logging.getLogger("sad.retrain")
+
+LOCK_FILE = ".retrain.lock"
+
+
+class RetrainBusy(RuntimeError):
+    """Another retrain holds the project's lock."""
+
+
+@contextlib.contextmanager
+def single_flight(project: Path, timeout_s: float) -> Iterator[None]:
+    """Hold the project's retrain lock, or raise :class:`RetrainBusy` after ``timeout_s``."""
+    lock = FileLock(str(project / LOCK_FILE))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise RetrainBusy(f"another retrain is running in {project} (lock {project / LOCK_FILE}); "
+                          f"waited {timeout_s:.0f}s (retrain.lock_timeout_s). Try again when it has finished.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _dvc() -> str:
+    path = Path(sys.executable).with_name("dvc")
+    return str(path) if path.exists() else "dvc"
+
+
+def dvc_command(set_params: list[str], force: bool, target: str | None) -> list[str]:
+    """``dvc exp run -S k=v ...`` when parameters are set (an experiment), else ``dvc repro``."""
+    if set_params:
+        cmd = [_dvc(), "exp", "run"]
+        for item in set_params:
+            if "=" not in item:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.train.lr=0.001")
+            cmd += ["-S", item]
+    else:
+        cmd = [_dvc(), "repro"]
+    return cmd + (["--force"] if force else []) + ([target] if target else [])
+
+
+@task(name="dvc-repro", cache_policy=NO_CACHE)
+def reproduce(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run DVC (its cache decides what reruns); output streams to the console, the tail goes into errors."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    stages_run = 0
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        tail = (tail + [line])[-40:]
+        stages_run += line.startswith("Running stage")
+    code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed with exit code {code}:\n" + "".join(tail))
+    return {"seconds": time.perf_counter() - started, "stages_run": stages_run}
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def push(remote: str, env: dict[str, str]) -> None:
+    subprocess.run([_dvc(), "push", "-r", remote], env=env, check=True)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "none"
+
+
+@task(name="register-and-gate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_and_gate(p: Params, repro: dict[str, Any]) -> dict[str, Any]:
+    """Log the retrain run (params, metrics, reports, DVC lock hash, git commit), register the
+    candidate unless these exact weights are registered already, then gate and maybe promote."""
+    import mlflow
+
+    from sad import registry as reg
+    from sad.stages import candidate_file
+
+    path = candidate_file(p)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no candidate (the select stage did not run; see the dvc output above)")
+    candidate = json.loads(path.read_text())
+    standing = reg.Standing(**candidate["standing"])
+    provenance = {"dvc_lock_sha256": file_sha256(Path("dvc.lock")), "git_commit": git_commit()}
+    tags = {"sad.dvc_lock_sha256": provenance["dvc_lock_sha256"], "sad.candidate": f"{candidate['method']}/seed{candidate['seed']}"}
+    with stage_run(p.tracking, "retrain", tags=tags) as run:
+        mlflow.log_params({k: str(v)[:6000] for k, v in redact(flatten(p.model_dump(by_alias=True))).items()})
+        report = Path(p.path("metrics", "report.json"))
+        if report.is_file():
+            log_metrics(json.loads(report.read_text()), prefix="report/")
+        log_metrics({"gate_value": standing.gate_value, "success_rate": standing.success_rate,
+                     "teacher_success_rate": standing.teacher_success_rate, "repro_seconds": repro["seconds"],
+                     "stages_run": repro["stages_run"]}, prefix="candidate/")
+        for name in sorted(p.path("reports").glob("*")):
+            if name.suffix in (".md", ".png", ".json"):
+                mlflow.log_artifact(str(name), "reports")
+        for name in ("dvc.lock", "params.yaml"):
+            if Path(name).is_file():
+                mlflow.log_artifact(name)
+        existing = reg.find_version(p.tracking, candidate["weights_sha256"])
+        if existing is not None:
+            current = reg.champion(p.tracking)
+            holder = current[0] if current else None
+            decision = reg.Decision(existing, False, [f"unchanged: this student is already registered as v{existing}"],
+                                    holder, holder, candidate["standing"])
+        else:
+            card = {**candidate["card"], **provenance}
+            version = reg.register_candidate(Path(candidate["model_dir"]), card, standing, p.tracking)
+            decision = reg.gate_and_promote(p.tracking, version, standing, p.registration)
+        out = {"candidate": f"{candidate['method']}/seed{candidate['seed']}", "run_id": run.info.run_id,
+               "version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
+               "reasons": decision.reasons, "champion_before": decision.champion_before,
+               "champion_after": decision.champion_after, "standing": candidate["standing"], **provenance}
+        mlflow.log_dict(out, "decision.json")
+        mlflow.set_tag("sad.decision", ("promoted v" if decision.promoted else "not promoted v") + str(decision.version))
+    write_json_atomic(p.path("reports", "registry.json"), out)
+    log.info("retrain: v%s %s (%s)", decision.version, "PROMOTED to @champion" if decision.promoted else "not promoted",
+             decision.reason)
+    return out
+
+
+@flow(name="retrain", log_prints=False)
+def retrain_flow(project_dir: str | None = None, params_path: str = "params.yaml", set_params: list[str] | None = None,
+                 force: bool = False, target: str | None = None, preload: bool = True) -> dict[str, Any]:
+    """Reproduce the pipeline (DVC), then register the candidate and promote it if the gates pass.
+
+    ``set_params`` (``KEY=VALUE``) runs a DVC experiment (``dvc exp run -S``) in the workspace;
+    ``target`` reproduces up to one stage and registers nothing.
+    """
+    from flows.server import pipeline_services
+    from sad.tracking import tracking_uri
+
+    if project_dir:
+        os.chdir(project_dir)
+    project = Path.cwd()
+    p = load_params(params_path)
+    cmd = dvc_command(list(set_params or []), force, target)
+    with single_flight(project, p.retrain.lock_timeout_s):
+        home = Path(os.environ.get("PREFECT_HOME", project / ".prefect"))
+        with pipeline_services(home, tracking_uri(p.tracking), Path(p.tracking.artifacts), preload) as services:
+            saved = {k: os.environ.get(k) for k in services}
+            os.environ.update(services)
+            try:
+                env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+                log.info("retrain in %s: %s", project, " ".join(cmd[1:]))
+                repro = reproduce.with_options(retries=p.retrain.retries,
+                                               retry_delay_seconds=p.retrain.retry_delay_s)(cmd, env)
+                if p.retrain.dvc_remote:
+                    push(p.retrain.dvc_remote, env)
+                if target:
+                    return {"target": target, **repro}
+                p = load_params(params_path)  # `dvc exp run -S` rewrote params.yaml
+                return {**register_and_gate(p, repro), "repro": repro}
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
