@@ -47,11 +47,12 @@ class LMAgent:
     """Batched greedy/sampled generation of one ``Thought/Action`` block per context."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-                 static_cache: bool = True):
+                 static_cache: bool = True, row_prefill: bool = True):
         self.model = model.eval()
         # A preallocated KV cache written in place: a growing cache re-copies every layer's keys and
         # values at each generated token (O(context) bytes per token, the decode loop's main cost on CPU).
         self.static_cache = static_cache
+        self.row_prefill = row_prefill
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -72,27 +73,38 @@ class LMAgent:
 
     def _prefill_rows(self, contexts: list[list[int]], width: int):
         """Prefill each context on its own (no padding, causal attention without a mask: the fast SDPA
-        path) and copy its keys/values into a preallocated batch cache, left-aligned to ``width``.
+        path) and copy its keys/values into one batch cache, left-aligned to ``width``: a preallocated
+        static cache [B, heads, width + max_new_tokens, head_dim] or a growing one [B, heads, width, head_dim].
 
-        Returns (cache holding ``width`` positions [B, heads, width + max_new_tokens, head_dim], logits [B, V]).
+        Returns (cache, last-position logits [B, V]).
         """
         from transformers import DynamicCache, StaticCache
 
         config = self.model.config
-        cache = StaticCache(config=config, max_cache_len=width + self.max_new_tokens)
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        cache.early_initialization(len(contexts), heads, head_dim, next(self.model.parameters()).dtype, self.device)
+        dtype = next(self.model.parameters()).dtype
+        if self.static_cache:
+            cache = StaticCache(config=config, max_cache_len=width + self.max_new_tokens)
+            cache.early_initialization(len(contexts), heads, head_dim, dtype, self.device)
+            targets = [(layer.keys, layer.values) for layer in cache.layers]
+        else:
+            shape = (len(contexts), heads, width, head_dim)
+            targets = [(torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+                       for _ in range(config.num_hidden_layers)]
         last_logits = []
         for row, ctx in enumerate(contexts):
             ids = torch.tensor([ctx], dtype=torch.long, device=self.device)
             own, logits = self._forward(DynamicCache(config=config), input_ids=ids)
-            for layer, source in zip(cache.layers, own.layers):
-                layer.keys[row, :, width - len(ctx):width] = source.keys[0]
-                layer.values[row, :, width - len(ctx):width] = source.values[0]
+            for (keys, values), source in zip(targets, own.layers):
+                keys[row, :, width - len(ctx):width] = source.keys[0]
+                values[row, :, width - len(ctx):width] = source.values[0]
             last_logits.append(logits[0])
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(width)
+        if self.static_cache:
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(width)
+        else:
+            cache = DynamicCache(ddp_cache_data=targets, config=config)
         return cache, torch.stack(last_logits)
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
@@ -116,7 +128,9 @@ class LMAgent:
             attention[i, width - len(ctx):] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        if self.static_cache:
+        if self.row_prefill and batch > 1:
+            past, logits = self._prefill_rows(contexts, width)
+        elif self.static_cache:
             past, logits = self._prefill_rows(contexts, width)
         else:
             past, logits = self._forward(None, input_ids=input_ids, attention_mask=attention, position_ids=positions)

@@ -9,6 +9,7 @@ peak memory (``ru_maxrss``) is its own.
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import subprocess
@@ -106,7 +107,10 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def _in_subprocess(config: dict[str, Any]) -> dict[str, Any]:
     code = "import json,sys; from sad.trainbench import run_config; print(json.dumps(run_config(json.loads(sys.argv[1]))))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True)
+    # -P and PYTHONPATH: the child imports the same `sad` as this process, whatever folder it runs in.
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-P", "-c", code, json.dumps(config)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark configuration {config['name']} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -39,7 +39,7 @@ def test_batched_generation_matches_one_at_a_time(trained_model, tokenizer):
     single = [agent.generate([c])[0].text for c in contexts]
     assert batched == single
     # the growing-cache path with one padded prefill gives the same text as the static cache's row prefill
-    growing = LMAgent(trained_model, tokenizer, max_new_tokens=24, static_cache=False)
+    growing = LMAgent(trained_model, tokenizer, max_new_tokens=24, static_cache=False, row_prefill=False)
     assert [g.text for g in growing.generate(contexts)] == batched
 
 

@@ -1,0 +1,33 @@
+"""FLOP counts by hand, and the accelerator benchmark's code path run on CPU."""
+
+import yaml
+
+from sad.perf import inference_flops_per_token, matmul_peak_flops, train_flops_per_token
+
+
+def test_flop_counts_by_hand():
+    # 6N + 6 L d S: N=1000, L=2, d=8, S=10 -> 6000 + 960
+    assert train_flops_per_token(1000, 2, 8, 10) == 6960
+    # 2N + 4 L d C: N=1000, L=2, d=8, C=10 -> 2000 + 640
+    assert inference_flops_per_token(1000, 2, 8, 10) == 2640
+
+
+def test_matmul_peak_is_positive_and_plausible():
+    peak = matmul_peak_flops(n=256, seconds=0.2)
+    assert 1e8 < peak < 1e13
+
+
+def test_gpu_benchmark_runs_on_cpu(tmp_path, capsys):
+    from sad.gpubench import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "tokenizer": {"vocab_size": 300}, "context": {"max_tokens": 128, "max_new_tokens": 16},
+        "teacher": {"arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+        "distill": {"student": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}},
+    }))
+    out = main(["--device", "cpu", "--params", str(params), "--json"])
+    assert out["device"] == "cpu" and out["matmul_peak_flops_per_s"] > 0
+    for name in ("student", "teacher"):
+        assert 0 < out[f"train_{name}"]["mfu"] < 2 and out[f"train_{name}"]["tokens_per_s"] > 0
+        assert out[f"rollout_{name}"]["batched"]["rows"] == 8 and out[f"rollout_{name}"]["speedup"] > 0
