@@ -52,3 +52,10 @@ def test_bad_jsonl_line_is_named(tmp_path):
     path.write_text('{"ok": 1}\n{broken\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         read_jsonl(path)
+
+
+def test_invalid_utf8_line_is_named(tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_bytes(b'{"a": 1}\n{"b": "\xff\xfe"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: not valid UTF-8"):
+        read_jsonl(bad)
