@@ -128,14 +128,14 @@ def register_and_gate(p: Params, repro: dict[str, Any]) -> dict[str, Any]:
             if Path(name).is_file():
                 mlflow.log_artifact(name)
         existing = reg.find_version(p.tracking, candidate["weights_sha256"])
-        if existing is not None:
+        if existing is not None and reg.decision_of(p.tracking, existing) is not None:
             current = reg.champion(p.tracking)
             holder = current[0] if current else None
             decision = reg.Decision(existing, False, [f"unchanged: this student is already registered as v{existing}"],
                                     holder, holder, candidate["standing"])
-        else:
+        else:  # new weights, or registered but never gated (a crash or a retry between the two steps)
             card = {**candidate["card"], **provenance}
-            version = reg.register_candidate(Path(candidate["model_dir"]), card, standing, p.tracking)
+            version = existing or reg.register_candidate(Path(candidate["model_dir"]), card, standing, p.tracking)
             decision = reg.gate_and_promote(p.tracking, version, standing, p.registration)
         out = {"candidate": f"{candidate['method']}/seed{candidate['seed']}", "run_id": run.info.run_id,
                "version": decision.version, "promoted": decision.promoted, "reason": decision.reason,

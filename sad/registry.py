@@ -162,6 +162,11 @@ def find_version(tracking: TrackingParams, weights_sha256: str) -> str | None:
     return None
 
 
+def decision_of(tracking: TrackingParams, version: str) -> str | None:
+    """The promotion decision recorded on ``version``, or None if it was never gated."""
+    return _client(tracking).get_model_version(tracking.registered_model, version).tags.get(DECISION_TAG)
+
+
 def register_candidate(model_dir: Path, card: dict[str, Any], standing: Standing, tracking: TrackingParams) -> str:
     """Log the student in the active MLflow run (transformers flavor, tokenizer and model card
     included), register it, tag its standing and point ``@challenger`` at it. Returns the version.

@@ -3,7 +3,7 @@
 import pytest
 
 from sad.config import RegisterParams, TrackingParams
-from sad.registry import (CHALLENGER, CHAMPION, RegistryError, Standing, champion, check_gates, find_version,
+from sad.registry import (CHALLENGER, CHAMPION, RegistryError, Standing, champion, check_gates, decision_of, find_version,
                           gate_and_promote, list_versions, promote, register_candidate, rollback, weights_hash)
 
 
@@ -77,7 +77,10 @@ def test_register_gate_promote_and_roll_back(tmp_path, tracking, tiny_model_fact
             version = register_candidate(model_dir, {"method": "sad", "seed": 0}, s, tracking)
         return gate_and_promote(tracking, version, s, gates)
 
-    first = retrain(dirs[0], standing(0.4, 0.4))
+    with stage_run(tracking, "retrain"):  # registered, then a crash before the gates ran
+        ungated = register_candidate(dirs[0], {"method": "sad", "seed": 0}, standing(0.4, 0.4), tracking)
+    assert decision_of(tracking, ungated) is None and champion(tracking) is None
+    first = gate_and_promote(tracking, ungated, standing(0.4, 0.4), gates)  # what the retried flow does
     assert first.promoted and first.champion_before is None and champion(tracking)[0] == first.version
     worse = retrain(dirs[1], standing(0.3, 0.3))
     assert not worse.promoted and champion(tracking)[0] == first.version  # champion unchanged
