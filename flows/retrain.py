@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from sad.config import Params, load_params
 from sad.io import write_json_atomic
 from sad.tracking import flatten, git_commit, log_metrics, redact, stage_run
+from tasks.stages import retry_if_transient
 
 log = logging.getLogger("sad.retrain")
 
@@ -88,7 +89,7 @@ def reproduce(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "stages_run": stages_run}
 
 
-@task(name="dvc-push", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="dvc-push", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
 def push(remote: str, env: dict[str, str]) -> None:
     subprocess.run([_dvc(), "push", "-r", remote], env=env, check=True)
 
@@ -97,7 +98,8 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "none"
 
 
-@task(name="register-and-gate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="register-and-gate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
 def register_and_gate(p: Params, repro: dict[str, Any]) -> dict[str, Any]:
     """Log the retrain run (params, metrics, reports, DVC lock hash, git commit), register the
     candidate unless these exact weights are registered already, then gate and maybe promote."""

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sad.config import Params
-from sad.envs.base import Environment, Expert, Task
-from sad.io import read_jsonl, write_jsonl_atomic
+from sad.envs.base import Environment, Expert, Task, UnsafePathError, task_location
+from sad.io import read_jsonl_numbered, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,23 @@ def load_tasks(root: Path, env: str, split: str) -> list[Task]:
     manifest = Path(root) / env / f"{split}.jsonl"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: task manifest not found (run the 'tasks' stage first)")
-    tasks = []
-    for i, row in enumerate(read_jsonl(manifest), 1):
+    tasks: list[Task] = []
+    seen: set[str] = set()
+    for i, row in read_jsonl_numbered(manifest):
         try:
-            tasks.append(Task.from_dict(row))
-        except KeyError as exc:
-            raise ValueError(f"{manifest}:{i}: task entry lacks field {exc}") from None
+            task = Task.from_dict(row)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{manifest}:{i}: not a task entry (missing or malformed field {exc})") from None
+        if task.env != env:
+            raise ValueError(f"{manifest}:{i}: task {task.task_id} belongs to env {task.env!r}, not {env!r}")
+        if task.task_id in seen:
+            raise ValueError(f"{manifest}:{i}: duplicate task id {task.task_id!r}")
+        try:
+            task_location(root, task)
+        except UnsafePathError as exc:
+            raise UnsafePathError(f"{manifest}:{i}: {exc}") from None
+        seen.add(task.task_id)
+        tasks.append(task)
     return tasks
 
 

@@ -57,7 +57,12 @@ def load_model(path: str | Path, trust_remote_code: bool = False):
     path = Path(path)
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors checkpoints are loaded)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - safetensors, json and transformers raise many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: cannot load the model ({first}); the weights or config.json are damaged or "
+                         "half-written: rerun the stage that writes this folder") from exc
     model.eval()
     return model
 

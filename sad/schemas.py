@@ -173,7 +173,10 @@ def validate(df: pd.DataFrame, schema: type[pa.DataFrameModel], what: str) -> pd
                     episodes = sorted({str(e) for e in df.loc[idx, "episode_id"].tolist()})
                 where = f" in episode(s) {', '.join(episodes[:5])}" + (" …" if len(episodes) > 5 else "") if episodes else ""
                 col = "" if pd.isna(column) else f" [column {column}]"
-                lines.append(f"  - check {check!s}{col}{where}: {len(group)} failure(s)")
+                named = ""
+                if str(check) in ("column_in_dataframe", "column_in_schema") and "failure_case" in group:
+                    named = " (" + ", ".join(sorted(str(c) for c in group["failure_case"])) + ")"
+                lines.append(f"  - check {check!s}{col}{named}{where}: {len(group)} failure(s)")
         else:
             lines.append(f"  - {exc}")
         raise SchemaViolation("\n".join(lines)) from None

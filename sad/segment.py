@@ -110,6 +110,13 @@ def episode_windows(episode: Episode, tokenizer, max_tokens: int, history_steps:
     step_first_piece = list(range(1, len(ranges), 3))
     prompt_len = prompt_range[1] - prompt_range[0]
     lengths = [rs[-1][1] - rs[0][0] for rs in steps]
+    for s, (reason_range, act_range, _) in enumerate(steps):
+        generated = (reason_range[1] - reason_range[0]) + (act_range[1] - act_range[0])
+        if prompt_len + generated > max_tokens:
+            raise SegmentationError(
+                f"episode {episode.episode_id}: step {s}: its thought and action take {generated} tokens, more than "
+                f"the {max_tokens - prompt_len} left after the {prompt_len}-token prompt (context.max_tokens="
+                f"{max_tokens}); raise context.max_tokens or drop the episode")
 
     window_rows, span_rows = [], []
     for w, chunk in enumerate(_step_chunks(lengths, prompt_len, max_tokens, history_steps)):
@@ -207,7 +214,12 @@ def load_windows(folder) -> pd.DataFrame:
     path = Path(folder) / "windows.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (run the 'segment' stage first)")
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise ValueError(f"{path}: unreadable Parquet file ({exc}); rerun the 'segment' stage") from None
     for col in ("input_ids", "reason_mask", "act_mask"):
+        if col not in df:
+            continue  # the schema names the missing column
         df[col] = df[col].map(lambda v: [int(x) for x in v])
     return validate(df, WindowSchema, str(path))

@@ -14,7 +14,7 @@ from typing import Any
 
 from sad.benchmarks import load_tasks, write_tasks
 from sad.config import Params
-from sad.io import atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from sad.io import atomic_dir, read_jsonl_numbered, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from sad.react import Episode, episode_text
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,24 @@ def eval_metrics_file(p: Params, agent: str) -> Path:
 
 
 def read_episodes(path: Path) -> list[Episode]:
+    """Episodes of a JSON-lines file; a malformed row or a repeated episode id names the file and line."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: not found (run the stage that writes it first)")
-    return [Episode.from_dict(d) for d in read_jsonl(path)]
+    episodes: list[Episode] = []
+    first_line: dict[str, int] = {}
+    for lineno, row in read_jsonl_numbered(path):
+        try:
+            episode = Episode.from_dict(row)
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"{path}:{lineno}: not an episode ({exc})") from None
+        if episode.episode_id in first_line:
+            raise ValueError(f"{path}:{lineno}: duplicate episode id {episode.episode_id!r} "
+                             f"(first on line {first_line[episode.episode_id]})")
+        first_line[episode.episode_id] = lineno
+        episodes.append(episode)
+    if not episodes:
+        raise ValueError(f"{path}: no episodes (the stage that wrote it produced none; check its log)")
+    return episodes
 
 
 def file_hash(path: Path) -> str:

@@ -19,7 +19,27 @@ from sad.config import Params
 from sad.envs.base import Task
 from sad.react import Episode
 
-RETRY = {"retries": 2, "retry_delay_seconds": 2, "cache_policy": NO_CACHE}
+# Bad input fails the same way every time: retrying it only delays the error. Everything else
+# (a locked SQLite store, a dropped connection, a full disk freed meanwhile) gets its retries.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, TypeError, FileNotFoundError,
+                                                     NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failure may pass on a retry (bad input and missing inputs never do)."""
+    return not isinstance(exc, PERMANENT_ERRORS)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed task run only when its exception is transient."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the task's own exception, re-raised by Prefect
+        return is_transient(exc)
+    return True
+
+
+RETRY = {"retries": 2, "retry_delay_seconds": 2, "cache_policy": NO_CACHE, "retry_condition_fn": retry_if_transient}
 
 
 @task(name="generate-tasks", **RETRY)
@@ -52,7 +72,8 @@ def train_teacher(p: Params, on_log=None) -> dict[str, Any]:
     return stages.run_teacher(p, on_log=on_log)
 
 
-@task(name="teacher-rollouts", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="teacher-rollouts", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
 def teacher_rollouts(p: Params) -> dict[str, Any]:
     return stages.run_rollout(p)
 
@@ -62,7 +83,8 @@ def segment_trajectories(p: Params) -> dict[str, Any]:
     return stages.run_segment(p)
 
 
-@task(name="cache-teacher-logits", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="cache-teacher-logits", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
 def cache_teacher_logits(p: Params) -> dict[str, Any]:
     return stages.run_teacher_logits(p)
 
@@ -72,7 +94,8 @@ def distill_student(p: Params, method: str, on_log=None) -> dict[str, Any]:
     return stages.run_distill(p, method, on_log=on_log)
 
 
-@task(name="evaluate-agent", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="evaluate-agent", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
 def evaluate_agent(p: Params, agent: str) -> dict[str, Any]:
     return stages.run_evaluate(p, agent)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sad.envs.base import Observation, Task
+from sad.envs.base import Observation, Task, task_location
 
 ENV_NAME = "alfworld"
 MAX_STEPS = 50
@@ -512,7 +512,7 @@ class AlfworldEnv:
         self.steps = 0
 
     def reset(self, task: Task, tasks_root: Path) -> Observation:
-        game = Path(tasks_root) / task.env / task.path / "game.tw-pddl"
+        game = task_location(tasks_root, task) / "game.tw-pddl"
         if not game.is_file():
             raise FileNotFoundError(f"{task.task_id}: game file not found: {game}")
         self._env.load(str(game))

@@ -48,6 +48,25 @@ class Task:
         )
 
 
+class UnsafePathError(ValueError):
+    """A path read from a data file points outside the folder it must stay in."""
+
+
+def contained_path(base: Path, relative: str, what: str) -> Path:
+    """``base / relative``, resolved; raises :class:`UnsafePathError` naming ``what`` if it leaves ``base``
+    (an absolute path, ``..`` segments, or a symlink pointing elsewhere)."""
+    root = Path(base).resolve()
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root):
+        raise UnsafePathError(f"{what}: path {relative!r} escapes its folder {root} (paths in data files must stay inside it)")
+    return target
+
+
+def task_location(tasks_root: Path, task: Task) -> Path:
+    """Where a task's files live: ``<tasks_root>/<env>/<task.path>``, never outside ``<tasks_root>/<env>``."""
+    return contained_path(Path(tasks_root) / task.env, task.path, f"task {task.task_id}")
+
+
 @dataclass
 class Observation:
     """What the agent sees after reset or a step."""

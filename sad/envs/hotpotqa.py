@@ -28,12 +28,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sad.envs.base import Observation, Task
+from sad.envs.base import Observation, Task, task_location
 from sad.envs.text import BM25Index
 from sad.envs.text import words as _tokens
 
 ENV_NAME = "hotpotqa"
 MAX_STEPS = 7  # ReAct's HotPotQA runs stop after 7 steps
+ECHO_LIMIT = 200  # an invalid action is echoed like the ReAct WikiEnv does, but a huge one is cut
 PAGE_SENTENCES = 5  # sentences a search shows (wikienv's get_page_obs)
 QUESTION_TYPES: tuple[str, ...] = ("bridge", "comparison")
 
@@ -157,7 +158,7 @@ class HotpotEnv:
         self.steps = 0
 
     def reset(self, task: Task, tasks_root: Path) -> Observation:
-        file = Path(tasks_root) / task.env / task.path
+        file = task_location(tasks_root, task)
         if not file.is_file():
             raise FileNotFoundError(f"{task.task_id}: question file not found: {file}")
         qid = task.meta.get("qid")
@@ -180,12 +181,14 @@ class HotpotEnv:
         return info
 
     def step(self, action: str) -> Observation:
+        action = str(action)
         if self._question is None or self._corpus is None:
             raise RuntimeError("step() before reset()")
         self.steps += 1
         match = _ACTION_RE.match(" ".join(str(action).split()))
         if match is None:
-            return self._obs(f"Invalid action: {action}", valid=False)
+            shown = action if len(action) <= ECHO_LIMIT else action[:ECHO_LIMIT] + "..."
+            return self._obs(f"Invalid action: {shown}", valid=False)
         verb, arg = match.group(1).lower(), match.group(2).strip()
         if verb == "finish":
             em = exact_match(arg, self._question["answer"])

@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sad.envs.base import Observation, Task
+from sad.envs.base import Observation, Task, task_location
 from sad.envs.text import BM25Index
 from sad.envs.text import words as _tokens
 
@@ -239,7 +239,7 @@ class WebShopEnv:
         self.steps = 0
 
     def reset(self, task: Task, tasks_root: Path) -> Observation:
-        folder = Path(tasks_root) / task.env / task.path
+        folder = task_location(tasks_root, task)
         self.catalogue = load_catalogue(str(folder))
         asin, index = task.meta.get("asin"), int(task.meta.get("goal_index", 0))
         goals = self.catalogue.goals.get(asin, [])
@@ -626,6 +626,10 @@ def read_official(folder: Path) -> tuple[list[dict[str, Any]], dict[str, list[di
             entry = attrs.get(str(p.get("asin")), {})
             if isinstance(entry, dict) and "attributes" in entry and "attributes" not in p:
                 p["attributes"] = entry["attributes"]
+    for i, rec in enumerate(products):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{products_files[0]}: product #{i} is not an object")
+        _product_from_record(rec, f"{products_files[0]}: product #{i} ({rec.get('asin', '?')})")
     known = {str(p.get("asin")) for p in products}
     instructions = {a: es for a, es in instructions.items() if a in known}  # WebShop keeps only listed products
     return products, instructions

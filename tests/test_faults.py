@@ -1,0 +1,326 @@
+"""Faults: SIGKILL during training, rollout, segmentation and writes; transient failures under
+Prefect; a crash between registration and promotion; concurrent retrains. Real processes, real
+signals, real stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+WORKER = Path(__file__).with_name("fault_worker.py")
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start_worker(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until the worker printed READY (its inputs are loaded and the work starts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.strip() == "READY":
+            return
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode} before READY:\n{proc.stderr.read()[-3000:]}")
+    raise AssertionError("worker never became ready")
+
+
+def kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def run_worker(*args: str, timeout: float = 300) -> str:
+    done = subprocess.run([sys.executable, str(WORKER), *map(str, args)], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temp or half-renamed entries anywhere under ``folder``."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp-" in p.name or p.name.endswith(".old"))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+
+
+# --------------------------------------------------------------------------- SIGKILL during distillation
+def test_sigkill_during_distillation_resumes_to_the_same_weights(tmp_path, demos, tokenizer):
+    from safetensors.torch import load_file
+
+    from sad.segment import segment_episodes
+
+    segment_episodes(demos, tokenizer, 512).windows.reset_index(drop=True).to_parquet(tmp_path / "windows.parquet")
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+
+    straight = start_worker("train", tmp_path, tmp_path / "ckpt-straight", tmp_path / "straight")
+    killed = start_worker("train", tmp_path, tmp_path / "ckpt", tmp_path / "resumed", 0.4)
+    wait_ready(killed)
+    state = tmp_path / "ckpt" / "trainer_state.pt"
+    deadline = time.monotonic() + 120
+    while not state.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.is_file(), "no checkpoint was written"
+    kill(killed)
+    assert not (tmp_path / "resumed").exists()  # a killed run leaves no model behind
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
+
+    out = run_worker("train", tmp_path, tmp_path / "ckpt", tmp_path / "resumed")
+    resumed_from = int(out.split("resumed_from=")[1].split()[0])
+    assert resumed_from >= 2, out  # it went on from the checkpoint, not from scratch
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), "resumed weights differ"
+    assert not (tmp_path / "ckpt").exists() and leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- SIGKILL during an atomic write
+def test_sigkill_mid_write_leaves_the_old_file_and_the_next_write_sweeps_the_leftover(tmp_path):
+    from sad.io import read_jsonl, write_jsonl_atomic
+
+    path = tmp_path / "rollouts" / "rollouts.jsonl"
+    write_jsonl_atomic(path, [{"old": True}])
+    proc = start_worker("write", path, 1000)
+    wait_ready(proc)
+    assert len(leftovers(tmp_path)) == 1  # the writer's temp file, half written
+    kill(proc)
+    assert read_jsonl(path) == [{"old": True}]  # the old version is whole
+    write_jsonl_atomic(path, [{"new": True}])
+    assert read_jsonl(path) == [{"new": True}]
+    assert leftovers(tmp_path) == []  # the dead writer's temp file is gone
+
+
+def test_a_folder_interrupted_between_its_two_renames_is_restored(tmp_path):
+    from sad.io import atomic_dir
+
+    target = tmp_path / "segments"
+    with atomic_dir(target) as tmp:
+        (tmp / "windows.parquet").write_text("v1")
+    os.replace(target, tmp_path / ".segments.old")  # what a kill between the renames leaves
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            raise RuntimeError("the next writer fails too")
+    assert (target / "windows.parquet").read_text() == "v1" and leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- SIGKILL during rollout / segmentation
+@pytest.fixture(scope="module")
+def rollout_project(tmp_path_factory, tokenizer, tiny_model_factory):
+    """A project folder with tasks, a tokenizer and a (random) teacher: enough to run rollout and segment."""
+    from sad.config import parse_params
+    from sad.modeling import save_model
+    from sad.stages import run_tasks
+
+    root = tmp_path_factory.mktemp("project")
+    raw = {"tasks": {"envs": ["alfworld", "hotpotqa"], "train": 6, "dev": 1, "test": 1,
+                     "alfworld": {"max_steps": 6}, "hotpotqa": {"max_steps": 4}},
+           "context": {"max_tokens": 256, "max_new_tokens": 24}, "rollout": {"batch_size": 4}}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    p = parse_params(raw)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run_tasks(p)
+        save_model(tiny_model_factory(hidden=32, seed=4), tokenizer, Path("models/teacher"))
+        tokenizer.save_pretrained("models/tokenizer")
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.mark.parametrize("stage, output", [("rollout", "data/rollouts"), ("segment", "data/segments")])
+def test_sigkill_during_a_stage_leaves_no_partial_output_and_a_rerun_completes(rollout_project, stage, output):
+    from sad.io import read_jsonl
+
+    out = rollout_project / output
+    if stage == "segment" and not (rollout_project / "data/rollouts/rollouts.jsonl").exists():
+        run_worker("stage", rollout_project, "rollout")
+    before = snapshot(out)
+    proc = start_worker("stage", rollout_project, stage)
+    wait_ready(proc)
+    time.sleep(0.5)
+    still_running = proc.poll() is None
+    kill(proc) if still_running else proc.wait()
+    assert still_running, f"the {stage} stage finished before it could be killed"
+    assert snapshot(out) == before and leftovers(rollout_project / "data") == []
+
+    run_worker("stage", rollout_project, stage)
+    assert leftovers(rollout_project / "data") == []
+    if stage == "rollout":
+        episodes = read_jsonl(out / "rollouts.jsonl")
+        assert len(episodes) == 12 and all(e["steps"] for e in episodes)
+    else:
+        import pandas as pd
+
+        assert len(pd.read_parquet(out / "windows.parquet")) > 0
+    assert json.loads((rollout_project / "metrics" / f"{stage}.json").read_text())
+
+
+# --------------------------------------------------------------------------- transient failures under Prefect
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect")
+    settings = {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)  # a fresh database: its first start migrates it (slow on 2 cores)
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_a_transient_failure_is_retried_by_prefect_and_bad_input_is_not(tmp_path, prefect_home):
+    """A real 'database is locked' (another connection holds the write lock for a moment) passes on
+    Prefect's retry; a ValueError (bad input) fails at once, without retries."""
+    import sqlite3
+
+    from prefect import flow, task
+
+    from tasks.stages import RETRY
+
+    db = tmp_path / "store.db"
+    sqlite3.connect(db).execute("create table runs (n int)").connection.commit()
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("begin exclusive")
+    locked_out = threading.Event()
+    releaser = threading.Thread(target=lambda: locked_out.wait(300) and holder.execute("commit"))
+    releaser.start()  # the other writer finishes once our first attempt has hit its lock
+    attempts = {"store": 0, "bad": 0}
+
+    @task(**{**RETRY, "retry_delay_seconds": 1})
+    def store_result() -> int:
+        attempts["store"] += 1
+        try:
+            with sqlite3.connect(db, timeout=0.1) as conn:
+                conn.execute("insert into runs values (1)")
+        except sqlite3.OperationalError:
+            locked_out.set()
+            raise
+        return attempts["store"]
+
+    @task(**{**RETRY, "retry_delay_seconds": 0})
+    def parse_bad_input() -> None:
+        attempts["bad"] += 1
+        raise ValueError("rollouts.jsonl:3: not valid JSON")
+
+    @flow
+    def retrying_flow() -> int:
+        return store_result()
+
+    @flow
+    def failing_flow() -> None:
+        parse_bad_input()
+
+    assert retrying_flow() == 2  # failed once on the lock, passed on the retry
+    releaser.join()
+    assert sqlite3.connect(db).execute("select count(*) from runs").fetchone()[0] == 1
+    with pytest.raises(ValueError, match="not valid JSON"):
+        failing_flow()
+    assert attempts["bad"] == 1
+
+
+# --------------------------------------------------------------------------- registry: crash, concurrency
+REGISTER_CHILD = r"""
+import json, os, signal, sys
+sys.path.insert(0, {repo!r})
+os.chdir({project!r})
+from sad.config import load_params
+from flows import retrain
+from sad import registry
+mode = sys.argv[1]
+p = load_params("params.yaml")
+if mode == "crash":  # die (SIGKILL, no cleanup) right after the version is registered, before the gates
+    registry.gate_and_promote = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+with retrain.single_flight(retrain.Path.cwd(), p.retrain.lock_timeout_s):
+    print("LOCKED", flush=True)
+    out = retrain.register_and_gate.fn(p, {{"seconds": 0.0, "stages_run": 0}})
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.fixture
+def registry_project(tmp_path, tokenizer, tiny_model_factory):
+    """A project whose select stage has run: a candidate student, its standing, a SQLite registry."""
+    from sad.modeling import save_model
+    from sad.registry import weights_hash
+
+    def candidate(seed: int, value: float) -> None:
+        model_dir = tmp_path / "models" / "students" / "sad" / f"seed{seed}"
+        save_model(tiny_model_factory(seed=seed), tokenizer, model_dir, {"method": "sad"})
+        standing = {"gate_metric": "success_rate", "gate_value": value, "success_rate": value,
+                    "env_success": {"alfworld": value}, "teacher_success_rate": 0.5}
+        (tmp_path / "reports").mkdir(exist_ok=True)
+        (tmp_path / "reports" / "candidate.json").write_text(json.dumps(
+            {"method": "sad", "seed": seed, "model_dir": str(model_dir), "weights_sha256": weights_hash(model_dir),
+             "standing": standing, "card": {"method": "sad", "seed": seed}}))
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifacts": str(tmp_path / "mlartifacts")},
+         "retrain": {"lock_timeout_s": 120}}))
+    (tmp_path / "child.py").write_text(REGISTER_CHILD.format(repo=str(REPO), project=str(tmp_path)))
+    return tmp_path, candidate
+
+
+def _child(project: Path, mode: str) -> subprocess.Popen:
+    env = {k: v for k, v in ENV.items() if k not in ("SAD_MLFLOW_URI", "MLFLOW_TRACKING_URI")}
+    return subprocess.Popen([sys.executable, str(project / "child.py"), mode], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=project)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.split("RESULT ", 1)[1])
+
+
+def _champion(project: Path) -> str | None:
+    from sad.config import load_params
+    from sad.registry import champion
+
+    for var in ("SAD_MLFLOW_URI", "MLFLOW_TRACKING_URI"):  # mlflow.set_tracking_uri() exports the last one used
+        os.environ.pop(var, None)
+    found = champion(load_params(project / "params.yaml").tracking)
+    return found[0] if found else None
+
+
+def test_a_crash_between_registration_and_promotion_leaves_the_champion_and_concurrent_retrains_promote_once(
+        registry_project):
+    from mlflow import MlflowClient
+
+    project, candidate = registry_project
+    candidate(0, 0.2)
+    assert _result(_child(project, "run"))["promoted"]
+    assert _champion(project) == "1"
+
+    candidate(1, 0.6)  # better: it would be promoted
+    crashed = _child(project, "crash")
+    crashed.communicate(timeout=300)
+    assert crashed.returncode == -signal.SIGKILL
+    assert _champion(project) == "1"  # registered as v2, but the champion never moved
+
+    # two retrains at once: one gates the ungated v2 and promotes it; the other waits for the lock,
+    # then finds v2 registered and gated ("unchanged")
+    results = [_result(proc) for proc in [_child(project, "run"), _child(project, "run")]]
+    assert sorted(r["promoted"] for r in results) == [False, True], results
+    assert all(r["version"] == "2" for r in results)
+    assert any("unchanged" in r["reason"] for r in results)
+    versions = MlflowClient(f"sqlite:///{project}/mlflow.db").search_model_versions("name='sad-student'")
+    assert len(versions) == 2 and _champion(project) == "2"
