@@ -38,6 +38,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# A fresh PREFECT_HOME migrates its database on the first start: 20 s (the default) is too short on a busy 2-core box.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(
     help="Structured Agent Distillation pipeline: distil a ReAct teacher agent into a small student.",
@@ -78,6 +80,7 @@ def _exit_now(code: int = 0) -> None:
     """
     from flows.preload import on_exit
 
+    _stop_temporary_prefect_server()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -98,6 +101,27 @@ def _load_params(path: Path):
         return load_params(path)
     except ConfigError as exc:
         _fail(str(exc))
+
+
+@contextlib.contextmanager
+def _api_for_workers(p, name: "Stage"):
+    """Dask workers report their task runs to the flow's Prefect API: without a configured server each
+    worker would start its own temporary one, so start one local server for the stage (127.0.0.1)."""
+    if p.workers.task_runner != "dask" or name not in (Stage.demos, Stage.rollout, Stage.evaluate) \
+            or os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from flows.server import start_server, stop_server
+
+    proc, url = start_server(Path(os.environ["PREFECT_HOME"]) / "stage-server.log")
+    os.environ["PREFECT_API_URL"] = url
+    log.info("Prefect server for the Dask workers: %s", url)
+    try:
+        yield
+    finally:
+        _drain_prefect()  # flush logs and events while the server is still up
+        os.environ.pop("PREFECT_API_URL", None)
+        stop_server(proc)
 
 
 @app.command()
@@ -125,17 +149,18 @@ def stage(
         Stage.demos: lambda: f.demos_flow_for(p)(path),
         Stage.tokenizer: lambda: f.tokenizer_flow(path),
         Stage.teacher: lambda: f.teacher_flow(path),
-        Stage.rollout: lambda: f.rollout_flow(path),
+        Stage.rollout: lambda: f.on_workers_flow(f.rollout_flow, p)(path),
         Stage.segment: lambda: f.segment_flow(path),
         Stage.teacher_logits: lambda: f.teacher_logits_flow(path),
         Stage.distill: lambda: f.distill_flow(method, path),
-        Stage.evaluate: lambda: f.evaluate_flow(agent, path),
+        Stage.evaluate: lambda: f.on_workers_flow(f.evaluate_flow, p)(agent, path),
         Stage.scale: lambda: f.scale_flow(size, path),
         Stage.select: lambda: f.select_flow(path),
         Stage.report: lambda: f.report_flow(path),
     }
     started = time.perf_counter()
-    runners[name]()
+    with _api_for_workers(p, name):
+        runners[name]()
     log.info("stage %s finished in %.1fs", name.value, time.perf_counter() - started)
     _exit_now(0)
 
@@ -182,6 +207,20 @@ def pipeline(
         typer.secho(f"error: {busy}", fg=typer.colors.RED, err=True)
     log.info("pipeline finished in %.1fs with exit code %d", time.perf_counter() - started, code)
     _exit_now(code)
+
+
+def _stop_temporary_prefect_server() -> None:
+    """Stop the temporary Prefect server a flow started when no PREFECT_API_URL was set (``sad stage`` by
+    hand, ``dvc repro`` outside ``sad pipeline``). Prefect stops it at interpreter exit, which os._exit
+    skips: without this each such command would leave a server process behind."""
+    server_module = sys.modules.get("prefect.server.api.server")
+    instances = getattr(getattr(server_module, "SubprocessASGIServer", None), "_instances", None)
+    if not instances:
+        return
+    _drain_prefect()
+    for server in list(instances.values()):
+        with contextlib.suppress(Exception):
+            server.stop()
 
 
 def _drain_prefect(timeout_s: float = 20.0) -> None:

@@ -7,6 +7,7 @@ its tasks and logs the stage's metrics. The work itself lives in ``sad.stages``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -14,6 +15,9 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from sad.benchmarks import load_tasks
 from sad.config import Params, load_params
+from sad.react import Episode
+from sad.rollout import PlayStats, Player
+from sad.stages import run_evaluate, run_rollout, tasks_root, teacher_dir
 from sad.tracking import log_metrics, stage_run
 from tasks import stages as t
 
@@ -52,6 +56,39 @@ def _shards(items: list, n: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def dask_runner(p: Params):
+    """Prefect's DaskTaskRunner: on ``workers.address`` if set, else a local cluster of worker processes
+    bound to 127.0.0.1, without the dashboard."""
+    from prefect_dask import DaskTaskRunner
+
+    if p.workers.address:
+        return DaskTaskRunner(address=p.workers.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": p.workers.n_workers, "threads_per_worker": p.workers.threads_per_worker,
+                                          "processes": True, "host": "127.0.0.1", "dashboard_address": None})
+
+
+def on_workers(p: Params) -> bool:
+    return p.workers.task_runner == "dask"
+
+
+def sharded_player(p: Params, model_dir: Path, batch_size: int) -> Player:
+    """A :data:`sad.rollout.Player` that splits the tasks into one shard per worker, plays each shard as
+    a Prefect task on the flow's task runner, and joins the episodes in task order."""
+
+    def play(tasks, agent_name: str):
+        futures = [t.play_agent_shard.submit(p, str(Path(model_dir).resolve()), str(tasks_root(p).resolve()),
+                                             [task.to_dict() for task in shard], agent_name, batch_size)
+                   for shard in _shards(tasks, p.workers.n_workers)]
+        episodes, stats = [], PlayStats()
+        for future in futures:
+            shard_episodes, shard_stats = future.result()
+            episodes.extend(Episode.from_dict(d) for d in shard_episodes)
+            stats.add(PlayStats(**shard_stats))
+        return episodes, stats
+
+    return play
+
+
 @flow(name="demos", log_prints=False)
 def demos_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     """The expert plays every train task; shards run in parallel worker processes."""
@@ -61,7 +98,7 @@ def demos_flow(params_path: str = "params.yaml") -> dict[str, Any]:
 
     def work(run) -> dict[str, Any]:
         # Shards run in worker processes; with one worker, one shard in-process (the engine is not thread-safe).
-        n_shards = 1 if p.demos.workers == 1 else 2 * p.demos.workers
+        n_shards = p.workers.n_workers if on_workers(p) else 1 if p.demos.workers == 1 else 2 * p.demos.workers
         futures = [t.play_expert_shard.submit(shard, str(root), p.demos.perturb, p.demos.seed)
                    for shard in _shards(tasks, n_shards)]
         return t.write_demos(p, [e for f in futures for e in f.result()])
@@ -86,7 +123,14 @@ def teacher_flow(params_path: str = "params.yaml") -> dict[str, Any]:
 @flow(name="rollout", log_prints=False)
 def rollout_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
-    return _tracked(p, "rollout", {"rollout": p.rollout.model_dump()}, lambda run: t.teacher_rollouts(p))
+
+    def work(run) -> dict[str, Any]:
+        if on_workers(p):  # shards are the retried tasks; the stage itself runs in the flow
+            return run_rollout(p, progress=False, player=sharded_player(p, teacher_dir(p), p.rollout.batch_size))
+        return t.teacher_rollouts(p)
+
+    logged = {"rollout": p.rollout.model_dump(), "workers": p.workers.model_dump()}
+    return _tracked(p, "rollout", logged, work)
 
 
 @flow(name="segment", log_prints=False)
@@ -122,7 +166,11 @@ def evaluate_flow(agent: str, params_path: str = "params.yaml") -> dict[str, Any
     if agent != "teacher" and agent not in p.distill.methods:
         raise ValueError(f"unknown agent {agent!r}; use 'teacher' or one of {sorted(p.distill.methods)}")
     with stage_run(p.tracking, f"evaluate@{agent}", {"evaluate": p.evaluate.model_dump()}, tags={"sad.agent": agent}):
-        results = t.evaluate_agent(p, agent)
+        if on_workers(p):
+            results = run_evaluate(p, agent, progress=False,
+                                   players=lambda model_dir: sharded_player(p, model_dir, p.evaluate.batch_size))
+        else:
+            results = t.evaluate_agent(p, agent)
         for split, r in results["splits"].items():
             log_metrics(r["overall"], prefix=f"{split}/")
         if "agreement" in results:
@@ -171,8 +219,16 @@ def report_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     return summary
 
 
+def on_workers_flow(flow_fn, p: Params):
+    """``flow_fn`` on the Dask task runner when ``workers.task_runner`` is dask, else unchanged."""
+    return flow_fn.with_options(task_runner=dask_runner(p)) if on_workers(p) else flow_fn
+
+
 def demos_flow_for(p: Params):
-    """The demos flow with a process pool sized by ``demos.workers`` (in-process for one worker)."""
+    """The demos flow on Dask workers (``workers.task_runner: dask``), or with a process pool sized by
+    ``demos.workers`` (in-process for one worker)."""
+    if on_workers(p):
+        return on_workers_flow(demos_flow, p)
     if p.demos.workers == 1:
         return demos_flow
     return demos_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=p.demos.workers))

@@ -296,6 +296,16 @@ class RetrainParams(_Strict):
     dvc_remote: str | None = Field(None, description="push outputs to this DVC remote after a retrain (null: none)")
 
 
+class WorkersParams(_Strict):
+    """Where rollouts and evaluation episodes are played: in the stage's process, or sharded over a
+    Dask cluster (Prefect's DaskTaskRunner) - a local one it starts, or an existing scheduler."""
+
+    task_runner: Literal["local", "dask"] = Field("local", description="local: one process; dask: shards on Dask workers")
+    n_workers: int = Field(2, ge=1, le=1024, description="local Dask cluster: worker processes (and shards per stage)")
+    threads_per_worker: int = Field(1, ge=1, le=64)
+    address: str | None = Field(None, description="an existing Dask scheduler (tcp://host:8786); null: start a local cluster")
+
+
 class Params(_Strict):
     project: ProjectParams = Field(default_factory=ProjectParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
@@ -310,6 +320,7 @@ class Params(_Strict):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     registration: RegisterParams = Field(default_factory=RegisterParams, alias="register")
     retrain: RetrainParams = Field(default_factory=RetrainParams)
+    workers: WorkersParams = Field(default_factory=WorkersParams)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":

@@ -12,7 +12,8 @@ from sad.config import Params
 from sad.metrics import success_by, summarize
 from sad.modeling import count_parameters, load_model, read_card
 from sad.react import Episode
-from sad.rollout import PlayStats, play_agent
+from sad.envs.base import Task
+from sad.rollout import PlayStats, Player, play_agent
 from sad.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,19 @@ def load_agent(model_dir: Path, params: Params, temperature: float | None = None
     return LMAgent(model, tokenizer, params.context.max_new_tokens, temperature=temp, seed=params.rollout.seed)
 
 
+def play_model(model_dir: Path, params: Params, tasks_root: Path, tasks: list[Task], agent_name: str,
+               batch_size: int, progress: bool = False, agent: LMAgent | None = None) -> tuple[list[Episode], PlayStats]:
+    """Load the agent of ``model_dir`` (unless given) and play ``tasks``: one shard of a stage's episodes."""
+    agent = agent or load_agent(model_dir, params)
+    stats = PlayStats()
+    episodes = play_agent(tasks, tasks_root, agent, agent_name, params.context.max_tokens, batch_size,
+                          progress=progress, stats=stats, history_steps=params.context.history_steps)
+    return episodes, stats
+
+
 def evaluate_agent(
     model_dir: Path, agent_name: str, params: Params, tasks_root: Path, progress: bool = True,
-    agent: LMAgent | None = None,
+    agent: LMAgent | None = None, player: Player | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Episode]]]:
     """Play every environment's dev/test tasks; returns (metrics, episodes per split).
 
@@ -45,10 +56,11 @@ def evaluate_agent(
     episodes_by_split: dict[str, list[Episode]] = {}
     for split in params.evaluate.splits:
         tasks = [t for env in params.tasks.envs for t in load_tasks(tasks_root, env, split)]
-        stats = PlayStats()
-        episodes = play_agent(tasks, tasks_root, agent, agent_name, params.context.max_tokens,
-                              params.evaluate.batch_size, progress=progress, stats=stats,
-                              history_steps=params.context.history_steps)
+        if player is not None:
+            episodes, stats = player(tasks, agent_name)
+        else:
+            episodes, stats = play_model(model_dir, params, tasks_root, tasks, agent_name, params.evaluate.batch_size,
+                                         progress=progress, agent=agent)
         episodes_by_split[split] = episodes
         overall = summarize(episodes, agent.tokenizer)
         overall["generated_tokens_per_s"] = stats.tokens_per_second

@@ -102,6 +102,18 @@ class PlayStats:
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
+    def add(self, other: "PlayStats") -> None:
+        """Accumulate another shard's numbers (shards run side by side: seconds are summed per worker)."""
+        self.generation_seconds += other.generation_seconds
+        self.generated_tokens += other.generated_tokens
+        self.env_seconds += other.env_seconds
+        self.batches += other.batches
+
+
+# Plays tasks with an agent and returns (episodes in task order, stats): in-process by default,
+# or sharded over workers by the orchestrator (flows/), which passes its own player to the stages.
+Player = Callable[[list[Task], str], tuple[list[Episode], PlayStats]]
+
 
 @dataclass
 class _Slot:

@@ -193,19 +193,23 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     return metrics
 
 
-def run_rollout(p: Params, progress: bool = True) -> dict[str, Any]:
-    """The teacher plays the train tasks; its trajectories are the students' data."""
-    from sad.evaluation import load_agent
-    from sad.metrics import success_by, summarize
-    from sad.rollout import PlayStats, play_agent
+def run_rollout(p: Params, progress: bool = True, player=None) -> dict[str, Any]:
+    """The teacher plays the train tasks; its trajectories are the students' data.
 
-    agent = load_agent(teacher_dir(p), p)
+    ``player`` (a :data:`sad.rollout.Player`) plays them elsewhere, e.g. sharded over Dask workers.
+    """
+    from sad.evaluation import play_model
+    from sad.metrics import success_by, summarize
+    from sad.tokenizer import load_tokenizer
+
     tasks = [t for env in p.tasks.envs for t in load_tasks(tasks_root(p), env, "train")]
-    stats = PlayStats()
-    episodes = play_agent(tasks, tasks_root(p), agent, "teacher", p.context.max_tokens, p.rollout.batch_size,
-                          progress=progress, stats=stats, history_steps=p.context.history_steps)
+    if player is not None:
+        episodes, stats = player(tasks, "teacher")
+    else:
+        episodes, stats = play_model(teacher_dir(p), p, tasks_root(p), tasks, "teacher", p.rollout.batch_size,
+                                     progress=progress)
     write_jsonl_atomic(rollouts_file(p), (e.to_dict() for e in episodes))
-    metrics = {**summarize(episodes, agent.tokenizer), "success_by_task_type": success_by(episodes),
+    metrics = {**summarize(episodes, load_tokenizer(teacher_dir(p))), "success_by_task_type": success_by(episodes),
                "generated_tokens_per_s": stats.tokens_per_second, "generation_seconds": stats.generation_seconds,
                "env_seconds": stats.env_seconds}
     write_json_atomic(p.path("metrics", "rollout.json"), metrics)
@@ -398,9 +402,11 @@ def aggregate_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_evaluate(p: Params, agent: str, progress: bool = True) -> dict[str, Any]:
+def run_evaluate(p: Params, agent: str, progress: bool = True, players=None) -> dict[str, Any]:
     """Play dev/test tasks with the teacher or with every seed of a method's students; for students,
-    also CoT match and action agreement against the teacher's test trajectories."""
+    also CoT match and action agreement against the teacher's test trajectories.
+
+    ``players(model_dir)`` returns a :data:`sad.rollout.Player` that plays elsewhere (Dask workers)."""
     from sad.evaluation import evaluate_agent, load_agent
     from sad.modeling import read_card
 
@@ -414,7 +420,8 @@ def run_evaluate(p: Params, agent: str, progress: bool = True) -> dict[str, Any]
     with atomic_dir(p.path("data", "eval", agent)) as tmp:
         for seed, model_dir in seeds.items():
             lm = load_agent(model_dir, p)
-            res, episodes = evaluate_agent(model_dir, agent, p, tasks_root(p), progress=progress, agent=lm)
+            res, episodes = evaluate_agent(model_dir, agent, p, tasks_root(p), progress=progress, agent=lm,
+                                           player=players(model_dir) if players else None)
             per_seed[seed] = res["splits"]
             results.update({"method": res["method"], "parameters": res["parameters"]})
             folder = tmp if agent == "teacher" else tmp / f"seed{seed}"

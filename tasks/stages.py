@@ -57,6 +57,21 @@ def play_expert_shard(task_dicts: list[dict[str, Any]], tasks_root: str, perturb
     return [e.to_dict() for e in play_expert(tasks, Path(tasks_root), perturb=perturb, seed=seed)]
 
 
+@task(name="play-agent-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
+def play_agent_shard(p: Params, model_dir: str, tasks_root: str, task_dicts: list[dict[str, Any]], agent_name: str,
+                     batch_size: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One shard of an agent's episodes, on a worker: the agent is loaded there, plain dicts cross the
+    boundary. Paths are absolute (a worker need not share the flow's working directory, only its files)."""
+    from dataclasses import asdict
+
+    from sad.evaluation import play_model
+
+    tasks = [Task.from_dict(d) for d in task_dicts]
+    episodes, stats = play_model(Path(model_dir), p, Path(tasks_root), tasks, agent_name, batch_size)
+    return [e.to_dict() for e in episodes], asdict(stats)
+
+
 @task(name="write-demos", **RETRY)
 def write_demos(p: Params, episode_dicts: list[dict[str, Any]]) -> dict[str, Any]:
     return stages.write_demos(p, [Episode.from_dict(d) for d in episode_dicts])

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,3 +59,27 @@ def tiny_model_factory(tokenizer):
         return build_llama(arch, tokenizer, max_positions=512, seed=seed)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def rollout_project(tmp_path_factory, tokenizer, tiny_model_factory):
+    """A project folder with tasks, a tokenizer and a (random) teacher: enough to run rollout and segment."""
+    from sad.config import parse_params
+    from sad.modeling import save_model
+    from sad.stages import run_tasks
+
+    root = tmp_path_factory.mktemp("project")
+    raw = {"tasks": {"envs": ["alfworld", "hotpotqa"], "train": 6, "dev": 1, "test": 1,
+                     "alfworld": {"max_steps": 6}, "hotpotqa": {"max_steps": 4}},
+           "context": {"max_tokens": 256, "max_new_tokens": 24}, "rollout": {"batch_size": 4}}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    p = parse_params(raw)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run_tasks(p)
+        save_model(tiny_model_factory(hidden=32, seed=4), tokenizer, Path("models/teacher"))
+        tokenizer.save_pretrained("models/tokenizer")
+    finally:
+        os.chdir(cwd)
+    return root

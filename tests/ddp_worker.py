@@ -64,7 +64,9 @@ def main() -> None:
     state = PartialState()
     if state.is_main_process:
         save_model(student, args.out)
-        print(f"processes={state.num_processes} backend={state.backend} steps={result.steps} "
+        kind = state.distributed_type.value
+        sharded = any(type(p).__name__ == "DTensor" for p in student.parameters())
+        print(f"processes={state.num_processes} backend={state.backend} type={kind} sharded={sharded} steps={result.steps} "
               f"tokens={result.tokens} loss={result.final_loss:.6f}")
 
 

@@ -42,3 +42,49 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     loss_one = float(re.search(r"loss=([\d.]+)", one).group(1))
     loss_two = float(re.search(r"loss=([\d.]+)", two).group(1))
     assert abs(loss_one - loss_two) < 1e-4
+
+
+def _sad_stage(project: Path, *args: str) -> tuple[float, str]:
+    """``sad stage ...`` in ``project`` with no Prefect server configured; returns (wall seconds, log)."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "SAD_MLFLOW_URI", "MLFLOW_TRACKING_URI")}
+    env.update({"PREFECT_HOME": str(project / ".prefect"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    started = time.perf_counter()
+    done = subprocess.run([str(Path(sys.executable).with_name("sad")), "stage", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return time.perf_counter() - started, done.stdout + done.stderr
+
+
+def _episodes(project: Path) -> list[dict]:
+    from sad.io import read_jsonl
+
+    rows = read_jsonl(project / "data/rollouts/rollouts.jsonl")
+    for row in rows:
+        for step in row["steps"]:
+            step.pop("latency_s")  # wall time differs between runs; everything else must not
+    return rows
+
+
+def test_rollouts_on_a_two_worker_dask_cluster_equal_the_single_process_run(rollout_project, tmp_path):
+    """The teacher's rollout stage with ``workers.task_runner: dask`` (a local 2-worker cluster, one shard
+    per worker, through Prefect's DaskTaskRunner) writes the same episodes as one process."""
+    import json
+    import shutil
+
+    import yaml
+
+    single = Path(shutil.copytree(rollout_project, tmp_path / "single"))
+    sharded = Path(shutil.copytree(rollout_project, tmp_path / "dask"))
+    params = yaml.safe_load((sharded / "params.yaml").read_text())
+    params["workers"] = {"task_runner": "dask", "n_workers": 2}
+    (sharded / "params.yaml").write_text(yaml.safe_dump(params))
+
+    t_single, _ = _sad_stage(single, "rollout")
+    t_dask, log = _sad_stage(sharded, "rollout")
+    assert "play-agent-shard" in log
+    assert _episodes(sharded) == _episodes(single) and len(_episodes(single)) == 12
+    metrics = json.loads((sharded / "metrics/rollout.json").read_text())
+    assert metrics["episodes"] == 12
+    print(f"rollout stage wall time: single process {t_single:.1f} s, 2 Dask workers {t_dask:.1f} s")

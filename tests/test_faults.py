@@ -120,36 +120,16 @@ def test_a_folder_interrupted_between_its_two_renames_is_restored(tmp_path):
 
 
 # --------------------------------------------------------------------------- SIGKILL during rollout / segmentation
-@pytest.fixture(scope="module")
-def rollout_project(tmp_path_factory, tokenizer, tiny_model_factory):
-    """A project folder with tasks, a tokenizer and a (random) teacher: enough to run rollout and segment."""
-    from sad.config import parse_params
-    from sad.modeling import save_model
-    from sad.stages import run_tasks
-
-    root = tmp_path_factory.mktemp("project")
-    raw = {"tasks": {"envs": ["alfworld", "hotpotqa"], "train": 6, "dev": 1, "test": 1,
-                     "alfworld": {"max_steps": 6}, "hotpotqa": {"max_steps": 4}},
-           "context": {"max_tokens": 256, "max_new_tokens": 24}, "rollout": {"batch_size": 4}}
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    p = parse_params(raw)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        run_tasks(p)
-        save_model(tiny_model_factory(hidden=32, seed=4), tokenizer, Path("models/teacher"))
-        tokenizer.save_pretrained("models/tokenizer")
-    finally:
-        os.chdir(cwd)
-    return root
-
-
 @pytest.mark.parametrize("stage, output", [("rollout", "data/rollouts"), ("segment", "data/segments")])
-def test_sigkill_during_a_stage_leaves_no_partial_output_and_a_rerun_completes(rollout_project, stage, output):
+def test_sigkill_during_a_stage_leaves_no_partial_output_and_a_rerun_completes(rollout_project, stage, output, tmp_path):
+    import shutil
+
     from sad.io import read_jsonl
 
+    rollout_project = Path(shutil.copytree(rollout_project, tmp_path / "project"))
+
     out = rollout_project / output
-    if stage == "segment" and not (rollout_project / "data/rollouts/rollouts.jsonl").exists():
+    if stage == "segment":
         run_worker("stage", rollout_project, "rollout")
     before = snapshot(out)
     proc = start_worker("stage", rollout_project, stage)

