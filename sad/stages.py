@@ -35,6 +35,10 @@ def tokenizer_dir(p: Params) -> Path:
     return p.path("models", "tokenizer")
 
 
+def pretrained_dir(p: Params) -> Path:
+    return p.path("models", "pretrained")
+
+
 def teacher_dir(p: Params) -> Path:
     return p.path("models", "teacher")
 
@@ -145,11 +149,35 @@ def write_demos(p: Params, episodes: list[Episode]) -> dict[str, Any]:
     return metrics
 
 
+def run_pretrained(p: Params) -> dict[str, Any]:
+    """Convert ``teacher.source`` (GGUF in a wheel, a folder, a downloaded Hub id) to a safetensors
+    folder; with no source, record that the teacher is trained from scratch."""
+    import time
+
+    from sad.pretrained import convert_to_safetensors, model_source
+
+    if p.teacher.source is None:
+        with atomic_dir(pretrained_dir(p)) as tmp:
+            (tmp / "card.json").write_text(json.dumps({"source": None, "note": "embedded teacher, trained from scratch"}) + "\n")
+        metrics: dict[str, Any] = {"pretrained": 0}
+    else:
+        started = time.perf_counter()
+        card = convert_to_safetensors(model_source(p.teacher.source), pretrained_dir(p))
+        metrics = {"pretrained": 1, "parameters": card["parameters"], "layers": card["layers"],
+                   "vocab_size": card["vocab_size"], "seconds": time.perf_counter() - started}
+        log.info("pretrained teacher %s: %d layers, %d parameters", p.teacher.source, card["layers"], card["parameters"])
+    write_json_atomic(p.path("metrics", "pretrained.json"), metrics)
+    return metrics
+
+
 def run_tokenizer(p: Params) -> dict[str, Any]:
-    from sad.tokenizer import train_bpe
+    from sad.tokenizer import load_tokenizer, train_bpe
 
     episodes = read_episodes(demos_file(p))
-    tokenizer = train_bpe((episode_text(e) for e in episodes), p.tokenizer.vocab_size, p.tokenizer.min_frequency)
+    if p.teacher.source is not None:  # a pretrained teacher brings its tokenizer; students share it
+        tokenizer = load_tokenizer(pretrained_dir(p))
+    else:
+        tokenizer = train_bpe((episode_text(e) for e in episodes), p.tokenizer.vocab_size, p.tokenizer.min_frequency)
     with atomic_dir(tokenizer_dir(p)) as tmp:
         tokenizer.save_pretrained(str(tmp))
     lengths = [len(tokenizer.encode(episode_text(e))) for e in episodes]
@@ -172,17 +200,24 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     episodes = read_episodes(demos_file(p))
     seg = segment_episodes(episodes, tokenizer, p.context.max_tokens, p.context.history_steps, what=str(demos_file(p)))
     train_w, dev_w = split_dev(seg.windows, p.teacher.train.dev_fraction, p.teacher.train.seed)
-    model = build_llama(p.teacher.arch, tokenizer, p.context.max_tokens, seed=p.teacher.train.seed)
+    if p.teacher.source is not None:
+        from sad.modeling import load_model
+
+        model = load_model(pretrained_dir(p))  # fine-tuned on the demos below
+    else:
+        model = build_llama(p.teacher.arch, tokenizer, p.context.max_tokens, seed=p.teacher.train.seed)
     data_hash = file_hash(demos_file(p))
     result = train_lm(model, train_w, IMITATION, p.teacher.train, tokenizer.pad_token_id, dev_windows=dev_w,
                       checkpoint_dir=checkpoint_dir(teacher_dir(p)),
-                      fingerprint=fingerprint(p.teacher.model_dump(), p.context.model_dump(), data_hash),
+                      fingerprint=fingerprint(p.teacher.model_dump(), p.context.model_dump(), data_hash,
+                                              file_hash(pretrained_dir(p) / "card.json")),
                       on_log=on_log, progress=progress, desc="teacher")
     if not is_main_process():
         return {}
     card = {
-        "role": "teacher", "method": "imitation", "parameters": count_parameters(model),
-        "arch": p.teacher.arch.model_dump(), "train_windows": len(train_w), "dev_windows": len(dev_w),
+        "role": "teacher", "method": "imitation", "parameters": count_parameters(model), "source": p.teacher.source,
+        "objective": ("fine-tuned " + p.teacher.source if p.teacher.source else "trained from scratch") + " on the expert demos",
+        "arch": p.teacher.arch.model_dump() if p.teacher.source is None else read_pretrained_arch(model), "train_windows": len(train_w), "dev_windows": len(dev_w),
         "final_loss": result.final_loss, "dev": result.dev, "data_hash": data_hash,
     }
     save_model(model, tokenizer, teacher_dir(p), card)
@@ -303,8 +338,16 @@ def distill_inputs(p: Params, method: str):
     return spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash
 
 
+def read_pretrained_arch(model) -> dict[str, Any]:
+    """The architecture numbers of a loaded model (for cards)."""
+    c = model.config
+    return {"hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "num_heads": c.num_attention_heads,
+            "intermediate_size": getattr(c, "intermediate_size", None), "vocab_size": c.vocab_size}
+
+
 def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: str, on_log=None,
-                   progress: bool = True, checkpoint_for: Path | None = None) -> tuple[dict[str, Any], list[dict]]:
+                   progress: bool = True, checkpoint_for: Path | None = None,
+                   keep_layers: list[int] | None = None) -> tuple[dict[str, Any], list[dict]]:
     """Train and save one student into ``out_dir``; returns (metrics, loss history). Checkpoints
     live under the final model path ``checkpoint_for`` (default ``out_dir``) so a rerun finds them."""
     from sad.modeling import build_llama, count_parameters, save_model
@@ -312,13 +355,20 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
 
     spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash = inputs
     train = p.distill.train.model_copy(update={"seed": seed})
-    student = build_llama(arch, tokenizer, p.context.max_tokens, seed=seed)
+    if keep_layers is not None:  # the teacher's embeddings, head and these layers
+        from sad.pretrained import layer_subset
+
+        student = layer_subset(teacher, keep_layers)
+        shape = {"layers_from_teacher": list(keep_layers), **read_pretrained_arch(student)}
+    else:
+        student = build_llama(arch, tokenizer, p.context.max_tokens, seed=seed)
+        shape = arch.model_dump()
     online = spec.needs_teacher and cached is None
     result = train_lm(student, train_w, spec, train, tokenizer.pad_token_id,
                       teacher=teacher if online else None, cached=cached, dev_windows=dev_w,
                       curriculum_order=order, curriculum=p.distill.curriculum,
                       checkpoint_dir=checkpoint_dir(checkpoint_for or out_dir),
-                      fingerprint=fingerprint(method, seed, arch.model_dump(), spec.model_dump(),
+                      fingerprint=fingerprint(method, seed, shape, spec.model_dump(),
                                               p.distill.model_dump(exclude={"methods", "seeds", "scaling", "student"}),
                                               p.context.model_dump(), data_hash),
                       on_log=on_log, progress=progress, desc=f"distill {method} seed {seed}")
@@ -328,7 +378,7 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
     card = {
         "role": "student", "method": method, "seed": seed, "objective": spec.describe(), "loss": spec.model_dump(),
         "parameters": n_student, "teacher_parameters": n_teacher, "compression": n_teacher / n_student,
-        "arch": arch.model_dump(), "final_loss": result.final_loss, "dev": result.dev,
+        "arch": shape, "final_loss": result.final_loss, "dev": result.dev,
         "teacher_logits": p.distill.teacher_logits.mode if spec.needs_teacher else "-",
         "curriculum": order is not None, "data_hash": data_hash,
     }
@@ -358,7 +408,8 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
         for seed in p.distill.seeds:
             log_seed = (lambda step, record, s=seed: on_log(step, {f"seed{s}/{k}": v for k, v in record.items()})) if on_log else None
             metrics, history = _train_student(p, inputs, p.distill.student, seed, tmp / f"seed{seed}", method,
-                                              log_seed, progress, checkpoint_for=student_dir(p, method, seed))
+                                              log_seed, progress, checkpoint_for=student_dir(p, method, seed),
+                                              keep_layers=p.distill.student_layers)
             per_seed[str(seed)] = metrics
             curves += [{"step": h["step"], "seed": seed, "loss": h["loss"]} for h in history]
     if not is_main_process():

@@ -77,6 +77,11 @@ def write_demos(p: Params, episode_dicts: list[dict[str, Any]]) -> dict[str, Any
     return stages.write_demos(p, [Episode.from_dict(d) for d in episode_dicts])
 
 
+@task(name="convert-pretrained", **RETRY)
+def convert_pretrained(p: Params) -> dict[str, Any]:
+    return stages.run_pretrained(p)
+
+
 @task(name="train-tokenizer", **RETRY)
 def train_tokenizer(p: Params) -> dict[str, Any]:
     return stages.run_tokenizer(p)

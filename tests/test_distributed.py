@@ -67,7 +67,7 @@ def _episodes(project: Path) -> list[dict]:
     return rows
 
 
-def test_rollouts_on_a_two_worker_dask_cluster_equal_the_single_process_run(rollout_project, tmp_path):
+def test_rollouts_on_a_two_worker_dask_cluster_equal_the_single_process_run(rollout_project, tmp_path, monkeypatch):
     """The teacher's rollout stage with ``workers.task_runner: dask`` (a local 2-worker cluster, one shard
     per worker, through Prefect's DaskTaskRunner) writes the same episodes as one process."""
     import json
@@ -81,10 +81,18 @@ def test_rollouts_on_a_two_worker_dask_cluster_equal_the_single_process_run(roll
     params["workers"] = {"task_runner": "dask", "n_workers": 2}
     (sharded / "params.yaml").write_text(yaml.safe_dump(params))
 
-    t_single, _ = _sad_stage(single, "rollout")
-    t_dask, log = _sad_stage(sharded, "rollout")
+    import time
+
+    from sad.config import load_params
+    from sad.stages import run_rollout
+
+    monkeypatch.chdir(single)  # the stage function in this process: the reference episodes
+    started = time.perf_counter()
+    run_rollout(load_params("params.yaml"), progress=False)
+    t_single = time.perf_counter() - started
+    t_dask, log = _sad_stage(sharded, "rollout")  # the CLI: Prefect server, Dask cluster, 2 shards
     assert "play-agent-shard" in log
     assert _episodes(sharded) == _episodes(single) and len(_episodes(single)) == 12
     metrics = json.loads((sharded / "metrics/rollout.json").read_text())
     assert metrics["episodes"] == 12
-    print(f"rollout stage wall time: single process {t_single:.1f} s, 2 Dask workers {t_dask:.1f} s")
+    print(f"rollout: in-process stage function {t_single:.1f} s; `sad stage rollout` on 2 Dask workers {t_dask:.1f} s")

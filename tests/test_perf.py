@@ -31,3 +31,16 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path, capsys):
     for name in ("student", "teacher"):
         assert 0 < out[f"train_{name}"]["mfu"] < 2 and out[f"train_{name}"]["tokens_per_s"] > 0
         assert out[f"rollout_{name}"]["batched"]["rows"] == 8 and out[f"rollout_{name}"]["speedup"] > 0
+
+
+def test_distillation_benchmark_runs_on_cpu_with_a_layer_subset_student(tiny_model_factory):
+    import torch
+
+    from sad.gpubench import distill_mfu
+    from sad.pretrained import layer_subset
+
+    teacher = tiny_model_factory(hidden=16, layers=3, seed=0)
+    student = layer_subset(teacher, [0, 2])
+    out = distill_mfu(teacher, student, batch=2, seq=32, steps=2, device=torch.device("cpu"), dtype=torch.float32,
+                      peak=1e10)
+    assert out["tokens_per_s"] > 0 and 0 < out["mfu"] and out["student_parameters"] < out["teacher_parameters"]

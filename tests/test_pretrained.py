@@ -62,3 +62,35 @@ def test_smollm2_gguf_from_its_wheel_converts_to_safetensors(tmp_path):
     assert card["layers"] == 30 and card["parameters"] > 100_000_000
     model = load_model(tmp_path / "teacher")
     assert model.config.num_hidden_layers == 30
+
+
+def test_layer_subset_works_for_gpt2_layouts_too():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=4, n_head=2)).eval()
+    student = layer_subset(teacher, [0, 3])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert student.config.n_layer == 2 and student(input_ids=ids).logits.shape == (1, 4, 64)
+    assert torch.equal(student.transformer.h[1].mlp.c_fc.weight, teacher.transformer.h[3].mlp.c_fc.weight)
+
+
+def test_the_paper_profile_offline_stops_at_once_naming_what_to_download(tmp_path, monkeypatch):
+    import time
+
+    import yaml
+
+    from sad.config import deep_merge, parse_params
+    from sad.stages import run_pretrained
+
+    from .conftest import REPO
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    merged = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                        yaml.safe_load((REPO / "profiles" / "paper.yaml").read_text()))
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailable, match=r"huggingface-cli download openai-community/gpt2-xl"):
+        run_pretrained(parse_params(merged))
+    assert time.perf_counter() - started < 10
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
