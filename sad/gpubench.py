@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak(device, dtype, n=4096 if device.type == "cuda" else 1024, seconds=2.0 if device.type == "cuda" else 1.0)
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                           "dtype": str(dtype).replace("torch.", ""), "matmul_peak_flops_per_s": peak}
     if args.pretrained:
-        peak = matmul_peak(device, dtype, n=4096 if device.type == "cuda" else 1024, seconds=2.0 if device.type == "cuda" else 1.0)
-        out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "dtype": str(dtype).replace("torch.", ""), "matmul_peak_flops_per_s": peak}
         pretrained_main(args, device, dtype, peak, out)
         print(json.dumps(out) if args.json else json.dumps(out, indent=2))
         return out
@@ -193,9 +193,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def __len__(self):
             return vocab
 
-    peak = matmul_peak(device, dtype, n=4096 if device.type == "cuda" else 1024, seconds=2.0 if device.type == "cuda" else 1.0)
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                           "dtype": str(dtype).replace("torch.", ""), "matmul_peak_flops_per_s": peak}
     for name, arch, batch in (("student", p.distill.student, 64 if device.type == "cuda" else 4),
                               ("teacher", p.teacher.arch, 32 if device.type == "cuda" else 2)):
         model = build_llama(arch, _Stub(), seq, seed=0)

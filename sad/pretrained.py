@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sad.io import atomic_dir
 
 # Per-layer lists some configs carry (one entry per decoder layer): a layer subset shortens them.
 PER_LAYER_CONFIG_LISTS = ("layer_types", "sliding_window_pattern_list", "no_rope_layers")
@@ -102,17 +100,14 @@ def load_pretrained(source: ModelSource):
 def convert_to_safetensors(source: ModelSource, out_dir: str | Path, card: dict | None = None) -> dict:
     """Load ``source`` and write model (safetensors) + tokenizer + ``card.json`` to ``out_dir``
     atomically; returns the card (source, architecture, parameter count)."""
-    from sad.modeling import count_parameters
+    from sad.modeling import count_parameters, save_model
 
     model, tokenizer = load_pretrained(source)
     c = model.config
     info = {"source": source.spec, "gguf_file": source.gguf_file, "model_type": c.model_type,
             "layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
             "parameters": count_parameters(model), **(card or {})}
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "card.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    save_model(model, tokenizer, out_dir, info)
     return info
 
 

@@ -10,12 +10,15 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sad.benchmarks import load_tasks, write_tasks
 from sad.config import Params
 from sad.io import atomic_dir, read_jsonl_numbered, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from sad.react import Episode, episode_text
+
+if TYPE_CHECKING:
+    from sad.rollout import Player
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +220,8 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     card = {
         "role": "teacher", "method": "imitation", "parameters": count_parameters(model), "source": p.teacher.source,
         "objective": ("fine-tuned " + p.teacher.source if p.teacher.source else "trained from scratch") + " on the expert demos",
-        "arch": p.teacher.arch.model_dump() if p.teacher.source is None else read_pretrained_arch(model), "train_windows": len(train_w), "dev_windows": len(dev_w),
+        "arch": read_pretrained_arch(model) if p.teacher.source else p.teacher.arch.model_dump(),
+        "train_windows": len(train_w), "dev_windows": len(dev_w),
         "final_loss": result.final_loss, "dev": result.dev, "data_hash": data_hash,
     }
     save_model(model, tokenizer, teacher_dir(p), card)
@@ -228,7 +232,7 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     return metrics
 
 
-def run_rollout(p: Params, progress: bool = True, player=None) -> dict[str, Any]:
+def run_rollout(p: Params, progress: bool = True, player: "Player | None" = None) -> dict[str, Any]:
     """The teacher plays the train tasks; its trajectories are the students' data.
 
     ``player`` (a :data:`sad.rollout.Player`) plays them elsewhere, e.g. sharded over Dask workers.
