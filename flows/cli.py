@@ -424,6 +424,25 @@ def expert(
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+@app.command("ship-teacher")
+def ship_teacher(
+    params: Path = typer.Option(Path("params.yaml"), help="parameter file of the run that trained the teacher"),
+    to: Path = typer.Option(Path("assets/teacher"), help="folder of the shipped teacher (teacher.source of the default)"),
+) -> None:
+    """Copy the trained and evaluated teacher (models/teacher) to the shipped folder with its model card."""
+    from sad.shipping import ship_teacher as ship
+    from sad.stages import eval_metrics_file, teacher_dir
+
+    _setup_logging()
+    p = _load_params(params)
+    try:
+        card = ship(teacher_dir(p), eval_metrics_file(p, "teacher"), p.model_dump(by_alias=True), to)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"shipped the teacher to {to} ({card['parameters']:,} parameters, weights {card['weights_sha256']}); "
+               f"set teacher.source: {to} and teacher.finetune: false to use it")
+
+
 @app.command("segment-text")
 def segment_text(
     path: Path = typer.Argument(..., help="a text file holding one ReAct transcript"),

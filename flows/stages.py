@@ -91,17 +91,23 @@ def sharded_player(p: Params, model_dir: Path, batch_size: int) -> Player:
 
 @flow(name="demos", log_prints=False)
 def demos_flow(params_path: str = "params.yaml") -> dict[str, Any]:
-    """The expert plays every train task; shards run in parallel worker processes."""
+    """The expert plays every train task (with injected mistakes: the demos) and every dev task (without:
+    the held-out states of step accuracy); shards run in parallel worker processes."""
     p = load_params(params_path)
     root = p.path("data", "tasks")
     tasks = [task.to_dict() for env in p.tasks.envs for task in load_tasks(root, env, "train")]
+    dev_tasks = [task.to_dict() for env in p.tasks.envs for task in load_tasks(root, env, "dev")]
 
     def work(run) -> dict[str, Any]:
         # Shards run in worker processes; with one worker, one shard in-process (the engine is not thread-safe).
         n_shards = p.workers.n_workers if on_workers(p) else 1 if p.demos.workers == 1 else 2 * p.demos.workers
         futures = [t.play_expert_shard.submit(shard, str(root), p.demos.perturb, p.demos.seed)
                    for shard in _shards(tasks, n_shards)]
-        return t.write_demos(p, [e for f in futures for e in f.result()])
+        train = [e for f in futures for e in f.result()]
+        # after the train shards: a worker process never plays two shards at once (the engine is not thread-safe)
+        dev_futures = [t.play_expert_shard.submit(shard, str(root), 0.0, p.demos.seed)
+                       for shard in _shards(dev_tasks, n_shards)]
+        return t.write_demos(p, train, [e for f in dev_futures for e in f.result()])
 
     return _tracked(p, "demos", {"demos": p.demos.model_dump()}, work)
 
@@ -182,6 +188,10 @@ def evaluate_flow(agent: str, params_path: str = "params.yaml") -> dict[str, Any
             log_metrics(r["overall"], prefix=f"{split}/")
         if "agreement" in results:
             log_metrics({k: results["agreement"][k] for k in ("cot_match_rate", "action_agreement")}, prefix="test/")
+        if "step_accuracy" in results:
+            acc = results["step_accuracy"]
+            log_metrics({"step_accuracy": acc["step_accuracy"],
+                         **{f"{env}.step_accuracy": m["step_accuracy"] for env, m in acc["envs"].items()}}, prefix="dev/")
     return results
 
 

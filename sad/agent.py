@@ -24,8 +24,11 @@ class Generation:
 
 
 def fit_context(prompt_ids: list[int], step_ids: list[list[int]], budget: int) -> list[int]:
-    """The prompt plus as many of the latest steps as fit in ``budget`` tokens.
+    """The prompt plus the latest steps that fit in ``budget`` tokens; history is never dropped wholesale.
 
+    Older steps go first. When even the latest step alone does not fit, it is kept cut from its end
+    (its thought and action stay, the tail of its observation goes), so the agent still sees what it
+    just did. Training windows are cut the same way (:func:`sad.segment.episode_windows`).
     A prompt longer than the budget is cut from the left (its end holds the task).
     """
     if len(prompt_ids) >= budget:
@@ -34,6 +37,8 @@ def fit_context(prompt_ids: list[int], step_ids: list[list[int]], budget: int) -
     kept: list[list[int]] = []
     for ids in reversed(step_ids):
         if len(ids) > room:
+            if not kept:  # the latest step: keep its head rather than no history at all
+                kept.append(ids[:room])
             break
         kept.append(ids)
         room -= len(ids)
@@ -113,6 +118,36 @@ class LMAgent:
             return logits.argmax(-1)
         probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
         return torch.multinomial(probs, 1, generator=self._generator).squeeze(-1).to(logits.device)
+
+    @torch.inference_mode()
+    def score_continuations(self, prefix: list[int], continuations: list[list[int]]) -> list[float]:
+        """Log-likelihood of each continuation after ``prefix``: sum over its tokens of log p(token | prefix,
+        earlier tokens). The prefix is encoded once; the continuations run as one batch on copies of its
+        KV cache ([C, heads, len(prefix), head_dim]), right-padded ([C, longest])."""
+        from transformers import DynamicCache
+
+        if not continuations:
+            return []
+        if not prefix or any(not c for c in continuations):
+            raise ValueError("score_continuations needs a non-empty prefix and non-empty continuations")
+        config = self.model.config
+        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        cache, last = self._forward(DynamicCache(config=config), input_ids=ids)
+        first = torch.log_softmax(last[0].float(), dim=-1)  # [V]: the first continuation token
+        n, width = len(continuations), max(len(c) for c in continuations)
+        cache.batch_repeat_interleave(n)
+        batch = torch.full((n, width), self.pad_id, dtype=torch.long, device=self.device)
+        valid = torch.zeros((n, width), dtype=torch.bool, device=self.device)
+        for i, c in enumerate(continuations):
+            batch[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+            valid[i, :len(c)] = True
+        attention = torch.cat([torch.ones((n, len(prefix)), dtype=torch.long, device=self.device), valid.long()], dim=1)
+        positions = torch.arange(len(prefix), len(prefix) + width, device=self.device).expand(n, width)
+        logits = self.model(input_ids=batch, attention_mask=attention, position_ids=positions,
+                            **{self._cache_arg: cache}, use_cache=True).logits.float()  # [C, width, V]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch[:, 1:, None]).squeeze(-1)  # [C, width-1]
+        total = first[batch[:, 0]] + (logp * valid[:, 1:]).sum(-1)
+        return total.tolist()
 
     @torch.inference_mode()
     def generate(self, contexts: list[list[int]]) -> list[Generation]:

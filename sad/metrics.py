@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Any
 from statistics import mean
 
 from rapidfuzz.distance import LCSseq
@@ -93,3 +94,38 @@ def success_by(episodes: list[Episode], key: str = "task_type") -> dict[str, flo
     for ep in episodes:
         groups[str(getattr(ep, key))].append(1.0 if ep.success else 0.0)
     return {k: _safe_mean(v) for k, v in sorted(groups.items())}
+
+
+def action_arguments(env: str, action: str) -> list[str]:
+    """What an action copies from the agent's context: the bracketed argument (``search[T]``,
+    ``click[B0…]``, ``lookup[kw]``, ``finish[answer]``; a WebShop search's words one by one; a yes/no
+    answer copies nothing) or an ALFWorld command's object and receptacle names (``mug 1``)."""
+    m = re.match(r"\s*(\w+)\[(.*)\]\s*$", action)
+    if m:
+        verb, arg = m.group(1).lower(), m.group(2).strip()
+        if verb == "finish" and arg.lower() in ("yes", "no"):
+            return []
+        return arg.split() if (env == "webshop" and verb == "search") else [arg]
+    return re.findall(r"[a-z]+ \d+", action.lower())
+
+
+def hidden_arguments(episodes, tokenizer, budget: int, history_steps: int = 0) -> list[dict[str, Any]]:
+    """The imitated expert steps whose action copies something absent from the agent's play-time context
+    (the prompt and the latest steps as :func:`sad.agent.fit_context` keeps them): demos an agent cannot
+    imitate from what it sees. Each row names the episode, step, action and the missing arguments."""
+    from sad.agent import fit_context
+    from sad.react import step_pieces
+
+    rows = []
+    for ep in episodes:
+        prompt = tokenizer.encode(ep.prompt)
+        history: list[list[int]] = []
+        for i, step in enumerate(ep.steps):
+            if step.imitate:
+                kept = history[-history_steps:] if history_steps else history
+                seen = tokenizer.decode(fit_context(prompt, kept, budget)).lower()
+                missing = [a for a in action_arguments(ep.env, step.action) if a.lower() not in seen]
+                if missing:
+                    rows.append({"episode_id": ep.episode_id, "step": i, "action": step.action, "missing": missing})
+            history.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
+    return rows

@@ -87,6 +87,21 @@ def behaviour_table(results: dict[str, dict[str, Any]], split: str = "test") -> 
     return "\n".join(lines)
 
 
+def step_accuracy_table(results: dict[str, dict[str, Any]]) -> str:
+    """Rows: agents; columns: step accuracy on the expert's dev states, overall and per env (means over seeds)."""
+    envs = sorted({env for r in results.values() for env in r.get("step_accuracy", {}).get("envs", {})})
+    header = ["agent", "all", *envs]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for agent in order_agents(list(results)):
+        acc = results[agent].get("step_accuracy")
+        if not acc:
+            continue
+        row = [agent, f"{100 * acc['step_accuracy']:.1f}%"]
+        row += [f"{100 * acc['envs'][env]['step_accuracy']:.1f}%" if env in acc["envs"] else "-" for env in envs]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) if len(lines) > 2 else "No step accuracy (the demos stage wrote no dev episodes)."
+
+
 def paired_section(results: dict[str, dict[str, Any]], a: str, b: str, split: str, n_boot: int,
                    confidence: float) -> tuple[str, dict[str, Any]]:
     """SAD against token-KD on the same tasks and seed indices: difference in success, its CI,
@@ -292,6 +307,13 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
         success_table(results, "test", n_boot, confidence),
         "",
         "![success by method and environment](success.png)",
+        "",
+        "## Step accuracy (dev expert states)",
+        "",
+        "Share of the expert's dev steps where the agent, given exactly its play-time context, freely generates a "
+        "thought and an action equal to the expert's (per action kind in `metrics/eval/<agent>.json`).",
+        "",
+        step_accuracy_table(results),
         "",
         "## SAD against token-level KD (paired: same tasks, same seed index)",
         "",

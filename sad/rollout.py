@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from sad.agent import LMAgent, fit_context
 from sad.benchmarks import get_benchmark
 from sad.envs.base import Environment, Observation, Task
-from sad.react import Episode, Step, parse_output, prompt_piece, step_pieces
+from sad.react import Episode, ParsedOutput, Step, act_piece, parse_output, prompt_piece, reason_piece, step_pieces
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,38 @@ def final_scores(obs: Observation) -> dict[str, float]:
     return {k: float(obs.info[k]) for k in _SCORE_KEYS if isinstance(obs.info.get(k), (int, float))}
 
 
+_SEARCH = re.compile(r"^search\[(.+)\]$", re.IGNORECASE)
+
+
 def can_perturb(action: str, admissible: list[str] | None) -> bool:
-    """Mistakes are injected only where the benchmark lists admissible actions, and never into
-    or instead of an episode-ending action (an injected purchase or answer cannot be undone)."""
-    return bool(admissible) and not _TERMINAL.match(action)
+    """Mistakes are injected where the benchmark lists admissible actions, or into a search (as a
+    misspelling), and never into or instead of an episode-ending action (an injected purchase or
+    answer cannot be undone)."""
+    if _TERMINAL.match(action):
+        return False
+    return bool(admissible) or bool(_SEARCH.match(action))
+
+
+def misspell(rng: random.Random, text: str) -> str:
+    """``text`` with one letter of its longest word dropped or two neighbouring letters swapped."""
+    words = text.split(" ")
+    i = max(range(len(words)), key=lambda k: (len(words[k]), -k))
+    word = words[i]
+    if len(word) < 3:
+        return text + text[-1:]
+    j = rng.randrange(1, len(word) - 1)
+    words[i] = word[:j] + word[j + 1:] if rng.random() < 0.5 else word[:j - 1] + word[j] + word[j - 1] + word[j + 1:]
+    return " ".join(words)
 
 
 def perturb_action(rng: random.Random, action: str, admissible: list[str] | None) -> str:
-    """A plausible mistake: another admissible command, or the intended one with a wrong number."""
-    others = [a for a in (admissible or []) if a != action and a.lower() not in ("buy now",)]
-    numbers = list(re.finditer(r"\d+", action))
+    """A realistic mistake the environment accepts: another admissible action (a wrong but valid
+    click or command), the intended command with a wrong number, or a misspelled search."""
+    search = _SEARCH.match(action)
+    if search and not admissible:
+        return f"search[{misspell(rng, search.group(1))}]"
+    others = [a for a in (admissible or []) if a.lower() != action.lower() and not _TERMINAL.match(a)]
+    numbers = [] if "[" in action else list(re.finditer(r"\d+", action))  # ALFWorld's "mug 2" for "mug 1"
     if others and (not numbers or rng.random() < 0.5):
         return rng.choice(others)
     if numbers:
@@ -121,7 +143,20 @@ class _Slot:
     env: Environment
     episode: Episode
     prompt_ids: list[int]
+    admissible: list[str] | None = None  # the latest observation's valid actions, where the benchmark lists them
     step_ids: list[list[int]] = field(default_factory=list)
+
+
+ACTION_CHOICES = ("free", "admissible")
+
+
+def choose_admissible(agent: LMAgent, context: list[int], parsed: ParsedOutput, admissible: list[str]) -> ParsedOutput:
+    """The admissible action the model finds most likely after ``context`` and its own generated thought."""
+    tok = agent.tokenizer
+    prefix = context + tok.encode(reason_piece(parsed.thought))
+    scores = agent.score_continuations(prefix, [tok.encode(act_piece(a)) for a in admissible])
+    best = max(range(len(admissible)), key=scores.__getitem__)
+    return ParsedOutput(thought=parsed.thought, action=admissible[best], has_action=True)
 
 
 def play_agent(
@@ -135,13 +170,20 @@ def play_agent(
     on_episode: Callable[[Episode], None] | None = None,
     stats: PlayStats | None = None,
     history_steps: int = 0,
+    action_choice: str = "free",
 ) -> list[Episode]:
     """Play ``tasks`` with ``agent``, keeping up to ``batch_size`` episodes in flight.
 
     The agent sees the prompt and the latest ``history_steps`` steps (0: as many as fit in
     ``max_tokens``). Finished episodes free their slot for the next task at once (continuous
     batching). Results come back in the order of ``tasks``.
+
+    ``action_choice``: ``free`` sends the generated action; ``admissible`` keeps the generated thought
+    and, where the environment lists its valid actions (ALFWorld's commands, WebShop's clickables),
+    sends the one the model finds most likely after that thought (:meth:`LMAgent.score_continuations`).
     """
+    if action_choice not in ACTION_CHOICES:
+        raise ValueError(f"action_choice must be one of {ACTION_CHOICES}, got {action_choice!r}")
     tokenizer = agent.tokenizer
     budget = max_tokens - agent.max_new_tokens
     queue = list(enumerate(tasks))
@@ -155,7 +197,8 @@ def play_agent(
         env = pool.pop() if pool else get_benchmark(task.env).make_env(False)
         obs = env.reset(task, tasks_root)
         prompt = prompt_piece(task.env, obs.text)
-        slots[index] = _Slot(task, env, _new_episode(task, agent_name, prompt), tokenizer.encode(prompt))
+        slots[index] = _Slot(task, env, _new_episode(task, agent_name, prompt), tokenizer.encode(prompt),
+                             admissible=obs.admissible)
 
     while queue or slots:
         while queue and len(slots) < batch_size:
@@ -169,10 +212,13 @@ def play_agent(
             stats.batches += 1
             stats.generation_seconds += generations[0].seconds
             stats.generated_tokens += sum(g.n_tokens for g in generations)
-        for index, gen in zip(order, generations):
+        for index, context, gen in zip(order, contexts, generations):
             slot = slots[index]
             parsed = parse_output(gen.text)
+            if action_choice == "admissible" and slot.admissible:
+                parsed = choose_admissible(agent, context, parsed, slot.admissible)
             obs = slot.env.step(parsed.action)
+            slot.admissible = obs.admissible
             step = Step(thought=parsed.thought, action=parsed.action, observation=obs.text,
                         valid=obs.valid and parsed.has_action, generated_tokens=gen.n_tokens, latency_s=gen.seconds)
             slot.episode.steps.append(step)

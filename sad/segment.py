@@ -7,7 +7,9 @@ pieces is an error (it would belong to two kinds), reported with the episode id.
 Episodes are cut into windows of at most ``max_tokens`` tokens: the prompt, up to
 ``history_steps`` earlier steps as context (no loss), then up to ``history_steps + 1`` steps
 that carry the loss. Every step is thus learnt with at least the history an agent sees at play
-time (the prompt and the latest ``history_steps`` steps).
+time (the prompt and the latest ``history_steps`` steps). As at play (:func:`sad.agent.fit_context`),
+history is never dropped wholesale: when the step just before a window does not fit, its head is
+kept.
 """
 
 from __future__ import annotations
@@ -123,8 +125,12 @@ def episode_windows(episode: Episode, tokenizer, max_tokens: int, history_steps:
         room = max_tokens - prompt_len - sum(lengths[s] for s in chunk)
         earliest = max(0, chunk[0] - history_steps) if history_steps else 0
         context: list[int] = []
+        head_only: dict[int, int] = {}  # a context step kept only for its first n tokens
         for s in range(chunk[0] - 1, earliest - 1, -1):
             if lengths[s] > room:
+                if not context and room > 0:  # as at play (sad.agent.fit_context): the latest step's head
+                    context.insert(0, s)
+                    head_only[s] = room
                 break
             context.insert(0, s)
             room -= lengths[s]
@@ -138,6 +144,10 @@ def episode_windows(episode: Episode, tokenizer, max_tokens: int, history_steps:
             for offset, (a, b) in enumerate(steps[s]):
                 piece = step_first_piece[s] + offset
                 kind = tok.pieces[piece][0]
+                if s in head_only:
+                    b = min(b, steps[s][0][0] + head_only[s])
+                    if b <= a:
+                        continue
                 start = len(ids)
                 ids.extend(tok.input_ids[a:b])
                 reason.extend([1 if with_loss and kind == "reason" else 0] * (b - a))

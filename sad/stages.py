@@ -130,6 +130,11 @@ def run_tasks(p: Params) -> dict[str, Any]:
     return metrics
 
 
+def dev_demos_file(p: Params) -> Path:
+    """The expert's episodes on the dev tasks (no injected mistakes): the held-out states of step accuracy."""
+    return p.path("data", "demos", "dev.jsonl")
+
+
 def demos_metrics(episodes: list[Episode]) -> dict[str, Any]:
     from sad.metrics import success_by
 
@@ -142,12 +147,17 @@ def demos_metrics(episodes: list[Episode]) -> dict[str, Any]:
     }
 
 
-def write_demos(p: Params, episodes: list[Episode]) -> dict[str, Any]:
+def write_demos(p: Params, episodes: list[Episode], dev_episodes: list[Episode] | None = None) -> dict[str, Any]:
+    """The expert's successful train episodes (the demos) and, if given, its dev episodes (for step accuracy)."""
     failed = [e.episode_id for e in episodes if not e.success]
     if failed:
         log.warning("expert failed %d episode(s), kept out of the demos: %s", len(failed), failed[:5])
     write_jsonl_atomic(demos_file(p), (e.to_dict() for e in episodes if e.success))
+    if dev_episodes is not None:
+        write_jsonl_atomic(dev_demos_file(p), (e.to_dict() for e in dev_episodes if e.success))
     metrics = demos_metrics(episodes)
+    if dev_episodes is not None:
+        metrics["dev_episodes"] = sum(e.success for e in dev_episodes)
     write_json_atomic(p.path("metrics", "demos.json"), metrics)
     return metrics
 
@@ -200,6 +210,8 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     from sad.training import split_dev
 
     tokenizer = load_tokenizer(tokenizer_dir(p))
+    if p.teacher.source is not None and not p.teacher.finetune:
+        return use_teacher_as_is(p, tokenizer)
     episodes = read_episodes(demos_file(p))
     seg = segment_episodes(episodes, tokenizer, p.context.max_tokens, p.context.history_steps, what=str(demos_file(p)))
     train_w, dev_w = split_dev(seg.windows, p.teacher.train.dev_fraction, p.teacher.train.seed)
@@ -228,6 +240,22 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     metrics = {"parameters": card["parameters"], "final_loss": result.final_loss, "steps": result.steps,
                "train_tokens_per_s": result.tokens_per_second, "train_seconds": result.seconds,
                "windows": len(train_w), "dev_windows": len(dev_w), **{f"dev_{k}": v for k, v in result.dev.items()}}
+    write_json_atomic(p.path("metrics", "teacher.json"), metrics)
+    return metrics
+
+
+def use_teacher_as_is(p: Params, tokenizer) -> dict[str, Any]:
+    """``teacher.finetune: false``: the source (e.g. the shipped teacher) is the teacher, unchanged;
+    its card (recipe, data hash, measured success) is kept under ``shipped``."""
+    from sad.modeling import count_parameters, load_model, read_card, save_model
+
+    model = load_model(pretrained_dir(p))
+    source_card = read_card(pretrained_dir(p))
+    card = {"role": "teacher", "method": "as is", "parameters": count_parameters(model), "source": p.teacher.source,
+            "objective": f"{p.teacher.source}, used as it is (teacher.finetune: false)",
+            "arch": read_pretrained_arch(model), "shipped": source_card}
+    save_model(model, tokenizer, teacher_dir(p), card)
+    metrics = {"parameters": card["parameters"], "finetuned": 0}
     write_json_atomic(p.path("metrics", "teacher.json"), metrics)
     return metrics
 
@@ -444,6 +472,28 @@ def _agreement(p: Params, agent, progress: bool) -> dict[str, Any] | None:
                                     seed=p.project.seed, progress=progress)
 
 
+def _step_accuracy(p: Params, agent, progress: bool) -> dict[str, Any] | None:
+    """Step accuracy on the expert's dev episodes (None if the demos stage wrote none)."""
+    from sad.evaluation import step_accuracy
+
+    path = dev_demos_file(p)
+    if not path.is_file():
+        log.warning("%s not found: no step accuracy (rerun the demos stage)", path)
+        return None
+    return step_accuracy(agent, read_episodes(path), p.context.max_tokens, p.context.history_steps,
+                         p.evaluate.batch_size, p.evaluate.step_accuracy_steps, seed=p.project.seed, progress=progress)
+
+
+def _mean_step_accuracy(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Step accuracy averaged over seeds, overall and per env (per-kind numbers stay per seed)."""
+    n = len(per_seed)
+    envs = sorted({env for r in per_seed.values() for env in r["envs"]})
+    return {"step_accuracy": sum(r["step_accuracy"] for r in per_seed.values()) / n,
+            "envs": {env: {"step_accuracy": sum(r["envs"].get(env, {}).get("step_accuracy", 0.0) for r in per_seed.values()) / n}
+                     for env in envs},
+            "seeds": per_seed}
+
+
 def aggregate_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds of every split's overall/env/task-type numbers (the per-task lists stay per seed)."""
     first = next(iter(per_seed.values()))
@@ -471,6 +521,7 @@ def run_evaluate(p: Params, agent: str, progress: bool = True, players=None) -> 
         seeds = {str(seed): student_dir(p, agent, seed) for seed in p.distill.seeds}
     per_seed: dict[str, dict[str, Any]] = {}
     agreement: dict[str, dict[str, Any]] = {}
+    accuracy: dict[str, dict[str, Any]] = {}
     results: dict[str, Any] = {"agent": agent}
     with atomic_dir(p.path("data", "eval", agent)) as tmp:
         for seed, model_dir in seeds.items():
@@ -482,6 +533,12 @@ def run_evaluate(p: Params, agent: str, progress: bool = True, players=None) -> 
             folder = tmp if agent == "teacher" else tmp / f"seed{seed}"
             for split, eps in episodes.items():
                 write_jsonl_atomic(folder / f"{split}.jsonl", (e.to_dict() for e in eps))
+            found_accuracy = _step_accuracy(p, lm, progress)
+            if found_accuracy is not None:
+                write_jsonl_atomic(folder / "step_accuracy.jsonl", found_accuracy.pop("outcomes"))
+                accuracy[seed] = found_accuracy
+                log.info("%s (seed %s): step accuracy %.3f on %d dev expert steps", agent, seed,
+                         found_accuracy["step_accuracy"], found_accuracy["steps"])
             if agent != "teacher":
                 found = _agreement(p, lm, progress)
                 if found is not None:
@@ -494,6 +551,8 @@ def run_evaluate(p: Params, agent: str, progress: bool = True, players=None) -> 
         "splits": aggregate_seeds(per_seed),
         "seeds": {s: {"splits": r} for s, r in per_seed.items()},
     })
+    if accuracy:
+        results["step_accuracy"] = _mean_step_accuracy(accuracy)
     if agreement:
         results["agreement"] = {
             "cot_match_rate": sum(a["cot_match_rate"] for a in agreement.values()) / len(agreement),
@@ -545,6 +604,11 @@ def _seed_gate_values(p: Params, method: str, result: dict[str, Any]) -> dict[st
         return {s: float(v[metric]) for s, v in seeds.items()}
     if metric in ("cot_match_rate", "action_agreement"):
         return {s: float(v[metric]) for s, v in result["agreement"]["seeds"].items()}
+    if metric == "step_accuracy":
+        if "step_accuracy" not in result:
+            raise ValueError("register.gate_metric is step_accuracy, but the evaluation has none (the demos stage "
+                             "wrote no data/demos/dev.jsonl): rerun the pipeline from the demos stage")
+        return {s: float(v["step_accuracy"]) for s, v in result["step_accuracy"]["seeds"].items()}
     return {s: float(v["splits"][split]["overall"][metric]) for s, v in result["seeds"].items()}
 
 

@@ -73,8 +73,8 @@ def play_agent_shard(p: Params, model_dir: str, tasks_root: str, task_dicts: lis
 
 
 @task(name="write-demos", **RETRY)
-def write_demos(p: Params, episode_dicts: list[dict[str, Any]]) -> dict[str, Any]:
-    return stages.write_demos(p, [Episode.from_dict(d) for d in episode_dicts])
+def write_demos(p: Params, episode_dicts: list[dict[str, Any]], dev_dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    return stages.write_demos(p, [Episode.from_dict(d) for d in episode_dicts], [Episode.from_dict(d) for d in dev_dicts])
 
 
 @task(name="convert-pretrained", **RETRY)

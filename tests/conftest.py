@@ -71,7 +71,7 @@ def rollout_project(tmp_path_factory, tokenizer, tiny_model_factory):
     root = tmp_path_factory.mktemp("project")
     raw = {"tasks": {"envs": ["alfworld", "hotpotqa"], "train": 6, "dev": 1, "test": 1,
                      "alfworld": {"max_steps": 6}, "hotpotqa": {"max_steps": 4}},
-           "context": {"max_tokens": 256, "max_new_tokens": 24}, "rollout": {"batch_size": 4}}
+           "context": {"max_tokens": 512, "max_new_tokens": 24}, "rollout": {"batch_size": 4}}
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     p = parse_params(raw)
     cwd = os.getcwd()

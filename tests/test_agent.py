@@ -13,8 +13,16 @@ def test_fit_context_keeps_prompt_and_latest_steps():
     steps = [[3, 3, 3], [4, 4], [5, 5, 5]]
     assert fit_context(prompt, steps, budget=100) == [1, 2, 3, 3, 3, 4, 4, 5, 5, 5]
     assert fit_context(prompt, steps, budget=7) == [1, 2, 4, 4, 5, 5, 5]
-    assert fit_context(prompt, steps, budget=4) == [1, 2]
     assert fit_context([1, 2, 3, 4, 5], steps, budget=3) == [3, 4, 5]
+
+
+def test_fit_context_never_drops_history_when_the_latest_step_is_long():
+    prompt = [1, 2]
+    steps = [[3, 3], [4, 4, 4, 4, 4, 4]]
+    # the latest step alone is longer than the room: its head is kept, not nothing
+    assert fit_context(prompt, steps, budget=4) == [1, 2, 4, 4]
+    assert fit_context(prompt, [[5] * 50], budget=10) == [1, 2] + [5] * 8
+    assert fit_context(prompt, [], budget=10) == [1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +95,55 @@ def test_model_output_without_action_is_a_counted_invalid_step(tiny_model_factor
     assert steps and not any(e.success for e in episodes)
     assert sum(not s.valid for s in steps) >= 1
     assert torch.is_grad_enabled()  # inference mode did not leak
+
+
+def test_admissible_scoring_equals_the_likelihood_of_a_full_forward_pass(trained_model, tokenizer):
+    """One shared prefill + batched continuations gives each candidate's log-likelihood exactly."""
+    agent = LMAgent(trained_model, tokenizer, max_new_tokens=16)
+    prefix = tokenizer.encode("[alfworld] Your task is to: put a mug in cabinet.\nThought: I need a mug.\n")
+    candidates = [tokenizer.encode(f"Action: {a}\n") for a in ("go to cabinet 1", "look", "take mug 1 from desk 2")]
+    scored = agent.score_continuations(prefix, candidates)
+    for cand, score in zip(candidates, scored):
+        ids = torch.tensor([prefix + cand])
+        with torch.no_grad():
+            logp = torch.log_softmax(trained_model(input_ids=ids).logits[0].float(), dim=-1)
+        expected = sum(float(logp[len(prefix) + j - 1, tok]) for j, tok in enumerate(cand))
+        assert score == pytest.approx(expected, abs=1e-4)
+    assert len({round(s, 4) for s in scored}) == 3  # the candidates are told apart
+
+
+def test_admissible_choice_sends_only_valid_actions(trained_model, tokenizer, task_root):
+    tasks = _capped(load_tasks(task_root, "alfworld", "test")[:2], max_steps=4)
+    agent = LMAgent(trained_model, tokenizer, max_new_tokens=24)
+    episodes = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=2, action_choice="admissible")
+    steps = [s for e in episodes for s in e.steps]
+    assert steps and all(s.valid for s in steps)  # every action was one of the engine's admissible commands
+    with pytest.raises(ValueError, match="action_choice"):
+        play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=2, action_choice="best")
+
+
+def test_step_accuracy_by_hand(trained_model, tokenizer, demos):
+    """Step accuracy equals, step by step, generating from the play-time context built by hand."""
+    from sad.evaluation import action_kind, step_accuracy
+    from sad.metrics import normalize_action
+    from sad.react import parse_output, step_pieces
+
+    episodes = demos[:2]
+    agent = LMAgent(trained_model, tokenizer, max_new_tokens=32)
+    result = step_accuracy(agent, episodes, max_tokens=512, history_steps=2, batch_size=8)
+    expected, kinds = [], {}
+    for ep in episodes:
+        for i, step in enumerate(ep.steps):
+            history = [tokenizer.encode("".join(t for _, t in step_pieces(s))) for s in ep.steps[:i]][-2:]
+            context = fit_context(tokenizer.encode(ep.prompt), history, 512 - 32)
+            parsed = parse_output(agent.generate([context])[0].text)
+            ok = parsed.has_action and normalize_action(parsed.action) == normalize_action(step.action)
+            expected.append(ok)
+            kinds.setdefault(action_kind(step.action), []).append(ok)
+    assert result["steps"] == len(expected) == sum(e.n_steps for e in episodes)
+    assert result["step_accuracy"] == pytest.approx(sum(expected) / len(expected))
+    by_kind = result["envs"]["alfworld"]["by_kind"]
+    assert set(by_kind) == set(kinds)
+    for kind, oks in kinds.items():
+        assert by_kind[kind]["step_accuracy"] == pytest.approx(sum(oks) / len(oks))
+    assert action_kind("go to desk 1") == "go" and action_kind("search[Raul Elquin]") == "search"

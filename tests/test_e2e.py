@@ -17,7 +17,7 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.e2e
 
-SOURCES = ["sad", "flows", "tasks", "profiles", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml", ".gitignore"]
+SOURCES = ["sad", "flows", "tasks", "profiles", "assets", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml", ".gitignore"]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:

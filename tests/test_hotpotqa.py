@@ -29,7 +29,7 @@ def test_expert_transcript_for_a_fixed_seed(tmp_path):
     episode = play_expert(tasks[1:2], tmp_path)[0]
     assert episode.prompt == "[hotpotqa] Question: In which city was the author of The Garden of Telven born?\n"
     assert [s.action for s in episode.steps] == [
-        "search[The Garden of Telven]", "search[Junra Lunka]", "lookup[grew]", "finish[Fenosport]"]
+        "search[The Garden of Telven]", "search[Junra Lunka]", "lookup[born]", "finish[Fenosport]"]  # "born": a word of the question
     assert episode.steps[0].observation.startswith("The Garden of Telven is a 1967 novel by Junra Lunka.")
     assert episode.steps[0].observation.count(".") == 5  # the page's first five sentences
     assert episode.steps[1].thought == ("The Garden of Telven is a 1967 novel by Junra Lunka. "

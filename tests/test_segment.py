@@ -100,3 +100,25 @@ def test_wrong_columns_fail_the_schema():
     df = pd.DataFrame([{"episode_id": "ep-1", "window": 0, "tokens": [1]}])
     with pytest.raises(SchemaViolation, match="WindowSchema"):
         validate(df, WindowSchema, "windows")
+
+
+def test_a_window_after_a_long_step_keeps_that_steps_head_as_at_play(tokenizer):
+    """History is never dropped wholesale: when the step before a window does not fit, its head is kept
+    (thought and action first), exactly as sad.agent.fit_context keeps the latest step at play."""
+    from sad.agent import fit_context
+    from sad.react import step_pieces
+
+    ep = _episode(n_steps=3)
+    ep.steps[1].observation = "You see " + ", ".join(f"a mug {i}" for i in range(200)) + "."
+    windows, _ = episode_windows(ep, tokenizer, max_tokens=160)
+    prompt = tokenizer.encode(ep.prompt)
+    last = windows[-1]
+    assert last["input_ids"][:len(prompt)] == prompt
+    step1 = tokenizer.encode("".join(t for _, t in step_pieces(ep.steps[1])))
+    after_prompt = last["input_ids"][len(prompt):]
+    # the window of step 3 starts with the head of step 2 (no loss on it), then step 3 itself
+    assert step1[:8] == after_prompt[:8]
+    assert sum(last["reason_mask"][:len(prompt) + 8]) == 0
+    # and it is what the agent would see at play with the same room
+    room = len(last["input_ids"]) - len(prompt) - len(tokenizer.encode("".join(t for _, t in step_pieces(ep.steps[2]))))
+    assert room > 0 and fit_context(prompt, [step1], len(prompt) + room) == last["input_ids"][:len(prompt) + room]

@@ -20,15 +20,16 @@ def shop(tmp_path):
 
 
 def test_expert_transcript_for_a_fixed_seed(shop):
-    """Hand-checked: search, open the first fitting item, choose both options, buy."""
+    """Hand-checked: search, open the first fitting item, choose both options, buy; every click
+    written as the page shows it (the agent copies what it reads)."""
     root, tasks = shop
     episode = play_expert(tasks[:1], root)[0]
     assert episode.prompt == ("[webshop] WebShop [SEP] Instruction: [SEP] i need headphones that is bluetooth and "
                               "long battery life, with rose gold, standard, and price lower than 30.00 dollars "
                               "[SEP] [Search]\n")
     assert [s.action for s in episode.steps] == [
-        "search[bluetooth long battery life headphones]", "click[b8e375843f]", "click[rose gold]",
-        "click[standard]", "click[buy now]"]
+        "search[bluetooth long battery life headphones]", "click[B8E375843F]", "click[rose gold]",
+        "click[standard]", "click[Buy Now]"]
     results = episode.steps[0].observation
     assert results.startswith("[Back to Search] [SEP] Page 1 (Total results: 5) [SEP] [B8E375843F] [SEP] "
                               "Oakhurst Headphones - Bluetooth, Long Battery Life [SEP] $27.79")

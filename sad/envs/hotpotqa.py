@@ -274,6 +274,11 @@ class HotpotExpert:
         self._plan = plan
 
     def act(self, obs: Observation) -> tuple[str, str]:
+        missed = re.match(r"Could not find (.*?)\. Similar: ", obs.text)
+        if missed and self._last_target is not None:  # a mistyped search (injected mistake): search the exact title
+            target = self._last_target
+            return (f"There is no page named {missed.group(1)}. I need to search the exact title {target}.",
+                    f"search[{target}]")
         if self._last_target is not None and obs.valid:
             self._evidence.append(_evidence_sentence(obs.text, self.question))
         if not self._plan:
@@ -369,7 +374,7 @@ class _World:
         nationality, year, birthplace = r.choice(_NATIONALITIES), r.randint(1900, 1990), r.choice(cities)
         pronoun = r.choice(("He", "She"))
         sentences = [
-            f"{name} (born {year}) is {_article(nationality)} {nationality} {profession}.",
+            f"{name} ({year}) is {_article(nationality)} {nationality} {profession}.",  # "born" only where the birthplace is
             f"{pronoun} studied at the {r.choice(_NOUNS)} Academy.",
             f"{pronoun} began working in {r.randint(year + 18, year + 30)}.",
             f"{pronoun} has received several awards for {pronoun.lower() == 'he' and 'his' or 'her'} work.",

@@ -354,6 +354,14 @@ class WebShopEnv:
         return info
 
     def _render(self, valid: bool = True) -> Observation:
+        text = self._page_text()
+        if not valid:
+            text = "Invalid action! " + text
+        done = self.steps >= self.max_steps
+        return Observation(text=text, done=done, valid=valid, admissible=self.shown_actions() or None,
+                           info=self._plan_info())
+
+    def _page_text(self) -> str:
         assert self.goal is not None
         p = self.page
         if p.kind == "start":
@@ -383,12 +391,13 @@ class WebShopEnv:
             parts = ["[Back to Search]", "[< Prev]", body]
         if p.kind == "item" and self.chosen:
             parts.insert(2, "Selected: " + ", ".join(self.chosen[n] for n in sorted(self.chosen)))
-        text = SEP.join(parts)
-        if not valid:
-            text = "Invalid action! " + text
-        done = self.steps >= self.max_steps
-        return Observation(text=text, done=done, valid=valid, admissible=self.clickables() or None,
-                           info=self._plan_info())
+        return SEP.join(parts)
+
+    def shown_actions(self) -> list[str]:
+        """The page's valid ``click[...]`` actions, each clickable written as the page shows it
+        (``click[B09ABC1234]``, ``click[Buy Now]``), so that an agent copies what it reads."""
+        shown = {name.lower(): name for name in re.findall(r"\[([^\[\]]+)\]", self._page_text())}
+        return [f"click[{shown.get(c, c)}]" for c in self.clickables()]
 
 
 # --------------------------------------------------------------------------- expert
@@ -426,6 +435,7 @@ class WebShopExpert:
     def act(self, obs: Observation) -> tuple[str, str]:
         info, goal = obs.info, obs.info["goal"]
         page = info["page"]
+        clickable = {a[len("click["):-1].lower() for a in obs.admissible or []}
         if page == "start":
             self.searches += 1
             query = search_query(goal) if self.searches == 1 else " ".join([goal["query"], *goal["options"]])
@@ -443,27 +453,26 @@ class WebShopExpert:
                     asin, _, price = pick[0]
                     self.opened = asin
                     return (f"{asin} is {what} for ${price:.2f}, within the budget. I'll check its options.",
-                            f"click[{asin.lower()}]")
-            if obs.admissible and "next >" in obs.admissible:
-                return ("No item on this page fits. I'll look at the next page.", "click[next >]")
-            return ("No listed item fits. I'll search again with other words.", "click[back to search]")
+                            f"click[{asin}]")
+            if "next >" in clickable:
+                return ("No item on this page fits. I'll look at the next page.", "click[Next >]")
+            return ("No listed item fits. I'll search again with other words.", "click[Back to Search]")
         if page == "detail":
-            return ("This is the detail page. I'll go back to the item.", "click[< prev]")
+            return ("This is the detail page. I'll go back to the item.", "click[< Prev]")
         item = _ITEM_RE.search(obs.text)
         chosen_here = info["asin"] == getattr(self, "opened", None)
         if item is None or not self._fits(goal, item.group(1), float(item.group(2)), strict=not chosen_here):
             self.rejected.add(info["asin"])
-            return ("This item is not what the instruction asks for. I'll go back.", "click[< prev]")
-        available = set(obs.admissible or [])
-        if any(o not in available for o in goal["options"]):
+            return (f"{info['asin']} is not what the instruction asks for. I'll go back.", "click[< Prev]")
+        if any(o not in clickable for o in goal["options"]):
             self.rejected.add(info["asin"])
-            lacking = ", ".join(o for o in goal["options"] if o not in available)
-            return (f"This item does not offer {lacking}. I'll go back to the results.", "click[< prev]")
+            lacking = ", ".join(o for o in goal["options"] if o not in clickable)
+            return (f"{info['asin']} does not offer {lacking}. I'll go back to the results.", "click[< Prev]")
         missing = [o for o in goal["options"] if goal["chosen"].get(goal["option_names"].get(o, "")) != o]
         if missing:
             option = missing[0]
             return (f"The item offers {option}, which I need. I'll choose it.", f"click[{option}]")
-        return ("The item has the right attributes, options and price. I'll buy it.", "click[buy now]")
+        return ("The item has the right attributes, options and price. I'll buy it.", "click[Buy Now]")
 
 
 def _indefinite(kind: str) -> str:

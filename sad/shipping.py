@@ -1,0 +1,80 @@
+"""The shipped teacher: a teacher trained once with a long budget, versioned with the project.
+
+In real use the teacher is a given, expensive model and a scheduled retrain re-distils students from
+fresh rollouts; the embedded default does the same with a teacher trained once by the ``teacher``
+profile (``sad profile teacher && dvc repro evaluate_teacher``) and copied here by
+``sad ship-teacher``. ``teacher.source: assets/teacher`` with ``teacher.finetune: false`` makes the
+pipeline start from it. The card says how it was made and what it does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+SHIPPED_TEACHER_DIR = Path("assets/teacher")
+RECIPE = "sad profile teacher && dvc repro evaluate_teacher && sad ship-teacher"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def measured_success(eval_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Per split: success overall and per env, episodes, invalid actions; and step accuracy per env."""
+    out: dict[str, Any] = {}
+    for split, body in eval_metrics.get("splits", {}).items():
+        out[split] = {"success_rate": body["overall"]["success_rate"],
+                      "invalid_action_rate": body["overall"].get("invalid_action_rate"),
+                      "envs": {env: {"success_rate": m["success_rate"], "episodes": m.get("episodes")}
+                               for env, m in body["envs"].items()}}
+    acc = eval_metrics.get("step_accuracy")
+    if acc:
+        out["step_accuracy"] = {"all": acc["step_accuracy"],
+                                **{env: m["step_accuracy"] for env, m in acc["envs"].items()}}
+    return out
+
+
+def model_card_markdown(card: dict[str, Any]) -> str:
+    """A human-readable model card (README.md of the shipped folder)."""
+    lines = ["# The shipped SAD teacher", "",
+             f"A {card.get('parameters', 0):,}-parameter Llama trained from scratch by imitation of the expert demos "
+             "of ALFWorld, HotPotQA-ReAct and WebShop (generated tasks), with the project's copy-friendly BPE tokenizer.",
+             "", "## Recipe", "", f"    {card['recipe']}", "",
+             f"- profile: `{card['profile']}`; commit `{card['commit']}`; demos sha256[:16] `{card.get('data_hash')}`",
+             f"- architecture: `{json.dumps(card.get('arch'))}`; context {card['context']}",
+             f"- training: `{json.dumps(card.get('train'))}`; final loss {card.get('final_loss')}; dev {card.get('dev')}",
+             "", "## Measured (greedy, `agent.action_choice: free`)", ""]
+    for split, m in card.get("measured", {}).items():
+        if split == "step_accuracy":
+            lines.append("- step accuracy (dev expert states): " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.items()))
+        else:
+            envs = ", ".join(f"{env} {100 * e['success_rate']:.1f}% of {e['episodes']}" for env, e in m["envs"].items())
+            lines.append(f"- {split} success: {100 * m['success_rate']:.1f}% ({envs})")
+    return "\n".join(lines) + "\n"
+
+
+def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any], target: Path = SHIPPED_TEACHER_DIR) -> dict[str, Any]:
+    """Copy the trained teacher (weights, tokenizer) to ``target`` with its card (card.json + README.md)."""
+    from sad.modeling import count_parameters, load_model, read_card, save_model
+    from sad.tokenizer import load_tokenizer
+
+    model, tokenizer = load_model(teacher_dir), load_tokenizer(teacher_dir)
+    trained = read_card(teacher_dir)
+    if not eval_file.is_file():
+        raise FileNotFoundError(f"{eval_file}: not found; evaluate the teacher first (dvc repro evaluate_teacher), "
+                                "so that its card states what it does")
+    card = {**trained, "role": "teacher", "parameters": count_parameters(model), "recipe": RECIPE,
+            "profile": params_dump["project"]["profile"], "commit": _git_commit(),
+            "context": params_dump["context"], "train": params_dump["teacher"]["train"],
+            "measured": measured_success(json.loads(eval_file.read_text()))}
+    save_model(model, tokenizer, target, card)
+    (target / "README.md").write_text(model_card_markdown(card))
+    digest = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()[:16]
+    return {**card, "weights_sha256": digest}
