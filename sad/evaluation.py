@@ -91,8 +91,9 @@ def forced_items(tokenizer, episodes: list[Episode], budget: int, history_steps:
         for i, step in enumerate(ep.steps):
             if step.imitate or not imitated_only:
                 history = step_ids[-history_steps:] if history_steps else step_ids
-                items.append({"env": ep.env, "task_id": ep.task_id, "step": i, "thought": step.thought,
-                              "action": step.action, "context": fit_context(prompt_ids, history, budget)})
+                items.append({"env": ep.env, "episode_id": ep.episode_id, "task_id": ep.task_id, "step": i,
+                              "thought": step.thought, "action": step.action,
+                              "context": fit_context(prompt_ids, history, budget)})
             step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
     return items
 

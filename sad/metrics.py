@@ -113,19 +113,13 @@ def hidden_arguments(episodes, tokenizer, budget: int, history_steps: int = 0) -
     """The imitated expert steps whose action copies something absent from the agent's play-time context
     (the prompt and the latest steps as :func:`sad.agent.fit_context` keeps them): demos an agent cannot
     imitate from what it sees. Each row names the episode, step, action and the missing arguments."""
-    from sad.agent import fit_context
-    from sad.react import step_pieces
+    from sad.evaluation import forced_items
 
     rows = []
-    for ep in episodes:
-        prompt = tokenizer.encode(ep.prompt)
-        history: list[list[int]] = []
-        for i, step in enumerate(ep.steps):
-            if step.imitate:
-                kept = history[-history_steps:] if history_steps else history
-                seen = tokenizer.decode(fit_context(prompt, kept, budget)).lower()
-                missing = [a for a in action_arguments(ep.env, step.action) if a.lower() not in seen]
-                if missing:
-                    rows.append({"episode_id": ep.episode_id, "step": i, "action": step.action, "missing": missing})
-            history.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
+    for item in forced_items(tokenizer, episodes, budget, history_steps, imitated_only=True):
+        seen = tokenizer.decode(item["context"]).lower()
+        missing = [a for a in action_arguments(item["env"], item["action"]) if a.lower() not in seen]
+        if missing:
+            rows.append({"episode_id": item["episode_id"], "step": item["step"], "action": item["action"],
+                         "missing": missing})
     return rows
