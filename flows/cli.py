@@ -251,7 +251,10 @@ def registry_list(params: Path = typer.Option(Path("params.yaml"), help="paramet
         return
     for r in rows:
         aliases = ",".join("@" + a for a in r["aliases"]) or "-"
-        typer.echo(f"v{r['version']:<4} {aliases:<24} {r['method'] or '-':<10} {r['gate_metric']}={r['gate_value']}  {r['decision']}")
+        verdict, _, gates = (r["decision"] or "not gated").partition(": ")
+        typer.echo(f"v{r['version']:<4} {aliases:<24} {r['method'] or '-':<10} {r['gate_metric']}={r['gate_value']}  {verdict}")
+        for gate in gates.split("; ") if gates else []:
+            typer.echo(f"      {gate}")
 
 
 @registry_app.command("promote")

@@ -106,7 +106,7 @@ def register_and_gate(p: Params, repro: dict[str, Any]) -> dict[str, Any]:
     import mlflow
 
     from sad import registry as reg
-    from sad.stages import candidate_file
+    from sad.stages import candidate_file, replay_per_task
 
     path = candidate_file(p)
     if not path.is_file():
@@ -138,16 +138,21 @@ def register_and_gate(p: Params, repro: dict[str, Any]) -> dict[str, Any]:
         else:  # new weights, or registered but never gated (a crash or a retry between the two steps)
             card = {**candidate["card"], **provenance}
             version = existing or reg.register_candidate(Path(candidate["model_dir"]), card, standing, p.tracking)
-            decision = reg.gate_and_promote(p.tracking, version, standing, p.registration)
+
+            def replay(champion_version: str, task_ids: list[str]) -> dict[str, float]:
+                return replay_per_task(p, *reg.load_version(p.tracking, champion_version), task_ids)
+
+            decision = reg.gate_and_promote(p.tracking, version, standing, p.registration, replay=replay)
         out = {"candidate": f"{candidate['method']}/seed{candidate['seed']}", "run_id": run.info.run_id,
                "version": decision.version, "promoted": decision.promoted, "reason": decision.reason,
                "reasons": decision.reasons, "champion_before": decision.champion_before,
                "champion_after": decision.champion_after, "standing": candidate["standing"], **provenance}
+        out["summary"] = reg.decision_summary(decision)
         mlflow.log_dict(out, "decision.json")
+        mlflow.log_text(reg.decision_markdown(decision), "promotion.md")
         mlflow.set_tag("sad.decision", ("promoted v" if decision.promoted else "not promoted v") + str(decision.version))
     write_json_atomic(p.path("reports", "registry.json"), out)
-    log.info("retrain: v%s %s (%s)", decision.version, "PROMOTED to @champion" if decision.promoted else "not promoted",
-             decision.reason)
+    log.info("retrain: %s", out["summary"])
     return out
 
 
@@ -182,7 +187,9 @@ def retrain_flow(project_dir: str | None = None, params_path: str = "params.yaml
                 if target:
                     return {"target": target, **repro}
                 p = load_params(params_path)  # `dvc exp run -S` rewrote params.yaml
-                return {**register_and_gate(p, repro), "repro": repro}
+                decision = register_and_gate(p, repro)
+                log.info("retrain finished: %s", decision["summary"])
+                return {**decision, "repro": repro}
             finally:
                 for k, v in saved.items():
                     if v is None:

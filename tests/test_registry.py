@@ -3,22 +3,74 @@
 import pytest
 
 from sad.config import RegisterParams, TrackingParams
-from sad.registry import (CHALLENGER, CHAMPION, RegistryError, Standing, champion, check_gates, decision_of, find_version,
-                          gate_and_promote, list_versions, promote, register_candidate, rollback, weights_hash)
+from sad.registry import (CHALLENGER, CHAMPION, RegistryError, Standing, champion, check_gates, decision_of,
+                          decision_markdown, decision_summary, find_version, gate_and_promote, list_versions,
+                          load_version, promote, register_candidate, rollback, weights_hash)
 
 
-def standing(value=0.4, success=0.4, envs=None, teacher=0.5, metric="success_rate"):
-    return Standing(metric, value, success, envs or {"alfworld": success, "webshop": success}, teacher)
+def standing(value=0.4, success=0.4, envs=None, teacher=0.5, metric="success_rate", invalid=0.0, per_task=None):
+    return Standing(metric, value, success, envs or {"alfworld": success, "webshop": success}, teacher, invalid,
+                    per_task or {})
+
+
+def paired(successes: list[int], prefix: str = "dev") -> Standing:
+    """A success-rate standing with per-task results (task ids dev-0, dev-1, ...)."""
+    rate = sum(successes) / len(successes)
+    return standing(rate, rate, teacher=rate, per_task={f"{prefix}-{i}": float(v) for i, v in enumerate(successes)})
 
 
 GATES = RegisterParams(min_improvement=0.0, max_env_regression=0.05, min_teacher_share=0.5)
 
 
-def test_first_candidate_needs_only_the_teacher_share():
+def test_a_first_candidate_needs_only_to_pass_the_floors():
     ok, reasons = check_gates(standing(success=0.3, teacher=0.5), None, GATES)
     assert ok and any("no current champion" in r for r in reasons)
     ok, reasons = check_gates(standing(success=0.2, teacher=0.5), None, GATES)  # 0.2 < 0.5 x 0.5
-    assert not ok and any(r.startswith("FAIL teacher share") for r in reasons)
+    assert not ok and any(r.startswith("FAIL floor teacher share: success 0.200 < register.min_teacher_share 0.5 x "
+                                       "teacher 0.500 = 0.250") for r in reasons)
+    ok, reasons = check_gates(standing(success=0.3, invalid=0.4), None, GATES)
+    assert not ok and "FAIL floor invalid actions: 0.400 > register.max_invalid_action_rate 0.3" in reasons
+
+
+def test_a_zero_success_candidate_fails_the_success_floor_even_against_a_zero_teacher():
+    ok, reasons = check_gates(standing(0.0, 0.0, teacher=0.0), None, RegisterParams())
+    assert not ok
+    assert reasons[0] == ("FAIL floor success: overall 0.000, alfworld 0.000, webshop 0.000 not all >= "
+                          "register.min_success 0.1")
+    assert reasons[1].startswith("PASS floor teacher share")  # 0 >= 0.5 x 0: only the absolute floor catches it
+
+
+def test_an_insignificant_win_keeps_the_champion_and_a_clear_one_is_promoted():
+    champ = paired([1, 0] * 10)  # 10/20
+    narrow = paired([1, 0] * 9 + [1, 1])  # 11/20: better by a point estimate, not significantly
+    ok, reasons = check_gates(narrow, champ, GATES)
+    line = next(r for r in reasons if "significance" in r)
+    assert not ok and line.startswith("FAIL significance: success_rate 0.5500 vs champion 0.5000: paired difference "
+                                      "(higher is better) +0.0500, 90% CI [")
+    assert "over 20 tasks (champion's results stored), the interval does not lie above register.min_improvement 0.0" in line
+    clear = paired([1] * 18 + [0, 1])  # 19/20
+    ok, reasons = check_gates(clear, champ, GATES)
+    line = next(r for r in reasons if "significance" in r)
+    assert ok and line.startswith("PASS significance") and "lies above register.min_improvement 0.0" in line
+    low = float(line.split("CI [")[1].split(",")[0])
+    assert low > 0
+    assert not check_gates(clear, champ, RegisterParams(min_improvement=0.9, max_env_regression=1.0))[0]
+
+
+def test_every_decision_names_each_gate_with_value_threshold_and_interval():
+    from sad.registry import Decision
+
+    ok, reasons = check_gates(paired([1] * 18 + [0, 1]), paired([1, 0] * 10), GATES)
+    assert [r.split(":")[0] for r in reasons] == ["PASS floor success", "PASS floor teacher share", "PASS floor invalid actions",
+                                                  "PASS significance", "PASS no environment's success drops by more than "
+                                                  "register.max_env_regression 0.05"]
+    decision = Decision("2", ok, reasons, "1", "2", {})
+    text = decision_markdown(decision)
+    assert decision_summary(decision) == "v2 promoted to @champion (was v1): every gate passed"
+    assert text.count("| PASS |") == 5 and "register.min_success 0.1" in text and "90% CI [" in text
+    kept = Decision("3", False, ["FAIL floor success: overall 0.000 not all >= register.min_success 0.1"], "2", "2", {})
+    assert decision_summary(kept) == ("v3 not promoted, @champion stays v2: FAIL floor success: overall 0.000 not all >= "
+                                      "register.min_success 0.1")
 
 
 def test_gate_metric_must_beat_the_champion_by_the_margin():
@@ -110,3 +162,65 @@ def test_register_gate_promote_and_roll_back(tmp_path, tracking, tiny_model_fact
     pipe = mlflow.transformers.load_model(f"models:/{name}@{CHAMPION}")
     out = pipe("[alfworld] You are in the middle of a room.", max_new_tokens=5, do_sample=False)
     assert isinstance(out[0]["generated_text"], str) and len(out[0]["generated_text"]) > 0
+
+
+def test_a_zero_success_first_candidate_is_registered_but_never_champion(tmp_path, tracking, tiny_model_factory, tokenizer):
+    import mlflow
+
+    from sad.modeling import save_model
+    from sad.tracking import stage_run
+
+    save_model(tiny_model_factory(seed=0), tokenizer, tmp_path / "s0", {"method": "sad"})
+    zero = standing(0.0, 0.0, teacher=0.0, invalid=0.9)
+    with stage_run(tracking, "retrain"):
+        version = register_candidate(tmp_path / "s0", {"method": "sad", "seed": 0}, zero, tracking)
+    decision = gate_and_promote(tracking, version, zero, RegisterParams())
+    assert not decision.promoted and champion(tracking) is None and find_version(tracking, weights_hash(tmp_path / "s0")) == version
+    assert decision_summary(decision).startswith("v1 not promoted, @champion stays no champion: FAIL floor success")
+    mv = mlflow.MlflowClient().get_model_version(tracking.registered_model, version)
+    assert mv.tags["sad.promotion"].startswith("kept champion: FAIL floor success")
+    assert "## Promotion decision" in mv.description and "| FAIL |" in mv.description  # where people look
+    assert "method `sad`" in mv.description  # the model card stays above it
+
+
+def test_the_champions_stored_results_are_reused_and_replayed_when_missing(tmp_path, tracking, tiny_model_factory, tokenizer):
+    from sad.modeling import save_model
+    from sad.tracking import stage_run
+
+    for seed in range(3):
+        save_model(tiny_model_factory(seed=seed), tokenizer, tmp_path / f"s{seed}", {"method": "sad"})
+    gates = RegisterParams(max_env_regression=1.0)
+    calls: list[tuple[str, list[str]]] = []
+
+    def replay(version, task_ids):
+        calls.append((version, task_ids))
+        model, tok = load_version(tracking, version)  # the champion, loaded back through MLflow
+        assert model.config.hidden_size == 32 and tok.eos_token_id == tokenizer.eos_token_id
+        return {t: 0.0 for t in task_ids}
+
+    def retrain(seed, s):
+        with stage_run(tracking, "retrain"):
+            version = register_candidate(tmp_path / f"s{seed}", {"method": "sad", "seed": seed}, s, tracking)
+        return gate_and_promote(tracking, version, s, gates, replay=replay)
+
+    first = retrain(0, paired([1, 0] * 10))
+    assert first.promoted and not calls
+    second = retrain(1, paired([1] * 18 + [0, 1]))  # same tasks: the champion's stored results serve
+    assert second.promoted and not calls and "champion's results stored" in second.reason
+    third = retrain(2, paired([1] * 20, prefix="newdev"))  # other tasks: the champion is replayed on them
+    assert calls == [(second.version, [f"newdev-{i}" for i in sorted(range(20), key=str)])]
+    assert third.promoted and "champion's results replayed" in third.reason
+
+
+def test_replay_plays_a_model_on_the_gate_tasks(rollout_project, tokenizer, tiny_model_factory, monkeypatch):
+    from sad.benchmarks import load_tasks
+    from sad.config import load_params
+    from sad.stages import replay_per_task, tasks_root
+
+    monkeypatch.chdir(rollout_project)
+    p = load_params(rollout_project / "params.yaml")
+    ids = [t.task_id for env in p.tasks.envs for t in load_tasks(tasks_root(p), env, "dev")]
+    found = replay_per_task(p, tiny_model_factory(hidden=32, seed=4), tokenizer, ids)
+    assert sorted(found) == sorted(ids) and set(found.values()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="not in"):
+        replay_per_task(p, tiny_model_factory(hidden=32, seed=4), tokenizer, ["no-such-task"])

