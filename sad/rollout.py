@@ -65,7 +65,8 @@ def misspell(rng: random.Random, text: str) -> str:
 def repeat_previous(previous: Step | None, action: str) -> bool:
     """Whether an injected mistake may repeat the previous step (its thought and action) instead: the
     looping mistake small agents make most (ALFWorld's ``go to X`` where the agent already is, WebShop's
-    click on the item it has open). Never when the previous step was itself a mistake or ended nothing."""
+    click on the item it has open). Only an expert step that was valid and differs from the intended
+    action is repeated, never a mistake or an episode-ending action."""
     return (previous is not None and previous.imitate and previous.valid
             and previous.action.lower() != action.lower() and not _TERMINAL.match(previous.action))
 
