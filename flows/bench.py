@@ -116,6 +116,7 @@ def run_suite(p: Params, project: Path, quick: bool = False, log=print) -> dict[
     costs = pipeline["stage_costs"]
     out["targets"] = verdicts({
         "rollout_batched_speedup": out["rollout"]["speedup_episodes_per_s"],
+        "prefill_tokens_cut": out["rollout"]["prefill_tokens_cut"],
         "training_mfu_sft": tr["mfu"]["sft"],
         "sad_overhead_vs_token_kd": tr["sad_overhead_vs_token_kd"],
         "cache_bytes_ratio": tr["cache"]["bytes_ratio"],

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -125,6 +126,11 @@ def _api_for_workers(p, name: "Stage"):
         stop_server(proc)
 
 
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    """A stopped stage unwinds: its MLflow run ends FAILED and its Prefect flow run is marked, not left running."""
+    raise SystemExit(128 + signum)
+
+
 @app.command()
 def stage(
     name: Stage = typer.Argument(..., help="the stage to run"),
@@ -135,6 +141,7 @@ def stage(
 ) -> None:
     """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
     _setup_logging()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     p = _load_params(params)
     from flows import stages as f
 
@@ -180,7 +187,7 @@ def pipeline(
     Starts local Prefect and MLflow servers (127.0.0.1) for the run and stops them afterwards.
     The decision is printed and written to reports/registry.json.
     """
-    from flows.server import pipeline_services
+    from flows.server import RetrainStopped, pipeline_services, stop_on_signals  # no Prefect import before the services
     from sad.tracking import tracking_uri
 
     _setup_logging()
@@ -188,27 +195,40 @@ def pipeline(
     home = Path(os.environ["PREFECT_HOME"])
     started = time.perf_counter()
     code = 0
-    with pipeline_services(home, tracking_uri(p.tracking), Path(p.tracking.artifacts), preload) as services:
-        os.environ.update(services)  # before Prefect reads its settings: the flow reports to this server
-        from flows.retrain import RetrainBusy, retrain_flow
-
-        busy = None
-        try:
-            result = retrain_flow(set_params=set_params, force=force, target=target, preload=preload)
-        except RetrainBusy as exc:
-            busy, code = str(exc), 2
-        except Exception as exc:  # the flow logged the traceback; say what failed in one line
-            log.error("retrain failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            code = 1
-        else:
-            if "version" in result:
-                typer.echo(f"registry: v{result['version']} "
-                           f"{'promoted to @champion' if result['promoted'] else 'not promoted'}: {result['reason']}")
-        _drain_prefect()  # while the server is still up: queued logs and events would block the exit
-    if busy:
-        typer.secho(f"error: {busy}", fg=typer.colors.RED, err=True)
+    stop_on_signals()
+    try:
+        with pipeline_services(home, tracking_uri(p.tracking), Path(p.tracking.artifacts), preload) as services:
+            os.environ.update(services)  # before Prefect reads its settings: the flow reports to this server
+            code = _retrain(set_params, force, target, preload)
+    except RetrainStopped as exc:
+        typer.secho(f"error: the retrain was {exc}; its stage, DVC, the preload runner and the servers are stopped. "
+                    "Run `sad pipeline` again to resume (finished stages come from DVC's cache).", fg=typer.colors.RED, err=True)
+        code = 128 + exc.signum
     log.info("pipeline finished in %.1fs with exit code %d", time.perf_counter() - started, code)
     _exit_now(code)
+
+
+def _retrain(set_params: list[str], force: bool, target: str | None, preload: bool) -> int:
+    """The retrain flow inside the pipeline's services; prints the decision, returns the exit code."""
+    from flows.retrain import RetrainBusy, retrain_flow
+
+    code = 0
+    busy = None
+    try:
+        result = retrain_flow(set_params=set_params, force=force, target=target, preload=preload)
+    except RetrainBusy as exc:
+        busy, code = str(exc), 2
+    except Exception as exc:  # the flow logged the traceback; say what failed in one line
+        log.error("retrain failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        code = 1
+    else:
+        if "version" in result:
+            typer.echo(f"registry: v{result['version']} "
+                       f"{'promoted to @champion' if result['promoted'] else 'not promoted'}: {result['reason']}")
+    _drain_prefect()  # while the server is still up: queued logs and events would block the exit
+    if busy:
+        typer.secho(f"error: {busy}", fg=typer.colors.RED, err=True)
+    return code
 
 
 def _stop_temporary_prefect_server() -> None:

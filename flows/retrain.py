@@ -24,6 +24,7 @@ from filelock import FileLock, Timeout
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.server import RetrainStopped, stop_on_signals  # noqa: F401 - re-exported for the CLI and tests
 from sad.config import Params, load_params
 from sad.io import write_json_atomic
 from sad.tracking import flatten, git_commit, log_metrics, redact, stage_run
@@ -74,15 +75,25 @@ def dvc_command(set_params: list[str], force: bool, target: str | None) -> list[
 @task(name="dvc-repro", cache_policy=NO_CACHE)
 def reproduce(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run DVC (its cache decides what reruns); output streams to the console, the tail goes into errors."""
+    from flows.server import stop_group, watch_group
+
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    # its own process group (DVC and the stage it runs): a stopped retrain stops exactly that group
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)
+    watch_group(proc.pid)
     tail: list[str] = []
     stages_run = 0
     assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        tail = (tail + [line])[-40:]
-        stages_run += line.startswith("Running stage")
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            tail = (tail + [line])[-40:]
+            stages_run += line.startswith("Running stage")
+    except BaseException:
+        log.warning("stopping %s (the running stage first)", " ".join(cmd[1:]))
+        stop_group(proc)
+        raise
     code = proc.wait()
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd[1:])} failed with exit code {code}:\n" + "".join(tail))
@@ -167,6 +178,7 @@ def retrain_flow(project_dir: str | None = None, params_path: str = "params.yaml
     from flows.server import pipeline_services
     from sad.tracking import tracking_uri
 
+    stop_on_signals()
     if project_dir:
         os.chdir(project_dir)
     project = Path.cwd()

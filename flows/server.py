@@ -4,6 +4,10 @@ Without ``PREFECT_API_URL``, every Prefect process starts its own temporary serv
 each); with a local SQLite MLflow store, every process spends ~2.5 s importing and checking the
 SQL store. ``sad pipeline`` starts one server of each for the whole ``dvc repro`` and stops them
 afterwards. Configured ``PREFECT_API_URL`` / ``SAD_MLFLOW_URI`` are used as they are.
+
+Nothing outlives the run: every process group the run starts is registered with a reaper
+(:mod:`flows.reaper`) that stops them if the run itself is killed; a stopped run (SIGTERM, SIGINT)
+stops them in order itself (the stage under ``dvc repro``, then the preload runner, then the servers).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -51,10 +56,87 @@ def _tool(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+class RetrainStopped(BaseException):
+    """SIGTERM or SIGINT reached the retrain (a BaseException: never retried, never taken for a failed stage)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+def _raise_stopped(signum: int, _frame) -> None:
+    raise RetrainStopped(signum)
+
+def stop_on_signals() -> None:
+    """SIGTERM/SIGINT raise :class:`RetrainStopped` in the main thread, so every ``finally`` runs: the
+    running stage, then the preload runner and the servers are stopped (no-op off the main thread)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _raise_stopped)
+
+
+
+class Reaper:
+    """The guard process of :mod:`flows.reaper`: told every process group the run starts, it stops them
+    if this process dies without saying ``done`` (its stdin pipe closes with us, however we die)."""
+
+    def __init__(self, log_file: Path):
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "flows.reaper"], stdin=subprocess.PIPE, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True, text=True)
+
+    def _send(self, line: str) -> None:
+        with contextlib.suppress(BrokenPipeError, ValueError, OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+
+    def watch_group(self, pgid: int) -> None:
+        self._send(f"pgid {pgid}")
+
+    def watch_store(self, backend_uri: str, since_ms: int) -> None:
+        self._send(f"mlflow {backend_uri} {since_ms}")
+
+    def close(self) -> None:
+        """Everything was stopped here: the reaper exits without touching anything."""
+        self._send("done")
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
+_reapers: list[Reaper] = []
+
+
+def watch_group(pgid: int) -> None:
+    """Register a process group the running pipeline started (no-op outside ``pipeline_services``)."""
+    for reaper in _reapers:
+        reaper.watch_group(pgid)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group led by ``proc``, SIGKILL it after ``grace_s``; waits for ``proc``."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, even when its leader is gone
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
 def _spawn(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    watch_group(proc.pid)
+    return proc
 
 
 def spawn_prefect(log_file: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
@@ -92,16 +174,7 @@ def start_server(log_file: Path, port: int | None = None) -> tuple[subprocess.Po
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
+    stop_group(proc)
 
 
 def is_local_store(uri: str) -> bool:
@@ -137,6 +210,10 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
     env: dict[str, str] = {}
     procs: list[tuple[subprocess.Popen, str]] = []
     preload_proc: subprocess.Popen | None = None
+    reaper = Reaper(log_dir / "reaper.log")
+    _reapers.append(reaper)
+    if is_local_store(mlflow_uri):
+        reaper.watch_store(mlflow_uri, int(time.time() * 1000))
     try:
         if os.environ.get("PREFECT_API_URL"):
             env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
@@ -164,8 +241,10 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
         log.info("services: %s", env)
         yield env
     finally:
-        for proc, _ in procs:
-            stop_server(proc)
-        if preload_proc is not None:
+        if preload_proc is not None:  # first the stage processes it forked, while the servers still record them
             stop_server(preload_proc)
             shutil.rmtree(sock.parent, ignore_errors=True)
+        for proc, _ in procs:
+            stop_server(proc)
+        _reapers.remove(reaper)
+        reaper.close()

@@ -1,14 +1,17 @@
 """A ReAct agent over any Hugging Face causal LM, generating for many episodes at once.
 
-Contexts are left-padded into one batch; generation runs on the KV cache, one token per
-forward for the whole batch, and each row stops at the newline that ends its ``Action:`` line
-(or at EOS / the token budget).
+Each context is prefilled on its own, reusing the KV cache of the longest prefix it shares with a
+recently encoded context (:class:`PrefixStore`: within an episode the prompt and the unchanged history
+are encoded once), then the rows are left-aligned into one batch cache; generation runs on it, one
+token per forward for the whole batch, and each row stops at the newline that ends its ``Action:``
+line (or at EOS / the token budget).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -48,12 +51,84 @@ def fit_context(prompt_ids: list[int], step_ids: list[list[int]], budget: int) -
     return out
 
 
+def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Number of leading positions where the 1-D token tensors ``a`` and ``b`` agree."""
+    n = min(len(a), len(b))
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0, 0]) if len(differ) else n
+
+
+@dataclass
+class _Encoded:
+    ids: torch.Tensor                            # [T] token ids
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [1, heads, T, head_dim]
+
+
+class PrefixStore:
+    """KV caches of the most recently encoded contexts (LRU, ``capacity`` entries).
+
+    A new context reuses the longest prefix it shares with any entry: the next step of an episode
+    extends its previous context (append-only while the history fits), so only the new block and
+    observation are encoded; when old steps are dropped only the part whose positions moved is.
+    Entries are never modified (a reuse slices them; the forward pass concatenates new tensors).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[int, _Encoded] = OrderedDict()
+        self._next_key = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def longest(self, ids: torch.Tensor) -> tuple[int | None, int]:
+        """(key, length) of the entry sharing the longest prefix with ``ids`` ((None, 0) if none)."""
+        best_key, best = None, 0
+        for key, entry in self._entries.items():
+            n = common_prefix_length(entry.ids, ids)
+            if n > best:
+                best_key, best = key, n
+        return best_key, best
+
+    def get(self, key: int) -> _Encoded:
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def put(self, ids: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], replaces: int | None = None) -> None:
+        """Store ``ids``' cache; ``replaces`` drops an entry it extends (the same episode's last context)."""
+        if replaces is not None:
+            self._entries.pop(replaces, None)
+        self._entries[self._next_key] = _Encoded(ids, layers)
+        self._next_key += 1
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
+def _select_rows(cache, index: torch.Tensor) -> None:
+    """Keep only the batch rows ``index`` [R] of a static or growing KV cache, in place."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)
+        layer.values = layer.values.index_select(0, index)
+        if hasattr(layer, "batch_size"):
+            layer.batch_size = len(index)
+
+
 class LMAgent:
     """Batched greedy/sampled generation of one ``Thought/Action`` block per context."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-                 static_cache: bool = True, row_prefill: bool = True):
+                 static_cache: bool = True, row_prefill: bool = True, prefix_cache: int = 64,
+                 compact_rows: bool = True):
+        """``prefix_cache``: contexts whose KV caches are kept for reuse by later contexts sharing a prefix
+        (0 = encode every context from scratch); about 35 MB each for SmolLM2-135M at 768 tokens.
+        ``compact_rows``: rows whose block is finished leave the batch (once a quarter of it is idle), so
+        a decode forward computes only the rows still generating."""
         self.model = model.eval()
+        self.compact_rows = compact_rows
+        self.rows_dropped = 0      # finished rows removed from a decode batch early
+        self.prefix_store = PrefixStore(prefix_cache) if prefix_cache > 0 else None
+        self.prefill_computed = 0  # context tokens run through the model at prefill
+        self.prefill_reused = 0    # context tokens whose keys/values came from the prefix store
         # A preallocated KV cache written in place: a growing cache re-copies every layer's keys and
         # values at each generated token (O(context) bytes per token, the decode loop's main cost on CPU).
         self.static_cache = static_cache
@@ -75,6 +150,28 @@ class LMAgent:
         out = self.model(**inputs, **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1)
         new_cache = getattr(out, "cache", None) if self._cache_arg == "cache" else out.past_key_values
         return new_cache, out.logits[:, -1, :]
+
+    def _encode(self, ctx: list[int]):
+        """KV cache of one context (a DynamicCache [1, heads, len(ctx), head_dim]) and its last logits [V],
+        reusing the longest prefix in the prefix store (at least the last token is always encoded)."""
+        from transformers import DynamicCache
+
+        config = self.model.config
+        ids = torch.tensor(ctx, dtype=torch.long)
+        key, reuse = self.prefix_store.longest(ids) if self.prefix_store is not None else (None, 0)
+        reuse = min(reuse, len(ctx) - 1)
+        if reuse > 0:
+            entry = self.prefix_store.get(key)
+            cache = DynamicCache(ddp_cache_data=[(k[:, :, :reuse], v[:, :, :reuse]) for k, v in entry.layers], config=config)
+        else:
+            cache = DynamicCache(config=config)
+        cache, logits = self._forward(cache, input_ids=ids[None, reuse:].to(self.device))
+        self.prefill_computed += len(ctx) - reuse
+        self.prefill_reused += reuse
+        if self.prefix_store is not None:
+            extends = key is not None and reuse == len(self.prefix_store.get(key).ids)
+            self.prefix_store.put(ids, [(layer.keys, layer.values) for layer in cache.layers], replaces=key if extends else None)
+        return cache, logits[0]
 
     def _prefill_rows(self, contexts: list[list[int]], width: int):
         """Prefill each context on its own (no padding, causal attention without a mask: the fast SDPA
@@ -99,12 +196,11 @@ class LMAgent:
                        for _ in range(config.num_hidden_layers)]
         last_logits = []
         for row, ctx in enumerate(contexts):
-            ids = torch.tensor([ctx], dtype=torch.long, device=self.device)
-            own, logits = self._forward(DynamicCache(config=config), input_ids=ids)
+            own, logits = self._encode(ctx)
             for (keys, values), source in zip(targets, own.layers):
                 keys[row, :, width - len(ctx):width] = source.keys[0]
                 values[row, :, width - len(ctx):width] = source.values[0]
-            last_logits.append(logits[0])
+            last_logits.append(logits)
         if self.static_cache:
             for layer in cache.layers:
                 layer.cumulative_length.fill_(width)
@@ -123,17 +219,14 @@ class LMAgent:
     def score_continuations(self, prefix: list[int], continuations: list[list[int]]) -> list[float]:
         """Log-likelihood of each continuation after ``prefix``: sum over its tokens of log p(token | prefix,
         earlier tokens). The prefix is encoded once; the continuations run as one batch on copies of its
-        KV cache ([C, heads, len(prefix), head_dim]), right-padded ([C, longest])."""
-        from transformers import DynamicCache
-
+        KV cache ([C, heads, len(prefix), head_dim]), right-padded ([C, longest]). The prefix reuses the
+        prefix store: after a generation, only the generated thought is new."""
         if not continuations:
             return []
         if not prefix or any(not c for c in continuations):
             raise ValueError("score_continuations needs a non-empty prefix and non-empty continuations")
-        config = self.model.config
-        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
-        cache, last = self._forward(DynamicCache(config=config), input_ids=ids)
-        first = torch.log_softmax(last[0].float(), dim=-1)  # [V]: the first continuation token
+        cache, last = self._encode(prefix)
+        first = torch.log_softmax(last.float(), dim=-1)  # [V]: the first continuation token
         n, width = len(continuations), max(len(c) for c in continuations)
         cache.batch_repeat_interleave(n)
         batch = torch.full((n, width), self.pad_id, dtype=torch.long, device=self.device)
@@ -173,10 +266,10 @@ class LMAgent:
 
         generated: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
+        rows = list(range(batch))  # the context each batch row generates for; finished rows leave the batch
         for _ in range(self.max_new_tokens):
-            tokens = self._pick(logits)
-            token_list = tokens.tolist()
-            for i, tok in enumerate(token_list):
+            token_list = self._pick(logits).tolist()
+            for i, tok in zip(rows, token_list):
                 if done[i]:
                     continue
                 generated[i].append(tok)
@@ -186,8 +279,16 @@ class LMAgent:
                     done[i] = True
             if all(done):
                 break
-            step_ids = torch.tensor([self.pad_id if d else t for d, t in zip(done, token_list)], device=self.device)
-            attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=self.device)], dim=1)
+            finished = sum(done[i] for i in rows)
+            if self.compact_rows and finished * 4 >= len(rows):  # a quarter of the rows idle: drop them
+                keep = [j for j, i in enumerate(rows) if not done[i]]
+                self.rows_dropped += len(rows) - len(keep)
+                index = torch.tensor(keep, device=self.device)
+                _select_rows(past, index)
+                attention, next_pos = attention[index], next_pos[index]
+                rows, token_list = [rows[j] for j in keep], [token_list[j] for j in keep]
+            step_ids = torch.tensor([self.pad_id if done[i] else t for i, t in zip(rows, token_list)], device=self.device)
+            attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=attention.dtype, device=self.device)], dim=1)
             past, logits = self._forward(past, input_ids=step_ids[:, None], attention_mask=attention, position_ids=next_pos)
             next_pos = next_pos + 1
         seconds = time.perf_counter() - start

@@ -10,6 +10,7 @@ from sad.config import Params
 # (name, target, how "met" is decided)
 TARGETS = {
     "rollout_batched_speedup": (8.0, "ge"),
+    "prefill_tokens_cut": (4.0, "ge"),
     "training_mfu_sft": (0.5, "ge"),
     "sad_overhead_vs_token_kd": (0.03, "le"),
     "cache_bytes_ratio": (0.05, "le"),

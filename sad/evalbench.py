@@ -1,4 +1,6 @@
-"""Evaluation throughput: episodes/s with many episodes batched on the KV cache against one at a time.
+"""Evaluation throughput: episodes/s with many episodes batched on the KV cache against one at a time,
+and with the prefix store (each context reuses the keys/values of the prefix it shares with an earlier
+one) against encoding every context from scratch: prefill tokens per generated token, before/after.
 
 Both runs play the same freshly generated tasks (every environment, a short step cap so the
 one-at-a-time run stays short) with the same model, greedy, in one process.
@@ -27,7 +29,7 @@ def _capped(p: Params, max_steps: int) -> Params:
 def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, batch_size: int = 16,
                          max_steps: int = 5, compare_cache: bool = True) -> dict[str, Any]:
     """Play ``per_env`` test tasks per environment with ``batch_size`` episodes in flight, then one at a time."""
-    from sad.agent import LMAgent
+    from sad.agent import LMAgent, PrefixStore
     from sad.benchmarks import generate_fresh
     from sad.evaluation import load_agent
     from sad.rollout import PlayStats, play_agent
@@ -53,11 +55,15 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
             tasks += generate_fresh(capped, env, "test", per_env, root)
         # Warm-up (untimed): the first play pays one-off costs (environment caches, allocator, kernels).
         play_agent(tasks, root, agent, "warm-up", p.context.max_tokens, batch_size, history_steps=p.context.history_steps)
-        runs = [("batched", batch_size, True), ("one_at_a_time", 1, True)]
+        capacity = agent.prefix_store.capacity if agent.prefix_store is not None else 64
+        runs = [("batched", batch_size, True, True), ("one_at_a_time", 1, True, True),
+                ("batched_no_prefix_reuse", batch_size, True, False)]
         if compare_cache:  # the path before: one padded prefill with a mask, a growing (re-copied) KV cache
-            runs.append(("batched_growing_cache", batch_size, False))
-        for label, size, new_path in runs:
+            runs.append(("batched_growing_cache", batch_size, False, False))
+        for label, size, new_path, reuse in runs:
             agent.static_cache = agent.row_prefill = new_path
+            agent.prefix_store = PrefixStore(capacity) if reuse else None  # empty: no run reuses another's contexts
+            agent.prefill_computed = agent.prefill_reused = 0
             stats = PlayStats()
             started = time.perf_counter()
             episodes = play_agent(tasks, root, agent, "bench", p.context.max_tokens, size, stats=stats,
@@ -66,15 +72,22 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
             steps = sum(e.n_steps for e in episodes)
             out["runs"][label] = {"batch_size": size, "seconds": seconds, "episodes_per_s": len(episodes) / seconds,
                                   "steps": steps, "steps_per_s": steps / seconds,
-                                  "generated_tokens_per_s": stats.tokens_per_second}
+                                  "generated_tokens_per_s": stats.tokens_per_second,
+                                  "prefill_tokens_per_generated_token": agent.prefill_computed / max(stats.generated_tokens, 1),
+                                  "prefill_reused_share": agent.prefill_reused / max(agent.prefill_computed + agent.prefill_reused, 1)}
     b, one = out["runs"]["batched"], out["runs"]["one_at_a_time"]
     out["speedup_episodes_per_s"] = b["episodes_per_s"] / one["episodes_per_s"]
     out["same_steps"] = b["steps"] == one["steps"]
+    fresh = out["runs"]["batched_no_prefix_reuse"]
+    out["prefix_reuse_speedup"] = b["episodes_per_s"] / fresh["episodes_per_s"]
+    out["prefill_tokens_cut"] = fresh["prefill_tokens_per_generated_token"] / max(b["prefill_tokens_per_generated_token"], 1e-9)
+    out["same_steps"] = out["same_steps"] and fresh["steps"] == b["steps"]
     if compare_cache:
         grow = out["runs"]["batched_growing_cache"]
         out["cache_path_speedup"] = b["episodes_per_s"] / grow["episodes_per_s"]
         out["same_steps"] = out["same_steps"] and grow["steps"] == b["steps"]
     agent.static_cache = agent.row_prefill = True
+    agent.prefix_store = PrefixStore(capacity)
     return out
 
 
@@ -84,7 +97,7 @@ def benchmark_student_vs_teacher(p: Params, teacher_dir: Path, student_dir: Path
 
     Untrained models of the params' sizes stand in for missing folders (said in the output).
     """
-    from sad.agent import LMAgent
+    from sad.agent import LMAgent, PrefixStore
     from sad.benchmarks import generate_fresh
     from sad.evaluation import load_agent
     from sad.modeling import build_llama, count_parameters

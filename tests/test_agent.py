@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from sad.agent import LMAgent, fit_context
+from sad.agent import LMAgent, PrefixStore, common_prefix_length, fit_context
 from sad.benchmarks import load_tasks
 from sad.rollout import PlayStats, play_agent
 
@@ -49,6 +49,17 @@ def test_batched_generation_matches_one_at_a_time(trained_model, tokenizer):
     # the growing-cache path with one padded prefill gives the same text as the static cache's row prefill
     growing = LMAgent(trained_model, tokenizer, max_new_tokens=24, static_cache=False, row_prefill=False)
     assert [g.text for g in growing.generate(contexts)] == batched
+    # finished rows leaving the batch (both cache kinds) changes nothing for the rows still generating. The tiny
+    # model rarely ends a block, so a token it often emits (" 1") serves as the stop token: rows stop at different steps
+    long_blocks = contexts + [c + tokenizer.encode("Thought: I need a mug.\nAction: go to") for c in contexts]
+    for static in (True, False):
+        compact = LMAgent(trained_model, tokenizer, max_new_tokens=48, static_cache=static, row_prefill=static)
+        full = LMAgent(trained_model, tokenizer, max_new_tokens=48, static_cache=static, row_prefill=static, compact_rows=False)
+        compact.eos_id = full.eos_id = tokenizer.encode(" 1")[-1]
+        compacted = compact.generate(long_blocks)
+        assert [g.text for g in compacted] == [g.text for g in full.generate(long_blocks)]
+        assert compact.rows_dropped > 0 and full.rows_dropped == 0
+        assert len({g.n_tokens for g in compacted}) > 1
 
 
 def test_generation_stops_after_the_action_line(trained_model, tokenizer):
@@ -83,6 +94,37 @@ def test_play_agent_batches_give_the_same_episodes_as_one_at_a_time(trained_mode
     for e in batched:
         assert 1 <= e.n_steps <= 8
         assert all(s.observation for s in e.steps)
+
+
+def test_prefix_store_finds_the_longest_shared_prefix_and_evicts_the_oldest():
+    t = lambda *ids: torch.tensor(ids)  # noqa: E731
+    assert common_prefix_length(t(1, 2, 3), t(1, 2, 4, 5)) == 2
+    assert common_prefix_length(t(1, 2), t(1, 2, 3)) == 2 and common_prefix_length(t(9), t(1)) == 0
+    store = PrefixStore(capacity=2)
+    store.put(t(1, 2, 3), [])
+    store.put(t(1, 5), [])
+    key, n = store.longest(t(1, 2, 3, 4))
+    assert n == 3 and store.get(key).ids.tolist() == [1, 2, 3]
+    store.put(t(1, 2, 3, 4), [], replaces=key)  # the episode's next context replaces its last one
+    assert len(store) == 2 and store.longest(t(1, 2, 3, 4, 5))[1] == 4
+    store.put(t(7, 7), [])  # over capacity: the least recently used entry ([1, 5]) goes
+    assert len(store) == 2 and store.longest(t(1, 5))[1] == 1
+
+
+@pytest.mark.parametrize("env", ["alfworld", "hotpotqa", "webshop"])
+def test_prefix_reuse_generates_exactly_what_full_prefill_does(trained_model, tokenizer, task_root, env):
+    """Greedy episodes are identical with and without the prefix store, also when old steps are dropped
+    (a 256-token budget), while far fewer context tokens are encoded."""
+    tasks = _capped(load_tasks(task_root, env, "test")[:3], max_steps=6)
+    for budget in (512, 256):
+        reuse = LMAgent(trained_model, tokenizer, max_new_tokens=32)
+        fresh = LMAgent(trained_model, tokenizer, max_new_tokens=32, prefix_cache=0)
+        a = play_agent(tasks, task_root, reuse, "m", max_tokens=budget, batch_size=3)
+        b = play_agent(tasks, task_root, fresh, "m", max_tokens=budget, batch_size=3)
+        assert [[(s.thought, s.action) for s in e.steps] for e in a] == [[(s.thought, s.action) for s in e.steps] for e in b]
+        assert fresh.prefill_reused == 0 and reuse.prefill_reused > 0
+        assert reuse.prefill_computed + reuse.prefill_reused == fresh.prefill_computed
+        assert reuse.prefill_computed < fresh.prefill_computed / 2
 
 
 def test_model_output_without_action_is_a_counted_invalid_step(tiny_model_factory, tokenizer, task_root):

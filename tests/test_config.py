@@ -15,16 +15,16 @@ def test_repository_params_and_profiles_are_valid():
         parse_params(merged, str(profile))
 
 
-def test_student_is_at_least_four_times_smaller_by_default():
-    from sad.modeling import build_llama, count_parameters
-    from sad.tokenizer import train_bpe
+def test_the_default_plays_the_shipped_teacher_as_it_was_trained():
+    """The default uses assets/teacher as it is, with the context it was trained and measured with."""
+    import json
 
     p = load_params(REPO / "params.yaml")
-    tok = train_bpe(["Thought: a\nAction: b\n"] * 10, vocab_size=300)
-    vocab = p.tokenizer.vocab_size
-    teacher = count_parameters(build_llama(p.teacher.arch, tok, p.context.max_tokens, vocab_size=vocab))
-    student = count_parameters(build_llama(p.distill.student, tok, p.context.max_tokens, vocab_size=vocab))
-    assert teacher >= 4 * student
+    card = json.loads((REPO / "assets" / "teacher" / "card.json").read_text())
+    assert p.teacher.source == "assets/teacher" and p.teacher.finetune is False and p.teacher.dagger is None
+    assert p.context.model_dump() == card["context"]
+    keep = p.distill.student_layers
+    assert keep is not None and keep[-1] < card["arch"]["num_layers"] and len(keep) * 3 < card["arch"]["num_layers"]
 
 
 def test_deep_merge_merges_dicts_and_replaces_leaves():

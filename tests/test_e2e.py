@@ -6,6 +6,7 @@ import json
 import re
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -48,12 +49,53 @@ def pipeline_run(tmp_path_factory):
         assert _run(cmd, repo, env).returncode == 0
     profile = _run([f"{bindir}/sad", "profile", "tiny"], repo, env)
     assert profile.returncode == 0, profile.stderr
+    # the retrain is stopped twice mid-stage before the run the tests share, which must resume from there
+    stops = {sig.name: _stop_mid_stage(repo, env, sig) for sig in (signal.SIGTERM, signal.SIGKILL)}
     started = time.perf_counter()
     result = _run([f"{bindir}/sad", "pipeline"], repo, env, timeout=1200)
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    print(f"\ntiny pipeline: {seconds:.1f}s")
+    print(f"\ntiny pipeline: {seconds:.1f}s; stopped runs: {stops}")
     return repo, env, seconds
+
+
+def _running_mlflow_runs(repo: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        return [row[0] for row in db.execute("SELECT name FROM runs WHERE status = 'RUNNING'")]
+
+
+def _stop_mid_stage(repo: Path, env: dict[str, str], sig: signal.Signals, stage: str = "demos") -> dict:
+    """Start `sad pipeline`, send ``sig`` while ``stage`` runs; within 15 s no process of the run's tree may
+    be alive, none of its ports listening, and no MLflow run of it RUNNING."""
+    import psutil
+
+    log_file = repo / f"stopped-{sig.name}.log"
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen([f"{Path(sys.executable).parent}/sad", "pipeline"], cwd=repo, env={**env, "PYTHONUNBUFFERED": "1"},
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while f"Running stage '{stage}'" not in log_file.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
+        time.sleep(0.5)
+    time.sleep(3)  # the stage's process is at work
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    ports = {c.laddr.port for p in tree for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert len(tree) >= 6 and ports  # servers, preload runner and its stage child, reaper, dvc, the stage client
+    stopped = time.monotonic()
+    proc.send_signal(sig)
+    code = proc.wait(timeout=15)  # (before psutil, which would reap it and hide its exit code)
+    _, alive = psutil.wait_procs(tree[1:], timeout=max(0.1, 15 - (time.monotonic() - stopped)))
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    seconds = time.monotonic() - stopped
+    listening = {c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert not ports & listening
+    assert code == (-sig if sig == signal.SIGKILL else 128 + sig), code
+    if sig != signal.SIGKILL:
+        assert "stopped by SIGTERM" in log_file.read_text() and "Run `sad pipeline` again" in log_file.read_text()
+    assert _running_mlflow_runs(repo) == []  # the stage's run ended FAILED (SIGTERM) or was marked KILLED
+    return {"processes": len(tree), "ports": len(ports), "seconds_to_none_alive": round(seconds, 1)}
 
 
 def test_report_has_teacher_and_three_students(pipeline_run):

@@ -140,3 +140,13 @@ def test_the_shipped_teacher_loads_on_cpu_and_acts(task_root):
     tasks = load_tasks(task_root, "hotpotqa", "test")[:4]
     episodes = play_agent(tasks, task_root, agent, "shipped", card["context"]["max_tokens"], 4)
     assert sum(e.success for e in episodes) >= 2, [(e.task_id, [s.action for s in e.steps]) for e in episodes]
+
+    # the default's students: the teacher's embeddings and head with 8 of its 30 layers (the 49k-token embedding,
+    # 28M parameters, bounds the compression of a layer subset: 2.4x here)
+    from sad.config import load_params
+    from sad.modeling import count_parameters
+    from sad.pretrained import layer_subset
+
+    keep = load_params(REPO / "params.yaml").distill.student_layers
+    ratio = count_parameters(model) / count_parameters(layer_subset(model, keep))
+    assert 2.3 < ratio < 2.5
