@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.server import RetrainStopped, stop_on_signals  # noqa: F401 - re-exported for the CLI and tests
+from flows.server import stop_on_signals
 from sad.config import Params, load_params
 from sad.io import write_json_atomic
 from sad.tracking import flatten, git_commit, log_metrics, redact, stage_run
