@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # two run links per stage: the logs name the run
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # A fresh PREFECT_HOME migrates its database on the first start: 20 s (the default) is too short on a busy 2-core box.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -49,6 +50,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = logging.getLogger("sad")
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show tracebacks and Prefect's/MLflow's own logs "
+                                                                 "(also: SAD_DEBUG=1; stages under DVC inherit it)")) -> None:
+    if debug:
+        os.environ["SAD_DEBUG"] = "1"
 
 
 class Stage(str, Enum):
@@ -67,11 +75,68 @@ class Stage(str, Enum):
     report = "report"
 
 
+def _debug() -> bool:
+    """``--debug`` or ``SAD_DEBUG=1``: tracebacks and the libraries' own console logs."""
+    return os.environ.get("SAD_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+_FAILURE_COPIES = ("Finished in state Failed", "Task run failed with exception", "Encountered exception")
+
+
+class _QuietLibraries(logging.Filter):
+    """The console shows the project's logs; Prefect's and MLflow's chatter only from WARNING up, and
+    not their copies of a flow's failure (the CLI reports it once). Prefect's API still gets every log
+    and records every state. Off with ``--debug``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect", "mlflow")):
+            return True
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return record.levelno < logging.ERROR and not record.getMessage().startswith(_FAILURE_COPIES)
+        return record.levelno >= logging.WARNING
+
+
+def _quiet_console() -> None:
+    """Put :class:`_QuietLibraries` on the root logger's handlers (again after Prefect configured logging)."""
+    if _debug():
+        return
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+            handler.addFilter(_QuietLibraries())
+
+
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if verbose or _debug() else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "httpcore", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_console()
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    """Errors that mean the user's input (a file, a record, a parameter) is wrong, not the code: each
+    names what is wrong, so the CLI prints its message alone (exit 2), without a traceback."""
+    from sad.config import ConfigError
+    from sad.envs.base import UnsafePathError
+    from sad.markers import SegmentationError
+    from sad.pretrained import ModelUnavailable
+    from sad.schemas import SchemaViolation
+    from sad.teacher_cache import StaleCacheError
+
+    return (ConfigError, SchemaViolation, SegmentationError, StaleCacheError, ModelUnavailable, UnsafePathError,
+            FileNotFoundError, ValueError, KeyError)
+
+
+def _report_bad_input(exc: BaseException, where: str) -> None:
+    """Print a bad input's message in one line plus what to do, and exit 2 (``--debug``: re-raise)."""
+    if _debug():
+        raise exc
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.echo(f"{where} stopped on bad input: fix what is named above and run it again "
+               "(--debug or SAD_DEBUG=1 shows the traceback).", err=True)
+    _exit_now(2)
 
 
 def _exit_now(code: int = 0) -> None:
@@ -126,6 +191,40 @@ def _api_for_workers(p, name: "Stage"):
         stop_server(proc)
 
 
+@contextlib.contextmanager
+def _guard_hand_run(p):
+    """A ``sad stage`` run by hand (or by ``dvc repro`` alone, no ``PREFECT_API_URL``) starts Prefect's
+    temporary server: started here first, it is registered with a reaper process, which stops it and marks
+    the stage's MLflow runs KILLED should this process be SIGKILLed (SIGTERM unwinds normally)."""
+    if os.environ.get("PREFECT_API_URL"):  # under `sad pipeline`: its reaper guards the run
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from flows.server import Reaper, _reapers, is_local_store
+    from sad.tracking import tracking_uri
+
+    interrupted = False
+    reaper = Reaper(Path(os.environ["PREFECT_HOME"]) / "reaper.log")
+    _reapers.append(reaper)
+    try:
+        uri = tracking_uri(p.tracking)
+        if not os.environ.get("SAD_MLFLOW_URI") and is_local_store(uri):
+            reaper.watch_store(uri, int(time.time() * 1000))
+        server = SubprocessASGIServer()  # the instance Prefect's client would start itself
+        server.start()
+        if server.server_process is not None:
+            reaper.watch_pid(server.server_process.pid)
+        yield
+    except BaseException:
+        interrupted = True
+        raise
+    finally:
+        _stop_temporary_prefect_server()
+        _reapers.remove(reaper)
+        reaper.close(interrupted)
+
+
 def _exit_on_sigterm(signum: int, _frame) -> None:
     """A stopped stage unwinds: its MLflow run ends FAILED and its Prefect flow run is marked, not left running."""
     raise SystemExit(128 + signum)
@@ -167,9 +266,13 @@ def stage(
         Stage.select: lambda: f.select_flow(path),
         Stage.report: lambda: f.report_flow(path),
     }
+    _quiet_console()
     started = time.perf_counter()
-    with _api_for_workers(p, name):
-        runners[name]()
+    try:
+        with _guard_hand_run(p), _api_for_workers(p, name):
+            runners[name]()
+    except _bad_input_types() as exc:
+        _report_bad_input(exc, f"stage {name.value}")
     log.info("stage %s finished in %.1fs", name.value, time.perf_counter() - started)
     _exit_now(0)
 
@@ -187,7 +290,7 @@ def pipeline(
     Starts local Prefect and MLflow servers (127.0.0.1) for the run and stops them afterwards.
     The decision is printed and written to reports/registry.json.
     """
-    from flows.server import RetrainStopped, pipeline_services, stop_on_signals  # no Prefect import before the services
+    from flows.server import RetrainBusy, RetrainStopped, pipeline_services, single_flight, stop_on_signals  # no Prefect import before the services
     from sad.tracking import tracking_uri
 
     _setup_logging()
@@ -196,10 +299,14 @@ def pipeline(
     started = time.perf_counter()
     code = 0
     stop_on_signals()
-    try:
-        with pipeline_services(home, tracking_uri(p.tracking), Path(p.tracking.artifacts), preload) as services:
+    try:  # the lock first: a refused retrain starts no server
+        with single_flight(Path.cwd(), p.retrain.lock_timeout_s), \
+                pipeline_services(home, tracking_uri(p.tracking), Path(p.tracking.artifacts), preload) as services:
             os.environ.update(services)  # before Prefect reads its settings: the flow reports to this server
             code = _retrain(set_params, force, target, preload)
+    except RetrainBusy as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        code = 2
     except RetrainStopped as exc:
         typer.secho(f"error: the retrain was {exc}; its stage, DVC, the preload runner and the servers are stopped. "
                     "Run `sad pipeline` again to resume (finished stages come from DVC's cache).", fg=typer.colors.RED, err=True)
@@ -210,24 +317,21 @@ def pipeline(
 
 def _retrain(set_params: list[str], force: bool, target: str | None, preload: bool) -> int:
     """The retrain flow inside the pipeline's services; prints the decision, returns the exit code."""
-    from flows.retrain import RetrainBusy, retrain_flow
+    from flows.retrain import StageFailed, retrain_flow
 
     code = 0
-    busy = None
     try:
-        result = retrain_flow(set_params=set_params, force=force, target=target, preload=preload)
-    except RetrainBusy as exc:
-        busy, code = str(exc), 2
-    except Exception as exc:  # the flow logged the traceback; say what failed in one line
-        log.error("retrain failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        code = 1
+        result = retrain_flow(set_params=set_params, force=force, target=target, preload=preload, lock=False)
+    except Exception as exc:  # a failed stage or bad input said why above: one line; anything else: its traceback
+        expected = isinstance(exc, (StageFailed, *_bad_input_types())) and not _debug()
+        log.error("retrain failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                  exc_info=None if expected else exc)
+        code = 2 if getattr(exc, "stage_exit", None) == 2 or isinstance(exc, _bad_input_types()) else 1
     else:
         if "version" in result:
             typer.echo(f"registry: v{result['version']} "
                        f"{'promoted to @champion' if result['promoted'] else 'not promoted'}: {result['reason']}")
     _drain_prefect()  # while the server is still up: queued logs and events would block the exit
-    if busy:
-        typer.secho(f"error: {busy}", fg=typer.colors.RED, err=True)
     return code
 
 
@@ -282,7 +386,7 @@ def registry_promote(version: str = typer.Argument(..., help="the version to mak
                      reason: str = typer.Option("promoted by hand", help="recorded on the version"),
                      params: Path = typer.Option(Path("params.yaml"), help="parameter file")) -> None:
     """Make VERSION the champion by hand (no gates), under the retrain lock."""
-    from flows.retrain import RetrainBusy, single_flight
+    from flows.server import RetrainBusy, single_flight
     from sad.registry import RegistryError, promote
 
     _setup_logging()
@@ -298,7 +402,7 @@ def registry_promote(version: str = typer.Argument(..., help="the version to mak
 @registry_app.command("rollback")
 def registry_rollback(params: Path = typer.Option(Path("params.yaml"), help="parameter file")) -> None:
     """Move @champion back to the previous champion."""
-    from flows.retrain import RetrainBusy, single_flight
+    from flows.server import RetrainBusy, single_flight
     from sad.registry import RegistryError, rollback
 
     _setup_logging()
@@ -560,6 +664,40 @@ def bench_train(
     p = _load_params(params)
     result = benchmark_training(p, steps=steps, batch_size=batch_size, max_tokens=max_tokens,
                                 progress=lambda name: log.info("benchmark: %s", name))
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+@bench_app.command("precision")
+def bench_precision(
+    model: Path = typer.Option(Path("models/pretrained"), help="model folder whose config (not weights) is timed; "
+                                                                  "absent: the from-scratch student of params.yaml"),
+    layers: Optional[int] = typer.Option(8, help="keep this many layers of that config (the default student keeps 8)"),
+    batch_size: int = typer.Option(4, help="windows per step"),
+    seq_len: int = typer.Option(512, help="tokens per window"),
+    steps: int = typer.Option(4, help="timed steps per precision"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Training step time in fp32 against CPU bf16 autocast (same model, same batch, alternating)."""
+    import platform
+
+    from transformers import AutoConfig, LlamaConfig
+
+    from sad.trainbench import benchmark_precision
+
+    _setup_logging()
+    p = _load_params(params)
+    if (model / "config.json").is_file():
+        config = AutoConfig.from_pretrained(model)
+        if layers:
+            config.num_hidden_layers = min(layers, config.num_hidden_layers)
+    else:
+        arch = p.distill.student
+        config = LlamaConfig(vocab_size=p.tokenizer.vocab_size, hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
+                             num_attention_heads=arch.num_heads, intermediate_size=arch.intermediate_size)
+    result = benchmark_precision(config, batch_size, seq_len, steps)
+    result["model"] = str(model) if (model / "config.json").is_file() else "distill.student (from scratch)"
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 

@@ -2,9 +2,11 @@
 
 ``sad pipeline`` (:func:`flows.server.pipeline_services`) starts this process first, in its own
 session, with a pipe on its stdin, and writes one line per process group it starts
-(``pgid <n>``: the Prefect and MLflow servers, the preload runner, ``dvc repro`` with its stages),
+(``pgid <n>``: the Prefect and MLflow servers, the preload runner, ``dvc repro`` with its stages;
+``pid <n>`` for a single process, such as the temporary Prefect server of a ``sad stage`` run by hand),
 ``mlflow <backend-uri> <start-ms>`` for a local MLflow store, and ``done`` once it has stopped them
-itself. The end of the pipe without ``done`` means the retrain died: every group gets SIGTERM, then
+itself (``reap`` once it has stopped them after an interruption: then the clean-up below runs too, for
+what a stopped stage could not finish). The end of the pipe without ``done`` means the retrain died: every group gets SIGTERM, then
 SIGKILL after a grace period, and MLflow runs the dead retrain left RUNNING are marked KILLED.
 Only the kernel closes the pipe of a killed process, so this works whatever killed it.
 """
@@ -28,21 +30,35 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-def kill_groups(groups: list[int], grace_s: float = 5.0) -> None:
-    """SIGTERM every process group, then SIGKILL those still alive after ``grace_s``."""
-    for pgid in groups:
+def kill_groups(groups: list[int], grace_s: float = 5.0, pids: list[int] | None = None) -> None:
+    """SIGTERM every process group (and single process in ``pids``), then SIGKILL those still alive
+    after ``grace_s``."""
+    targets = [(os.killpg, g) for g in groups] + [(os.kill, p) for p in pids or []]
+    for send, ident in targets:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
+            send(ident, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(group_alive(g) for g in groups):
+    while time.monotonic() < deadline and any(_alive(send, ident) for send, ident in targets):
         time.sleep(0.1)
-    for pgid in groups:
+    for send, ident in targets:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+            send(ident, signal.SIGKILL)
+
+
+def _alive(send, ident: int) -> bool:
+    try:
+        send(ident, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def mark_killed_runs(backend_uri: str, since_ms: int) -> list[str]:
     """Mark the MLflow runs started since ``since_ms`` and still RUNNING as KILLED; returns their ids."""
+    if not _may_have_running_runs(backend_uri, since_ms):
+        return []
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=backend_uri)
@@ -55,21 +71,42 @@ def mark_killed_runs(backend_uri: str, since_ms: int) -> list[str]:
     return marked
 
 
+def _may_have_running_runs(backend_uri: str, since_ms: int) -> bool:
+    """False only when a SQLite store surely holds no such run (then MLflow, seconds to import, is not needed)."""
+    import sqlite3
+
+    if not backend_uri.startswith("sqlite:///"):
+        return True
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{backend_uri[len('sqlite:///'):]}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT COUNT(*) FROM runs WHERE status = 'RUNNING' AND start_time >= ?", (since_ms,)).fetchone()
+    except sqlite3.Error:
+        return True
+    return bool(row and row[0])
+
+
 def main() -> None:
     groups: list[int] = []
+    pids: list[int] = []
     store: tuple[str, int] | None = None
+    kind = ""
     for line in sys.stdin:
         kind, _, value = line.strip().partition(" ")
         if kind == "pgid":
             groups.append(int(value))
+        elif kind == "pid":
+            pids.append(int(value))
         elif kind == "mlflow":
             uri, since = value.rsplit(" ", 1)
             store = (uri, int(since))
         elif kind == "done":
             return
+        elif kind == "reap":  # the retrain was interrupted and stopped what it could: check the rest
+            break
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the clean-up even if our group is signalled too
-    print(f"reaper: the retrain died; stopping process groups {groups}", flush=True)
-    kill_groups(groups)
+    why = "was interrupted" if kind == "reap" else "died"
+    print(f"reaper: the retrain {why}; stopping process groups {groups} and processes {pids}", flush=True)
+    kill_groups(groups, pids=pids)
     if store is not None:
         try:
             marked = mark_killed_runs(*store)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,11 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import TerminationSignal
 
-from flows.server import stop_on_signals
+from flows.server import RetrainBusy, RetrainStopped, single_flight, stop_on_signals
 from sad.config import Params, load_params
 from sad.io import write_json_atomic
 from sad.tracking import flatten, git_commit, log_metrics, redact, stage_run
@@ -32,26 +33,39 @@ from tasks.stages import retry_if_transient
 
 log = logging.getLogger("sad.retrain")
 
-LOCK_FILE = ".retrain.lock"
+# DVC gets this long to stop after SIGTERM; then its group is killed (a stage that has not ended its
+# MLflow run by then leaves it to the reaper, which marks it KILLED).
+STAGE_GRACE_S = 5.0
 
 
-class RetrainBusy(RuntimeError):
-    """Another retrain holds the project's lock."""
+class RetrainTerminated(RetrainStopped, TerminationSignal):
+    """A stopped retrain as Prefect's flow engine understands it: the flow run ends Cancelled when its
+    runner cancelled it (``prefect flow-run cancel``, the UI), Crashed when a plain SIGTERM/SIGINT stopped it."""
+
+    def __init__(self, signum: int):
+        RetrainStopped.__init__(self, signum)
+        self.signal = signum
 
 
-@contextlib.contextmanager
-def single_flight(project: Path, timeout_s: float) -> Iterator[None]:
-    """Hold the project's retrain lock, or raise :class:`RetrainBusy` after ``timeout_s``."""
-    lock = FileLock(str(project / LOCK_FILE))
+class StageFailed(RuntimeError):
+    """``dvc repro`` stopped on a failing stage (whose own output already said why); ``stage_exit`` is the
+    stage's exit status as DVC reports it (2: bad input), if it reported one."""
+
+    def __init__(self, message: str, stage_exit: int | None = None):
+        super().__init__(message)
+        self.stage_exit = stage_exit
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn`` of the DVC run: a stage that exited 2 (bad input) fails the same way
+    again, so it is not retried; any other failure is."""
     try:
-        lock.acquire(timeout=timeout_s)
-    except Timeout:
-        raise RetrainBusy(f"another retrain is running in {project} (lock {project / LOCK_FILE}); "
-                          f"waited {timeout_s:.0f}s (retrain.lock_timeout_s). Try again when it has finished.") from None
-    try:
-        yield
-    finally:
-        lock.release()
+        state.result()
+    except StageFailed as exc:
+        return exc.stage_exit != 2
+    except Exception:  # noqa: BLE001 - the task's own exception, re-raised by Prefect
+        return True
+    return True
 
 
 def _dvc() -> str:
@@ -92,11 +106,14 @@ def reproduce(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
             stages_run += line.startswith("Running stage")
     except BaseException:
         log.warning("stopping %s (the running stage first)", " ".join(cmd[1:]))
-        stop_group(proc)
+        stop_group(proc, grace_s=STAGE_GRACE_S)
         raise
     code = proc.wait()
     if code != 0:
-        raise RuntimeError(f"{' '.join(cmd[1:])} failed with exit code {code}:\n" + "".join(tail))
+        reported = re.findall(r"exited with (\d+)", "".join(tail))
+        stage_exit = int(reported[-1]) if reported else None
+        why = f"a stage exited with {stage_exit}, see its message above" if stage_exit is not None else f"exit code {code}"
+        raise StageFailed(f"{' '.join(cmd[1:])} failed ({why}):\n" + "".join(tail), stage_exit)
     return {"seconds": time.perf_counter() - started, "stages_run": stages_run}
 
 
@@ -169,22 +186,24 @@ def register_and_gate(p: Params, repro: dict[str, Any]) -> dict[str, Any]:
 
 @flow(name="retrain", log_prints=False)
 def retrain_flow(project_dir: str | None = None, params_path: str = "params.yaml", set_params: list[str] | None = None,
-                 force: bool = False, target: str | None = None, preload: bool = True) -> dict[str, Any]:
+                 force: bool = False, target: str | None = None, preload: bool = True,
+                 lock: bool = True) -> dict[str, Any]:
     """Reproduce the pipeline (DVC), then register the candidate and promote it if the gates pass.
 
     ``set_params`` (``KEY=VALUE``) runs a DVC experiment (``dvc exp run -S``) in the workspace;
-    ``target`` reproduces up to one stage and registers nothing.
+    ``target`` reproduces up to one stage and registers nothing. ``lock=False``: the caller holds the
+    project's retrain lock already (``sad pipeline`` takes it before it starts any server).
     """
     from flows.server import pipeline_services
     from sad.tracking import tracking_uri
 
-    stop_on_signals()
+    stop_on_signals(RetrainTerminated)
     if project_dir:
         os.chdir(project_dir)
     project = Path.cwd()
     p = load_params(params_path)
     cmd = dvc_command(list(set_params or []), force, target)
-    with single_flight(project, p.retrain.lock_timeout_s):
+    with single_flight(project, p.retrain.lock_timeout_s) if lock else contextlib.nullcontext():
         home = Path(os.environ.get("PREFECT_HOME", project / ".prefect"))
         with pipeline_services(home, tracking_uri(p.tracking), Path(p.tracking.artifacts), preload) as services:
             saved = {k: os.environ.get(k) for k in services}
@@ -192,8 +211,8 @@ def retrain_flow(project_dir: str | None = None, params_path: str = "params.yaml
             try:
                 env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
                 log.info("retrain in %s: %s", project, " ".join(cmd[1:]))
-                repro = reproduce.with_options(retries=p.retrain.retries,
-                                               retry_delay_seconds=p.retrain.retry_delay_s)(cmd, env)
+                repro = reproduce.with_options(retries=p.retrain.retries, retry_delay_seconds=p.retrain.retry_delay_s,
+                                               retry_condition_fn=retry_unless_bad_input)(cmd, env)
                 if p.retrain.dvc_remote:
                     push(p.retrain.dvc_remote, env)
                 if target:

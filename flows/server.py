@@ -27,6 +27,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 log = logging.getLogger(__name__)
 
 
@@ -56,6 +58,28 @@ def _tool(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+LOCK_FILE = ".retrain.lock"
+
+
+class RetrainBusy(RuntimeError):
+    """Another retrain holds the project's lock."""
+
+
+@contextlib.contextmanager
+def single_flight(project: Path, timeout_s: float) -> Iterator[None]:
+    """Hold the project's retrain lock, or raise :class:`RetrainBusy` after ``timeout_s``."""
+    lock = FileLock(str(project / LOCK_FILE))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise RetrainBusy(f"another retrain is running in {project} (lock {project / LOCK_FILE}); "
+                          f"waited {timeout_s:.0f}s (retrain.lock_timeout_s). Try again when it has finished.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class RetrainStopped(BaseException):
     """SIGTERM or SIGINT reached the retrain (a BaseException: never retried, never taken for a failed stage)."""
 
@@ -63,21 +87,23 @@ class RetrainStopped(BaseException):
         self.signum = signum
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
-def _raise_stopped(signum: int, _frame) -> None:
-    raise RetrainStopped(signum)
+def stop_on_signals(stopped: type[RetrainStopped] = RetrainStopped) -> None:
+    """SIGTERM/SIGINT raise ``stopped`` (a :class:`RetrainStopped`) in the main thread, so every ``finally``
+    runs: the running stage, then the preload runner and the servers are stopped (no-op off the main thread)."""
 
-def stop_on_signals() -> None:
-    """SIGTERM/SIGINT raise :class:`RetrainStopped` in the main thread, so every ``finally`` runs: the
-    running stage, then the preload runner and the servers are stopped (no-op off the main thread)."""
+    def raise_stopped(signum: int, _frame) -> None:
+        raise stopped(signum)
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _raise_stopped)
+            signal.signal(sig, raise_stopped)
 
 
 
 class Reaper:
     """The guard process of :mod:`flows.reaper`: told every process group the run starts, it stops them
-    if this process dies without saying ``done`` (its stdin pipe closes with us, however we die)."""
+    if this process dies without saying ``done`` (its stdin pipe closes with us, however we die).
+    Registered in ``_reapers`` while it guards, so :func:`watch_group` reaches it."""
 
     def __init__(self, log_file: Path):
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -94,12 +120,17 @@ class Reaper:
     def watch_group(self, pgid: int) -> None:
         self._send(f"pgid {pgid}")
 
+    def watch_pid(self, pid: int) -> None:
+        self._send(f"pid {pid}")
+
     def watch_store(self, backend_uri: str, since_ms: int) -> None:
         self._send(f"mlflow {backend_uri} {since_ms}")
 
-    def close(self) -> None:
-        """Everything was stopped here: the reaper exits without touching anything."""
-        self._send("done")
+    def close(self, interrupted: bool = False) -> None:
+        """Everything was stopped here: the reaper exits without touching anything; ``interrupted``: it first
+        stops what is left and marks the MLflow runs still RUNNING as KILLED (a stage killed while it
+        ended its run)."""
+        self._send("reap" if interrupted else "done")
         with contextlib.suppress(OSError, ValueError):
             assert self.proc.stdin is not None
             self.proc.stdin.close()
@@ -117,7 +148,9 @@ def watch_group(pgid: int) -> None:
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group led by ``proc``, SIGKILL it after ``grace_s``; waits for ``proc``."""
+    """SIGTERM the process group led by ``proc``, SIGKILL the group once its leader has exited (or after
+    ``grace_s``); waits for ``proc``. A stage child killed before it ended its MLflow run leaves it RUNNING
+    for the reaper to mark KILLED (``Reaper.close(interrupted=True)``)."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -210,6 +243,7 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
     env: dict[str, str] = {}
     procs: list[tuple[subprocess.Popen, str]] = []
     preload_proc: subprocess.Popen | None = None
+    interrupted = False
     reaper = Reaper(log_dir / "reaper.log")
     _reapers.append(reaper)
     if is_local_store(mlflow_uri):
@@ -240,11 +274,14 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
                 log.warning("preload server did not start (see %s); stages start their own processes", log_dir / "preload.log")
         log.info("services: %s", env)
         yield env
+    except BaseException:
+        interrupted = True
+        raise
     finally:
         if preload_proc is not None:  # first the stage processes it forked, while the servers still record them
-            stop_server(preload_proc)
+            stop_group(preload_proc, grace_s=2.0)
             shutil.rmtree(sock.parent, ignore_errors=True)
         for proc, _ in procs:
             stop_server(proc)
         _reapers.remove(reaper)
-        reaper.close()
+        reaper.close(interrupted)

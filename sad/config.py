@@ -100,6 +100,8 @@ class DemosParams(_Strict):
     workers: int = Field(2, ge=1, le=64, description="processes playing the expert")
     perturb: float = Field(0.0, ge=0, lt=1, description="per-step probability of an injected mistake the expert recovers from")
     repeat_share: float = Field(0.0, ge=0, le=1, description="share of injected mistakes that repeat the previous step (a loop the expert gets out of)")
+    min_success: float = Field(0.9, ge=0, le=1, description="floor: the expert must win this share of each env's train tasks, "
+                                                            "else the demos stage stops and names the failed tasks")
     seed: int = 0
 
 

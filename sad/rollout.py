@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from sad.agent import LMAgent, fit_context
 from sad.benchmarks import get_benchmark
-from sad.envs.base import Environment, Observation, Task
+from sad.envs.base import Environment, ExpertGaveUp, Observation, Task
 from sad.react import Episode, ParsedOutput, Step, act_piece, parse_output, prompt_piece, reason_piece, step_pieces
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,28 @@ def perturb_action(rng: random.Random, action: str, admissible: list[str] | None
     return action + " now"
 
 
+_NOT_FOUND = ("Could not find",)  # HotPotQA: a search that found no page fails again, whatever happened since
+
+
+def failed(step: Step) -> bool:
+    """A step the environment refused or answered with nothing: invalid, ``Nothing happens.`` (ALFWorld),
+    ``Could not find ...`` (HotPotQA)."""
+    return not step.valid or step.observation.startswith(("Nothing happens", *_NOT_FOUND))
+
+
+def repeats_a_failure(steps: list[Step], action: str) -> int | None:
+    """The index of an earlier failed step that ``action`` would repeat with nothing changed since (or a
+    search that found nothing, which fails again regardless); None when it repeats no failure."""
+    for i in range(len(steps) - 1, -1, -1):
+        step = steps[i]
+        if step.action.lower() == action.lower() and failed(step):
+            return i
+        if not failed(step):  # the state changed since: an older failure may succeed now
+            break
+    return next((i for i, s in enumerate(steps)
+                 if s.action.lower() == action.lower() and s.observation.startswith(_NOT_FOUND)), None)
+
+
 def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False, perturb: float = 0.0,
                 seed: int = 0, repeat_share: float = 0.0) -> list[Episode]:
     """The environment's expert plays each task; its thoughts and actions form the demos.
@@ -109,7 +131,14 @@ def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False, per
         episode = _new_episode(task, "expert", prompt_piece(task.env, obs.text))
         rng = random.Random(f"{seed}:{task.task_id}")
         while not obs.done:
-            thought, action = expert.act(obs)  # type: ignore[attr-defined]
+            try:
+                thought, action = expert.act(obs)  # type: ignore[attr-defined]
+                repeated = repeats_a_failure(episode.steps, action)
+                if repeated is not None:  # the loop guard of every env: never the same failure twice
+                    raise ExpertGaveUp(f"would repeat {action}, which failed at step {repeated + 1}")
+            except ExpertGaveUp as exc:
+                episode.meta["expert_gave_up"] = str(exc)
+                break
             imitate = True
             if perturb > 0 and episode.steps and can_perturb(action, obs.admissible) and rng.random() < perturb:
                 previous = episode.steps[-1]
@@ -271,7 +300,14 @@ def _expert_finishes(slot: _Shadowed) -> Episode:
     """The expert plays ``slot``'s episode from its current state to the end; its steps carry the loss."""
     obs, episode = slot.obs, slot.episode
     while not obs.done and episode.n_steps < slot.env.max_steps:
-        thought, action = slot.expert.act(obs)  # type: ignore[attr-defined]
+        try:
+            thought, action = slot.expert.act(obs)  # type: ignore[attr-defined]
+            repeated = repeats_a_failure(episode.steps, action)
+            if repeated is not None:
+                raise ExpertGaveUp(f"would repeat {action}, which failed at step {repeated + 1}")
+        except ExpertGaveUp as exc:
+            episode.meta["expert_gave_up"] = str(exc)
+            break
         obs = slot.env.step(action)
         episode.steps.append(Step(thought=thought, action=action, observation=obs.text, valid=obs.valid))
     episode.success, episode.reward = obs.success, obs.reward
@@ -315,7 +351,17 @@ def play_takeover(tasks: list[Task], tasks_root: Path, agent: LMAgent, max_token
             slots[index] = _Shadowed(task, env, expert, _new_episode(task, "takeover", prompt),
                                      tokenizer.encode(prompt), obs)
         order = list(slots)
-        labels = {i: slots[i].expert.act(slots[i].obs) for i in order}  # type: ignore[attr-defined]
+        labels: dict[int, tuple[str, str]] = {}
+        for i in order:
+            try:
+                labels[i] = slots[i].expert.act(slots[i].obs)  # type: ignore[attr-defined]
+            except ExpertGaveUp as exc:  # no label for this state: the episode ends here, unsuccessful
+                slots[i].episode.meta["expert_gave_up"] = str(exc)
+                results[i] = slots.pop(i).episode
+                bar.update(1)
+        order = list(slots)
+        if not order:
+            continue
         contexts = [fit_context(slots[i].prompt_ids, slots[i].step_ids[-history_steps:] if history_steps else slots[i].step_ids,
                                 budget) for i in order]
         for index, gen in zip(order, agent.generate(contexts)):

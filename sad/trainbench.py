@@ -179,3 +179,43 @@ def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int 
                             "cache_build": build["peak_rss_mb"], "train_sft": sft["peak_rss_mb"]},
         },
     }
+
+
+def benchmark_precision(config, batch_size: int = 4, seq_len: int = 512, steps: int = 4, seed: int = 0) -> dict[str, Any]:
+    """One training step (forward, backward, AdamW) of a causal LM built from ``config`` (a transformers
+    config; random weights: speed only), in fp32 and under CPU bf16 autocast, timed alternately so that
+    both see the same machine load. Returns the median seconds and tokens/s per precision, the bf16
+    speedup, and each dtype's measured matmul peak (the ceiling autocast could reach)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sad.perf import matmul_peak_flops
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len))
+
+    def step(bf16: bool) -> float:
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return time.perf_counter() - started
+
+    step(False), step(True)  # warm-up
+    times: dict[str, list[float]] = {"fp32": [], "bf16_autocast": []}
+    for _ in range(steps):
+        times["fp32"].append(step(False))
+        times["bf16_autocast"].append(step(True))
+    out: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()), "batch_size": batch_size,
+                           "seq_len": seq_len, "threads": torch.get_num_threads()}
+    for name, values in times.items():
+        median = sorted(values)[len(values) // 2]
+        out[name] = {"step_s": round(median, 4), "tokens_per_s": round(batch_size * seq_len / median, 1)}
+    out["bf16_speedup"] = round(out["fp32"]["step_s"] / out["bf16_autocast"]["step_s"], 3)
+    out["matmul_peak_gflops"] = {"fp32": round(matmul_peak_flops(dtype=torch.float32) / 1e9, 1),
+                                 "bf16": round(matmul_peak_flops(dtype=torch.bfloat16) / 1e9, 1)}
+    return out

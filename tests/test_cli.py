@@ -100,3 +100,26 @@ def test_registry_rollback_without_history_says_so(tmp_path):
     shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
     result = subprocess.run([SAD, "registry", "rollback"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no previous champion" in result.stderr, result.stderr[-1500:]
+
+
+def test_bad_official_file_through_sad_stage_is_one_short_error(tmp_path):
+    """A question lacking `context` in an official HotPotQA file: a few lines naming file and record, exit 2,
+    no traceback (SAD_DEBUG=1 brings it back)."""
+    import os
+
+    import yaml
+
+    records = [{"_id": f"q{i}", "question": "Who?", "answer": "x", "type": "bridge", "level": "easy",
+                "supporting_facts": [["A", 0]], "context": [["A", ["x is here."]]]} for i in range(6)]
+    del records[3]["context"]
+    (tmp_path / "hotpot_dev.json").write_text(json.dumps(records))
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["tasks"].update({"envs": ["hotpotqa"], "train": 2, "dev": 1, "test": 1, "hotpotqa": {"official": "hotpot_dev.json"}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "SAD_DEBUG")}
+    env["PREFECT_HOME"] = str(tmp_path / ".prefect")
+    result = subprocess.run([SAD, "stage", "tasks"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2 and len(lines) <= 5, lines
+    assert "hotpot_dev.json: question #3 lacks field(s) ['context']" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "tasks").exists()  # nothing half-written

@@ -65,3 +65,48 @@ def test_tokenizer_tokenises_a_copied_word_like_its_source(generated):
         ids = tok.encode(text)
         assert any(ids[i:i + len(name)] == name for i in range(len(ids))), text
     assert tok.decode(tok.encode("click[B5D84C3B3D] \n x")) == "click[B5D84C3B3D] \n x"
+
+
+def test_demos_stage_refuses_an_expert_below_the_floor_and_names_the_failed_tasks(generated, tmp_path):
+    from sad.stages import ExpertBelowFloor, demos_file, write_demos
+
+    import copy
+
+    project = {"data_dir": str(tmp_path / "data"), "metrics_dir": str(tmp_path / "metrics")}
+    p = parse_params({"project": project})
+    episodes = copy.deepcopy([e for e in generated if e.env == "webshop"][:10])
+    for e in episodes[:2]:  # two lost episodes: 80% won, below the default floor of 90%
+        e.success = False
+    with pytest.raises(ExpertBelowFloor, match=r"webshop: 8/10 won; failed webshop/train/\d+, webshop/train/\d+\. "
+                                               r"Check the task data"):
+        write_demos(p, episodes)
+    assert not demos_file(p).exists()
+    metrics = write_demos(parse_params({"project": project, "demos": {"min_success": 0.8}}), episodes)
+    assert metrics["success_by_env"] == {"webshop": 0.8} and demos_file(p).exists()
+
+
+def test_no_expert_repeats_a_failed_action_in_any_env(generated):
+    """The loop guard of every env, checked over generated demos with injected mistakes: an expert step never
+    repeats a failed step with nothing changed since, nor a search that found nothing."""
+    from sad.rollout import repeats_a_failure
+
+    repeats = [(e.task_id, s.action) for e in generated for i, s in enumerate(e.steps)
+               if s.imitate and repeats_a_failure(e.steps[:i], s.action) is not None]
+    assert repeats == []
+    assert {e.env for e in generated} == {"alfworld", "hotpotqa", "webshop"} and all(e.success for e in generated)
+
+
+def test_the_loop_guard_by_hand():
+    from sad.react import Step
+    from sad.rollout import repeats_a_failure
+
+    def step(action, observation="ok", valid=True):
+        return Step(thought="t", action=action, observation=observation, valid=valid)
+
+    assert repeats_a_failure([step("open fridge 1", "Nothing happens.")], "open fridge 1") == 0
+    # after a step that changed the state, the same command may succeed (ALFWorld: go there first)
+    assert repeats_a_failure([step("open fridge 1", "Nothing happens."), step("go to fridge 1")], "open fridge 1") is None
+    assert repeats_a_failure([step("jump[x]", "Invalid action: jump[x]", valid=False)], "JUMP[x]") == 0
+    # a HotPotQA search that found nothing fails again, whatever happened since
+    history = [step("search[Garden of]", "Could not find Garden of. Similar: []"), step("search[The Garden]")]
+    assert repeats_a_failure(history, "search[Garden of]") == 0

@@ -229,10 +229,49 @@ def test_a_second_retrain_at_once_is_refused(pipeline_run):
     with FileLock(str(repo / ".retrain.lock")):  # a retrain in flight holds this lock
         result = _sad(["pipeline"], repo, env, timeout=300)
     assert result.returncode == 2 and "another retrain is running" in result.stderr, result.stderr[-2000:]
+    assert "services:" not in result.stdout + result.stderr  # refused before any server was started
     assert "champion" in _versions(repo, env)["1"]["aliases"]
 
 
+def _cancel_a_deployment_run(repo: Path, env: dict[str, str], served: subprocess.Popen, serve_log: Path) -> dict:
+    """`prefect flow-run cancel` of a deployment run during a stage: within 15 s no process the run started
+    is alive and none of its ports listens, the flow run ends Cancelled, no MLflow run of it stays RUNNING."""
+    import psutil
+
+    prefect = str(Path(sys.executable).parent / "prefect")
+    started = _run([prefect, "deployment", "run", "retrain/scheduled", "--param", "force=true"], repo, env, timeout=60)
+    flow_run = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout)
+    assert started.returncode == 0 and flow_run, started.stdout + started.stderr
+    deadline = time.monotonic() + 300
+    while "Running stage 'demos'" not in serve_log.read_text():  # the runner streams the flow run's output
+        assert time.monotonic() < deadline and served.poll() is None, serve_log.read_text()[-3000:]
+        time.sleep(0.5)
+    time.sleep(2)
+    tree = psutil.Process(served.pid).children(recursive=True)  # the flow run's process and all it started
+    ports = {c.laddr.port for p in tree for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert len(tree) >= 6 and ports, [p.cmdline() for p in tree]  # engine, servers, preload runner, reaper, dvc, stage
+    stopped = time.monotonic()
+    cancel = _run([prefect, "flow-run", "cancel", flow_run.group(1)], repo, env, timeout=60)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    seconds = time.monotonic() - stopped
+    listening = {c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert not ports & listening
+    for _ in range(30):  # the runner reports the final state just after the process is gone
+        state = _run([prefect, "flow-run", "inspect", flow_run.group(1)], repo, env, timeout=60).stdout
+        if "type=StateType.CANCELLED" in state:
+            break
+        time.sleep(1)
+    assert "type=StateType.CANCELLED" in state and "CRASHED" not in state, state[-2000:]
+    assert _running_mlflow_runs(repo) == []
+    assert served.poll() is None  # the deployment keeps serving
+    return {"processes": len(tree), "ports": len(ports), "seconds_to_none_alive": round(seconds, 1)}
+
+
 def test_scheduled_deployment_runs_on_a_real_prefect_server(pipeline_run, tmp_path):
+    """The retrain served as a cron deployment: a run cancelled mid-stage leaves nothing running and ends
+    Cancelled; the next run completes."""
     from flows.server import start_server, stop_server
 
     repo, env, _ = pipeline_run
@@ -252,6 +291,8 @@ def test_scheduled_deployment_runs_on_a_real_prefect_server(pipeline_run, tmp_pa
             assert time.monotonic() < deadline and served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(2)
         assert "0 3 * * 0" in shown.stdout  # the cron schedule is on the deployment
+        cancelled = _cancel_a_deployment_run(repo, env2, served, tmp_path / "serve.log")
+        print(f"\ncancelled deployment run: {cancelled}")
         ran = _run([prefect, "deployment", "run", "retrain/scheduled", "--watch", "--watch-timeout", "400"], repo, env2,
                    timeout=450)
         assert ran.returncode == 0 and "Completed" in ran.stdout, ran.stdout[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]

@@ -57,6 +57,19 @@ def test_search_lookup_and_invalid_actions_follow_the_react_wikienv(tmp_path):
     assert last.done and not last.success and last.reward == 0.0
 
 
+def test_think_is_a_valid_step_that_changes_nothing_as_in_the_react_wikienv(tmp_path):
+    """A transcript: ``think[...]`` answers "Nice thought." (wikienv.py), counts a step, keeps the page open."""
+    tasks = _write(tmp_path, h.generate_questions(7, 10, distractors=3))
+    env = h.HotpotEnv()
+    env.reset(tasks[0], tmp_path)
+    page = env.step("search[Junra Lunka]")
+    thought = env.step("think[Junra Lunka's page should say where she was born.]")
+    assert (thought.text, thought.valid, thought.done, env.steps) == ("Nice thought.", True, False, 2)
+    assert env.step("lookup[she]").text.startswith("(Result 1 / ")  # the searched page is still open
+    assert not page.text.startswith("Could not find")
+    assert env.step("Think[]").text == "Nice thought."  # any case, empty thought, as ReAct parses it
+
+
 def test_wrong_answer_scores_zero_em_with_partial_f1(tmp_path):
     tasks = _write(tmp_path, h.generate_questions(7, 10, distractors=3))
     env = h.HotpotEnv()

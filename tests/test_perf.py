@@ -44,3 +44,14 @@ def test_distillation_benchmark_runs_on_cpu_with_a_layer_subset_student(tiny_mod
     out = distill_mfu(teacher, student, batch=2, seq=32, steps=2, device=torch.device("cpu"), dtype=torch.float32,
                       peak=1e10)
     assert out["tokens_per_s"] > 0 and 0 < out["mfu"] and out["student_parameters"] < out["teacher_parameters"]
+
+
+def test_precision_benchmark_times_fp32_and_bf16_autocast_on_cpu():
+    from transformers import LlamaConfig
+
+    from sad.trainbench import benchmark_precision
+
+    config = LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    out = benchmark_precision(config, batch_size=2, seq_len=32, steps=1)
+    assert out["fp32"]["tokens_per_s"] > 0 and out["bf16_autocast"]["tokens_per_s"] > 0
+    assert out["bf16_speedup"] > 0 and out["matmul_peak_gflops"]["fp32"] > 0.1 and out["matmul_peak_gflops"]["bf16"] > 0.1

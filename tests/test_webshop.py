@@ -1,6 +1,7 @@
 """WebShop in text mode: pages, clicks, WebShop's reward, the expert, both task sources."""
 
 import json
+import re
 
 import pytest
 
@@ -144,7 +145,7 @@ def test_official_files_go_through_the_same_code_path(tmp_path):
     goal = catalogue.goals["B078GWRC1J"][0]
     assert goal.price_upper in (20.0, 30.0, 40.0, 50.0) and "and price lower than" in goal.instruction
     episodes = play_expert(tasks, root)
-    assert all(e.success for e in episodes), [(e.task_id, e.reward, [s.action for s in e.steps]) for e in episodes]
+    assert all(e.success for e in episodes), [(e.task_id, e.reward, e.meta, [(s.thought, s.action) for s in e.steps]) for e in episodes if not e.success]
 
 
 def test_bad_catalogue_names_the_file_and_product(tmp_path):
@@ -155,3 +156,98 @@ def test_bad_catalogue_names_the_file_and_product(tmp_path):
     w.load_catalogue.cache_clear()
     with pytest.raises(ValueError, match=r"items_shuffle.json product #0: product lacks field\(s\) \['pricing'\]"):
         w.load_catalogue(str(folder))
+
+
+def _official_shop(tmp_path, products, attributes, instructions, counts=(1, 1, 1)):
+    """Official-format WebShop files written here by hand (not by the generator), through the tasks code."""
+    data = tmp_path / "webshop_data"
+    data.mkdir()
+    (data / "items_shuffle_1000.json").write_text(json.dumps(products))
+    (data / "items_ins_v2_1000.json").write_text(json.dumps({a: {"attributes": v} for a, v in attributes.items()}))
+    (data / "items_human_ins.json").write_text(json.dumps(instructions))
+    train, dev, test = counts
+    params = parse_params({"tasks": {"envs": ["webshop"], "train": train, "dev": dev, "test": test,
+                                     "webshop": {"official": str(data)}}})
+    root = tmp_path / "tasks"
+    w.load_catalogue.cache_clear()
+    write_tasks(params, root)
+    return root, [t for s in ("train", "dev", "test") for t in load_tasks(root, "webshop", s)]
+
+
+def _product(asin, query, name, pricing, options=None, bullets=()):
+    return {"asin": asin, "category": "fashion", "query": query, "product_category": "Clothing, Shoes & Jewelry › Men",
+            "name": name, "full_description": "", "pricing": pricing, "images": [], "small_description": list(bullets),
+            "customization_options": {k: [{"value": v, "image": None} for v in vals] for k, vals in (options or {}).items()}}
+
+
+def _no_failed_action_twice(episode) -> bool:
+    """No search sent twice, no invalid action repeated, no item opened again after it was rejected."""
+    searches = [s.action for s in episode.steps if s.action.startswith("search[")]
+    invalid = [s.action for s in episode.steps if not s.valid]
+    rejected, reopened = set(), False
+    for step in episode.steps:
+        opened = re.match(r"click\[(B[0-9A-Z]{9})\]", step.action)
+        reopened |= bool(opened and opened.group(1) in rejected)
+        if re.search(r"(B[0-9A-Z]{9}) (does not offer|is not what)", step.thought):
+            rejected.add(re.search(r"B[0-9A-Z]{9}", step.thought).group(0))
+    return len(searches) == len(set(searches)) and len(invalid) == len(set(invalid)) and not reopened
+
+
+def test_expert_buys_the_right_item_when_titles_word_the_type_differently(tmp_path):
+    """Titles that word the instruction's product type otherwise (possessive, plural, word order, extra
+    words), a price range string, and a look-alike lacking the asked option listed among the candidates."""
+    products = [
+        _product("B0TSHIRT05", "men's t shirt", "Men's Cotton T Shirt, Cotton Crew T-Shirts for Men, Pack of 5", "$15.99",
+                 {"color": ["Black", "White"], "size": ["Large", "Medium"]}),  # lacks navy
+        _product("B0TSHIRT03", "men's t shirt", "Cotton Crew Neck T Shirt for Men Pack of 3", "$19.99",
+                 {"color": ["Black", "Navy"], "size": ["Large", "Medium"]}),
+        _product("B0WOMENTEE", "women's t shirt", "Women's V-Neck Tee Soft Stretch", "$12.99", {"size": ["Small"]}),
+        _product("B0SNEAKER1", "women's sneakers", "Lightweight Running Shoes Sneaker for Women Breathable Mesh",
+                 "$34.99 - $39.99", {"size": ["7", "8", "9"]}, bullets=["Lightweight mesh upper"]),
+        _product("B0SNEAKER2", "men's sneakers", "Men's Running Shoes Sneaker Wide Fit", "$29.99", {"size": ["8", "10"]}),
+        _product("B0DOGTOY01", "chew toy for dogs", "Dogs' Durable Toys: Chew Toy Set for Large Dogs, 4 Pieces", "$22.50",
+                 {"color": ["Blue", "Red"]}),
+    ]
+    attributes = {"B0TSHIRT05": ["machine wash"], "B0TSHIRT03": ["machine wash", "cotton"], "B0WOMENTEE": ["stretch"],
+                  "B0SNEAKER1": ["lightweight"], "B0SNEAKER2": ["wide fit"], "B0DOGTOY01": ["durable"]}
+    instructions = {
+        "B0TSHIRT03": [{"asin": "B0TSHIRT03", "instruction": "cotton crew neck t shirts for men, navy in large",
+                        "instruction_attributes": ["cotton"], "instruction_options": ["navy", "large"]}],
+        "B0SNEAKER1": [{"asin": "B0SNEAKER1", "instruction": "i want lightweight running sneakers for women, size 8",
+                        "instruction_attributes": ["lightweight"], "instruction_options": ["8"]}],
+        "B0DOGTOY01": [{"asin": "B0DOGTOY01", "instruction": "durable chew toys for my dog, in red",
+                        "instruction_attributes": ["durable"], "instruction_options": ["red"]}],
+    }
+    root, tasks = _official_shop(tmp_path, products, attributes, instructions)
+    catalogue = w.load_catalogue(str(root / "webshop" / "catalogue"))
+    assert catalogue.products["B0SNEAKER1"].price == 34.99  # a range prices at its low end
+    episodes = play_expert(tasks, root)
+    detail = [(e.task_id, e.reward, [(s.thought, s.action) for s in e.steps]) for e in episodes if not e.success]
+    assert all(e.success and e.reward == 1.0 and e.meta["r_option"] == 1.0 for e in episodes), detail
+
+    def bought(e):  # the item page last opened before click[Buy Now]
+        return [re.match(r"click\[(B0\w+)\]", s.action).group(1) for s in e.steps if re.match(r"click\[B0\w+\]", s.action)][-1]
+
+    assert sorted(bought(e) for e in episodes) == ["B0DOGTOY01", "B0SNEAKER1", "B0TSHIRT03"]
+    shirts = next(e for e in episodes if bought(e) == "B0TSHIRT03")
+    actions = [s.action for s in shirts.steps]
+    assert "click[B0TSHIRT05]" in actions and "does not offer navy" in " ".join(s.thought for s in shirts.steps)  # rejected
+    assert actions[-3:] == ["click[navy]", "click[large]", "click[Buy Now]"]
+    assert all(_no_failed_action_twice(e) for e in episodes), [[s.action for s in e.steps] for e in episodes]
+
+
+def test_expert_gives_up_with_a_reason_instead_of_repeating_a_failed_search(tmp_path):
+    products = [_product("B0TSHIRT03", "men's t shirt", "Cotton Crew Neck T Shirt for Men", "$19.99", {"size": ["Large"]}),
+                _product("B0KETTLE01", "electric kettle", "Stainless Steel Electric Kettle 1.7 Liter", "$24.99")]
+    instructions = {"B0KETTLE01": [{"asin": "B0KETTLE01", "instruction": "a glass teapot for loose leaf tea",
+                                    "instruction_attributes": [], "instruction_options": [], "price_upper": 10.0}],
+                    "B0TSHIRT03": [{"asin": "B0TSHIRT03", "instruction": "men's t shirt, large",
+                                    "instruction_attributes": [], "instruction_options": ["large"]},
+                                   {"asin": "B0TSHIRT03", "instruction": "a large t shirt for men",
+                                    "instruction_attributes": [], "instruction_options": ["large"]}]}
+    root, tasks = _official_shop(tmp_path, products, {}, instructions)
+    episodes = {e.meta.get("description", e.task_id): e for e in play_expert(tasks, root)}
+    teapot = next(e for e in episodes.values() if "teapot" in e.prompt)
+    assert not teapot.success and "no listed item fits after searching" in teapot.meta["expert_gave_up"]
+    assert teapot.n_steps < w.MAX_STEPS and _no_failed_action_twice(teapot), [s.action for s in teapot.steps]
+    assert all(e.success for e in episodes.values() if "t shirt" in e.prompt)

@@ -91,8 +91,14 @@ class Environment(Protocol):
     def step(self, action: str) -> Observation: ...
 
 
+class ExpertGaveUp(Exception):
+    """An expert ends a hopeless episode early (every way it knows has failed): the episode stops,
+    unsuccessful, with this reason in its record, instead of repeating a failed action to the step cap."""
+
+
 class Expert(Protocol):
-    """A solver that writes a ReAct thought and an action for the current state."""
+    """A solver that writes a ReAct thought and an action for the current state (or raises
+    :class:`ExpertGaveUp`)."""
 
     def reset(self, task: Task, first: Observation) -> None: ...
 

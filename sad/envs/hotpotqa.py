@@ -7,7 +7,8 @@ environment (``wikienv.py``), offline:
   else ``Could not find <entity>. Similar: [<up to five titles>].`` (titles ranked by BM25);
 * ``lookup[keyword]`` - ``(Result i / n) <sentence>``: the next sentence of the current page
   that holds the keyword, or ``No more results.``;
-* ``finish[answer]`` - ends the episode; reward = exact match with HotPotQA's normalisation.
+* ``finish[answer]`` - ends the episode; reward = exact match with HotPotQA's normalisation;
+* ``think[thought]`` - ``Nice thought.``: a valid step that changes nothing (as ``wikienv.py``).
 
 Pages come from the ``context`` paragraphs of HotPotQA JSON files (``[[title, [sentences]]]``),
 the union over every split file of the task folder, so each question's gold and distractor
@@ -38,7 +39,7 @@ ECHO_LIMIT = 200  # an invalid action is echoed like the ReAct WikiEnv does, but
 PAGE_SENTENCES = 5  # sentences a search shows (wikienv's get_page_obs)
 QUESTION_TYPES: tuple[str, ...] = ("bridge", "comparison")
 
-_ACTION_RE = re.compile(r"^(search|lookup|finish)\[(.*)\]$", re.IGNORECASE | re.DOTALL)
+_ACTION_RE = re.compile(r"^(search|lookup|finish|think)\[(.*)\]$", re.IGNORECASE | re.DOTALL)
 
 
 # --------------------------------------------------------------------------- metric (HotPotQA's)
@@ -197,6 +198,8 @@ class HotpotEnv:
                                reward=em, info=self._info(em=em, f1=f1, answer=arg))
         if verb == "search":
             return self._obs(self._search(arg))
+        if verb == "think":  # as ReAct's Wikipedia environment: a valid step that changes nothing
+            return self._obs("Nice thought.")
         return self._obs(self._lookup(arg))
 
     def _obs(self, text: str, valid: bool = True) -> Observation:

@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sad.envs.base import Observation, Task, task_location
+from sad.envs.base import ExpertGaveUp, Observation, Task, task_location
 from sad.envs.text import BM25Index
 from sad.envs.text import words as _tokens
 
@@ -413,66 +413,229 @@ def parse_results(page_text: str) -> list[tuple[str, str, float]]:
     return [(m.group(1), m.group(2), float(m.group(3))) for m in _HIT_RE.finditer(page_text)]
 
 
+def _fold(word: str) -> str:
+    """A word as matching sees it, plural folded: ``shirts`` -> ``shirt``, ``boxes`` -> ``box``,
+    ``berries`` -> ``berry`` (``glass``, ``citrus`` stay)."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes", "zes")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def match_words(text: str) -> set[str]:
+    """Content words of ``text`` folded for matching, as WebShop's reward compares text loosely: lower
+    case, possessives dropped (``men's`` -> ``men``), plurals folded, stopwords out."""
+    text = re.sub(r"['’]s\b", " ", text.lower())
+    return {_fold(w) for w in _tokens(text) if w not in _STOPWORDS and w != "s"}
+
+
+def coverage(wanted: set[str], words: set[str]) -> float:
+    """Share of ``wanted`` found in ``words``, exactly or as a near spelling (rapidfuzz ratio >= 85, as the
+    reward's option matching; ``tshirt`` and ``t shirt`` count as the same)."""
+    from rapidfuzz import fuzz
+
+    if not wanted:
+        return 1.0
+    joined = {a + b for a in words for b in words if a != b}
+    found = sum(1 for w in wanted if w in words or w in joined or any(fuzz.ratio(w, x) >= 85 for x in words if len(x) > 3))
+    return found / len(wanted)
+
+
 class WebShopExpert:
-    """Shops like a careful person from what the pages show: searches the instruction's type and
-    attributes, opens the first listed item whose title has them within budget, picks the asked
-    options, and buys; an item without the options is rejected and the next one tried."""
+    """Shops like a careful person from what the pages show, robust to real titles.
+
+    Searches the instruction's attributes and type; ranks the in-budget items of a results page by how
+    well their titles match (normalised words: plurals, possessives, near spellings; every asked word
+    first, then the whole type, then most of it); opens the best, reads its Features when the title does
+    not show an asked attribute (WebShop keeps most attributes off the page: then the search's ranking,
+    which indexes them, is the best evidence), chooses the asked options and buys. An item that lacks an
+    asked option is rejected and the next one opened; a fitting item seen before a wrong click is gone
+    back to. It never sends a search that already failed: later searches use other words (type and
+    options, type alone, the instruction's words); when none is left it gives up
+    (:class:`~sad.envs.base.ExpertGaveUp`) with the reason, instead of looping to the step cap.
+    """
+
+    DETAILS = ("features",)
 
     def reset(self, task: Task, first: Observation) -> None:
         if "goal" not in first.info:
             raise ValueError(f"{task.task_id}: the expert needs an environment made with expert_plan=True")
-        self.searches = 0
+        goal = first.info["goal"]
+        self.searches: list[str] = []
         self.rejected: set[str] = set()
-        self.upper = float(first.info["goal"]["price_upper"])
+        self.upper = float(goal["price_upper"])
+        self.opened: str | None = None
+        self.seen_words: dict[str, set[str]] = {}  # asin -> words of its title and the detail pages read
+        self.read: dict[str, set[str]] = {}  # asin -> detail pages read
+        self.reading: str | None = None
+        self.fitting: dict[str, tuple[str, int]] = {}  # asin -> (query, page) of items whose title fits fully
 
-    def _fits(self, goal: dict[str, Any], title: str, price: float, strict: bool = True) -> bool:
-        """Within budget and, strictly, the title names the type and every asked attribute
-        (relaxed: the type only - real WebShop titles rarely list attributes)."""
-        words = set(_tokens(title))
-        wanted = [*goal["attributes"], goal["query"]] if strict else [goal["query"]]
-        return price <= self.upper and all(set(_tokens(w)) <= words for w in wanted)
+    # ---------------------------------------------------------------- matching
+
+    def _queries(self, goal: dict[str, Any]) -> list[str]:
+        """Searches in the order tried, without repeats."""
+        asked = goal["instruction"].split(", and price lower than")[0]
+        words = [w for w in _tokens(asked) if w not in _STOPWORDS]
+        out: list[str] = []
+        for q in (search_query(goal), " ".join([goal["query"], *goal["options"]]), goal["query"], " ".join(words)):
+            q = " ".join(q.lower().split())
+            if q and q not in out:
+                out.append(q)
+        return out
+
+    @staticmethod
+    def _missing_attributes(goal: dict[str, Any], words: set[str]) -> list[str]:
+        return [a for a in goal["attributes"] if coverage(match_words(a), words) < 1.0]
+
+    def _rank(self, goal: dict[str, Any], hits: list[tuple[str, str, float]]) -> list[tuple[int, str, str, float]]:
+        """``(tier, asin, title, price)`` of the in-budget, unrejected items worth opening, best first. Tier 0:
+        the title has the type and every asked attribute; 1: the whole type (most instruction words first);
+        2: at least half the type's words (best match first)."""
+        type_words = match_words(goal["query"])
+        asked = match_words(goal["instruction"])
+        ranked = []
+        for position, (asin, title, price) in enumerate(hits):
+            if price > self.upper or asin in self.rejected:
+                continue
+            words = match_words(title)
+            type_share = coverage(type_words, words)
+            if type_share < 0.5:
+                continue
+            attrs_ok = not self._missing_attributes(goal, words)
+            tier = 0 if type_share == 1.0 and attrs_ok else 1 if type_share == 1.0 else 2
+            key = (tier, 0.0 if tier == 0 else -type_share, 0 if tier == 0 else -len(asked & words), position)
+            ranked.append((key, (tier, asin, title, price)))
+        return [item for _, item in sorted(ranked)]
+
+    def _resolve_options(self, goal: dict[str, Any], offered: set[str]) -> dict[str, str | None]:
+        """Each asked option -> the offered value that names it: the same text, else the same words
+        (``3 ounce (pack of 1)`` for ``3 ounces, pack of 1``), else a near spelling (ratio >= 90);
+        never a different number (``pack of 12`` for ``pack of 6``)."""
+        from rapidfuzz import fuzz
+
+        out: dict[str, str | None] = {}
+        for o in goal["options"]:
+            same_words = [v for v in sorted(offered) if match_words(v) == match_words(o)]
+            near = [v for v in sorted(offered) if fuzz.ratio(o, v) >= 90 and re.findall(r"\d+", o) == re.findall(r"\d+", v)]
+            out[o] = o if o in offered else (same_words or near or [None])[0]
+        return out
+
+    # ---------------------------------------------------------------- acting
 
     def act(self, obs: Observation) -> tuple[str, str]:
         info, goal = obs.info, obs.info["goal"]
         page = info["page"]
         clickable = {a[len("click["):-1].lower() for a in obs.admissible or []}
         if page == "start":
-            self.searches += 1
-            query = search_query(goal) if self.searches == 1 else " ".join([goal["query"], *goal["options"]])
-            return (f"I need {_what(goal)} under {self.upper:.0f} dollars. I'll search for {query}.",
-                    f"search[{query}]")
+            return self._search(goal)
         if page == "results":
-            hits = [h for h in parse_results(obs.text) if h[0] not in self.rejected]
-            strict = [h for h in hits if self._fits(goal, *h[1:], strict=True)]
-            # relaxed: the in-budget item of the right type sharing most words with the instruction
-            asked = set(_tokens(goal["instruction"])) - _STOPWORDS
-            relaxed = sorted((h for h in hits if self._fits(goal, *h[1:], strict=False)),
-                             key=lambda h: -len(asked & set(_tokens(h[1]))))
-            for pick, what in ((strict, _what(goal)), (relaxed, _what({**goal, "attributes": []}))):
-                if pick:
-                    asin, _, price = pick[0]
-                    self.opened = asin
-                    return (f"{asin} is {what} for ${price:.2f}, within the budget. I'll check its options.",
-                            f"click[{asin}]")
-            if "next >" in clickable:
-                return ("No item on this page fits. I'll look at the next page.", "click[Next >]")
-            return ("No listed item fits. I'll search again with other words.", "click[Back to Search]")
+            return self._choose(goal, obs, clickable)
         if page == "detail":
-            return ("This is the detail page. I'll go back to the item.", "click[< Prev]")
+            asin = info["asin"]
+            if self.reading is None:  # reached by a wrong click
+                return ("This is the detail page. I'll go back to the item.", "click[< Prev]")
+            body = obs.text.split(SEP, 2)[-1]
+            self.seen_words.setdefault(asin, set()).update(match_words(body))
+            self.read.setdefault(asin, set()).add(self.reading)
+            self.reading = None
+            return ("I have read its details. I'll go back to the item.", "click[< Prev]")
+        return self._check_item(goal, obs, clickable)
+
+    def _remembered(self) -> tuple[str, str, int] | None:
+        """The first fully fitting item seen on a results page and not rejected: ``(asin, query, page)``."""
+        for asin, (query, page) in self.fitting.items():
+            if asin not in self.rejected:
+                return asin, query, page
+        return None
+
+    def _search(self, goal: dict[str, Any]) -> tuple[str, str]:
+        remembered = self._remembered()
+        if remembered is not None:  # back here by a wrong click: the search that listed it again
+            asin, query, _ = remembered
+            return f"{asin} fits, and the search for {query} listed it. I'll search for {query} again.", f"search[{query}]"
+        left = [q for q in self._queries(goal) if q not in self.searches]
+        if not left:
+            raise ExpertGaveUp(f"no listed item fits after searching {', '.join(repr(q) for q in self.searches)}")
+        query = left[0]
+        self.searches.append(query)
+        return f"I need {_what(goal)} under {self.upper:.0f} dollars. I'll search for {query}.", f"search[{query}]"
+
+    def _choose(self, goal: dict[str, Any], obs: Observation, clickable: set[str]) -> tuple[str, str]:
+        query, page = obs.info["query"], int(obs.info["page_number"])
+        ranked = self._rank(goal, parse_results(obs.text))
+        for tier, asin, _, _ in ranked:
+            if tier == 0:
+                self.fitting.setdefault(asin, (query, page))
+        remembered = self._remembered()
+        if remembered is not None and (not ranked or ranked[0][0] > 0):
+            asin, where, on_page = remembered
+            if where != query:
+                return f"{asin} fits, and the search for {where} listed it. I'll go back to search.", "click[Back to Search]"
+            if on_page < page:
+                return f"{asin} on page {on_page} fits. I'll go back to it.", "click[< Prev]"
+            if on_page > page:
+                return f"{asin} on page {on_page} fits. I'll go to the next page.", "click[Next >]"
+        if ranked:
+            tier, asin, title, price = ranked[0]
+            self.opened = asin
+            self.seen_words.setdefault(asin, set()).update(match_words(title))
+            if tier == 0:
+                what = _what(goal)
+            elif tier == 1:
+                what = _what({**goal, "attributes": []})
+            else:
+                return (f"{asin} is the listed item closest to {_indefinite(goal['query'])} for ${price:.2f}, within "
+                        f"the budget. I'll check it.", f"click[{asin}]")
+            return f"{asin} is {what} for ${price:.2f}, within the budget. I'll check its options.", f"click[{asin}]"
+        if "next >" in clickable:
+            return ("No item on this page fits. I'll look at the next page.", "click[Next >]")
+        return ("No listed item fits. I'll search again with other words.", "click[Back to Search]")
+
+    def _reject(self, asin: str, why: str, back: str = "I'll go back") -> tuple[str, str]:
+        self.rejected.add(asin)
+        return f"{asin} {why}. {back}.", "click[< Prev]"
+
+    def _check_item(self, goal: dict[str, Any], obs: Observation, clickable: set[str]) -> tuple[str, str]:
+        asin = obs.info["asin"]
         item = _ITEM_RE.search(obs.text)
-        chosen_here = info["asin"] == getattr(self, "opened", None)
-        if item is None or not self._fits(goal, item.group(1), float(item.group(2)), strict=not chosen_here):
-            self.rejected.add(info["asin"])
-            return (f"{info['asin']} is not what the instruction asks for. I'll go back.", "click[< Prev]")
-        if any(o not in clickable for o in goal["options"]):
-            self.rejected.add(info["asin"])
-            lacking = ", ".join(o for o in goal["options"] if o not in clickable)
-            return (f"{info['asin']} does not offer {lacking}. I'll go back to the results.", "click[< Prev]")
-        missing = [o for o in goal["options"] if goal["chosen"].get(goal["option_names"].get(o, "")) != o]
+        if item is None or float(item.group(2)) > self.upper:
+            return self._reject(asin, "is not what the instruction asks for")
+        words = self.seen_words.setdefault(asin, match_words(item.group(1)))
+        if asin != self.opened and not (coverage(match_words(goal["query"]), words) == 1.0
+                                        and not self._missing_attributes(goal, words)):
+            return self._reject(asin, "is not what the instruction asks for")  # reached by a wrong click
+        offered = {v for vals in self._offered(obs).values() for v in vals}
+        resolved = self._resolve_options(goal, offered)
+        lacking = [o for o, v in resolved.items() if v is None]
+        if lacking:
+            return self._reject(asin, f"does not offer {', '.join(lacking)}", "I'll go back to the results")
+        missing = self._missing_attributes(goal, words)
         if missing:
-            option = missing[0]
-            return (f"The item offers {option}, which I need. I'll choose it.", f"click[{option}]")
+            unread = [d for d in self.DETAILS if d not in self.read.get(asin, set())]
+            if unread:
+                self.reading = unread[0]
+                return (f"The title does not say {' or '.join(missing)}. I'll read its {unread[0]}.",
+                        f"click[{unread[0].title()}]")
+        option_names = goal["option_names"]
+        for o, value in resolved.items():
+            if value is not None and goal["chosen"].get(option_names.get(value, "")) != value:
+                return (f"The item offers {value}, which I need. I'll choose it.", f"click[{value}]")
+        if missing:
+            return (f"Its page does not mention {' or '.join(missing)}, but it is the best match listed. I'll buy it.",
+                    "click[Buy Now]")
         return ("The item has the right attributes, options and price. I'll buy it.", "click[Buy Now]")
+
+    @staticmethod
+    def _offered(obs: Observation) -> dict[str, list[str]]:
+        """Option values shown on an item page, per option name (from the plan's name table)."""
+        names = obs.info["goal"]["option_names"]
+        out: dict[str, list[str]] = {}
+        for value, name in names.items():
+            out.setdefault(name, []).append(value)
+        return out
 
 
 def _indefinite(kind: str) -> str:
