@@ -145,7 +145,7 @@ def _exit_now(code: int = 0) -> None:
     Every output is already written and renamed into place; tearing down torch, transformers,
     MLflow and Prefect module state costs 1-2 s per stage for nothing.
     """
-    from flows.preload import on_exit
+    from flows.preload_client import on_exit
 
     _stop_temporary_prefect_server()
     logging.shutdown()
@@ -724,7 +724,7 @@ def bench_eval(
 
 
 def main() -> None:
-    from flows.preload import delegate
+    from flows.preload_client import delegate
 
     code = delegate(sys.argv[1:])  # under `sad pipeline`: run in a child of the preload server
     if code is not None:

@@ -13,10 +13,11 @@ import inspect
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from sad.react import ACTION
+from sad.react import ACTION, Episode
 
 
 @dataclass(frozen=True)
@@ -298,3 +299,25 @@ class LMAgent:
                 ids = ids[:-1]
             results.append(Generation(self.tokenizer.decode(ids), len(ids), seconds))
         return results
+
+
+def forced_items(tokenizer, episodes: list[Episode], budget: int, history_steps: int,
+                 imitated_only: bool = False) -> list[dict[str, Any]]:
+    """One item per step of ``episodes``: the context an agent sees at play time before that step
+    (prompt + latest ``history_steps`` steps, fitted to ``budget`` tokens by :func:`sad.agent.fit_context`)
+    and the step's thought and action. ``imitated_only`` skips injected mistakes as targets (they
+    stay in later steps' context)."""
+    from sad.react import step_pieces
+
+    items = []
+    for ep in episodes:
+        prompt_ids = tokenizer.encode(ep.prompt)
+        step_ids: list[list[int]] = []
+        for i, step in enumerate(ep.steps):
+            if step.imitate or not imitated_only:
+                history = step_ids[-history_steps:] if history_steps else step_ids
+                items.append({"env": ep.env, "episode_id": ep.episode_id, "task_id": ep.task_id, "step": i,
+                              "thought": step.thought, "action": step.action,
+                              "context": fit_context(prompt_ids, history, budget)})
+            step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
+    return items

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sad.agent import LMAgent
+from sad.agent import LMAgent, forced_items
 from sad.benchmarks import load_tasks
 from sad.config import Params
 from sad.metrics import success_by, summarize
@@ -73,29 +73,6 @@ def evaluate_agent(
         }
         log.info("%s on %s: success %.3f over %d episodes", agent_name, split, overall["success_rate"], len(episodes))
     return results, episodes_by_split
-
-
-def forced_items(tokenizer, episodes: list[Episode], budget: int, history_steps: int,
-                 imitated_only: bool = False) -> list[dict[str, Any]]:
-    """One item per step of ``episodes``: the context an agent sees at play time before that step
-    (prompt + latest ``history_steps`` steps, fitted to ``budget`` tokens by :func:`sad.agent.fit_context`)
-    and the step's thought and action. ``imitated_only`` skips injected mistakes as targets (they
-    stay in later steps' context)."""
-    from sad.agent import fit_context
-    from sad.react import step_pieces
-
-    items = []
-    for ep in episodes:
-        prompt_ids = tokenizer.encode(ep.prompt)
-        step_ids: list[list[int]] = []
-        for i, step in enumerate(ep.steps):
-            if step.imitate or not imitated_only:
-                history = step_ids[-history_steps:] if history_steps else step_ids
-                items.append({"env": ep.env, "episode_id": ep.episode_id, "task_id": ep.task_id, "step": i,
-                              "thought": step.thought, "action": step.action,
-                              "context": fit_context(prompt_ids, history, budget)})
-            step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
-    return items
 
 
 def _sample(items: list[dict], max_items: int, seed: int) -> list[dict]:

@@ -113,7 +113,7 @@ def hidden_arguments(episodes, tokenizer, budget: int, history_steps: int = 0) -
     """The imitated expert steps whose action copies something absent from the agent's play-time context
     (the prompt and the latest steps as :func:`sad.agent.fit_context` keeps them): demos an agent cannot
     imitate from what it sees. Each row names the episode, step, action and the missing arguments."""
-    from sad.evaluation import forced_items
+    from sad.agent import forced_items
 
     rows = []
     for item in forced_items(tokenizer, episodes, budget, history_steps, imitated_only=True):
