@@ -20,16 +20,6 @@ import sys
 import time
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def kill_groups(groups: list[int], grace_s: float = 5.0, pids: list[int] | None = None) -> None:
     """SIGTERM every process group (and single process in ``pids``), then SIGKILL those still alive
     after ``grace_s``."""
@@ -46,6 +36,7 @@ def kill_groups(groups: list[int], grace_s: float = 5.0, pids: list[int] | None 
 
 
 def _alive(send, ident: int) -> bool:
+    """Whether the process (``os.kill``) or process group (``os.killpg``) ``ident`` still exists."""
     try:
         send(ident, 0)
     except ProcessLookupError:
