@@ -115,17 +115,10 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
-    """Errors that mean the user's input (a file, a record, a parameter) is wrong, not the code: each
-    names what is wrong, so the CLI prints its message alone (exit 2), without a traceback."""
-    from sad.config import ConfigError
-    from sad.envs.base import UnsafePathError
-    from sad.markers import SegmentationError
-    from sad.pretrained import ModelUnavailable
-    from sad.schemas import SchemaViolation
-    from sad.teacher_cache import StaleCacheError
+    """Errors that name a wrong input (:data:`sad.io.BAD_INPUT_ERRORS`): printed alone, exit 2, no traceback."""
+    from sad.io import BAD_INPUT_ERRORS
 
-    return (ConfigError, SchemaViolation, SegmentationError, StaleCacheError, ModelUnavailable, UnsafePathError,
-            FileNotFoundError, ValueError, KeyError)
+    return BAD_INPUT_ERRORS
 
 
 def _report_bad_input(exc: BaseException, where: str) -> None:

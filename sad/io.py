@@ -12,6 +12,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+# Errors that mean the user's input (a file, a record, a parameter) is wrong, not the code: the project's
+# own (ConfigError, SchemaViolation, SegmentationError, StaleCacheError, UnsafePathError, ExpertBelowFloor,
+# ModelUnavailable) subclass these and name what is wrong. The CLI prints them in one line (exit 2); the
+# orchestrator never retries them.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError)
+
 
 def _tmp_prefix(path: Path) -> str:
     """Temp siblings are named ``.<name>.tmp-<pid>-<random>``: a writer killed with SIGKILL (no

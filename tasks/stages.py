@@ -17,12 +17,13 @@ from prefect.cache_policies import NO_CACHE
 from sad import stages
 from sad.config import Params
 from sad.envs.base import Task
+from sad.io import BAD_INPUT_ERRORS
 from sad.react import Episode
 
 # Bad input fails the same way every time: retrying it only delays the error. Everything else
 # (a locked SQLite store, a dropped connection, a full disk freed meanwhile) gets its retries.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, TypeError, FileNotFoundError,
-                                                     NotADirectoryError, IsADirectoryError, PermissionError)
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (*BAD_INPUT_ERRORS, TypeError, NotADirectoryError,
+                                                     IsADirectoryError, PermissionError)
 
 
 def is_transient(exc: BaseException) -> bool:
