@@ -445,6 +445,34 @@ def schedule(
     serve(deployment)
 
 
+@app.command("dvc-deps")
+def dvc_deps(
+    check: bool = typer.Option(False, "--check", help="only check: exit 1 when dvc.yaml's code deps are not the computed ones"),
+    dvc_yaml: Path = typer.Option(Path("dvc.yaml"), help="the stage graph to update"),
+) -> None:
+    """Write each stage's code deps (the sad/ modules it imports, transitively) into dvc.yaml.
+
+    Run it after changing what a stage imports; `dvc status` then reruns exactly the stages whose code changed.
+    """
+    from sad.io import write_text_atomic
+    from sad.stagegraph import with_code_deps
+
+    before = dvc_yaml.read_text()
+    try:
+        after = with_code_deps(before)
+    except ValueError as exc:
+        _fail(str(exc))
+    if after == before:
+        typer.echo(f"{dvc_yaml}: code deps are up to date")
+        return
+    if check:
+        typer.secho(f"{dvc_yaml}: code deps differ from what the stages import; run `sad dvc-deps` to update them",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
+    write_text_atomic(dvc_yaml, after)
+    typer.echo(f"{dvc_yaml}: code deps updated")
+
+
 @app.command()
 def profile(
     name: str = typer.Argument(..., help="profile name: profiles/<name>.yaml"),

@@ -70,3 +70,10 @@ def load_model(path: str | Path, trust_remote_code: bool = False):
 def read_card(path: str | Path) -> dict:
     card = Path(path) / "card.json"
     return json.loads(card.read_text()) if card.is_file() else {}
+
+
+def read_pretrained_arch(model) -> dict[str, Any]:
+    """The architecture numbers of a loaded model (for cards)."""
+    c = model.config
+    return {"hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "num_heads": c.num_attention_heads,
+            "intermediate_size": getattr(c, "intermediate_size", None), "vocab_size": c.vocab_size}

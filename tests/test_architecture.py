@@ -83,3 +83,81 @@ def test_the_library_imports_neither_prefect_nor_dvc():
         if name.startswith("sad"):
             roots = {n.split(".")[0] for n in _imports(file)}
             assert not roots & {"prefect", "dvc"}, name
+
+
+# ---------------------------------------------------------------- dvc.yaml's code deps are computed
+def test_dvc_yaml_code_deps_are_the_computed_ones():
+    from sad.stagegraph import with_code_deps
+
+    committed = (REPO / "dvc.yaml").read_text()
+    assert with_code_deps(committed) == committed, "dvc.yaml's sad/ deps are stale: run `sad dvc-deps`"
+
+
+def test_every_dvc_stage_is_in_the_stage_graph_and_runs_real_modules():
+    import yaml
+
+    from sad.stagegraph import STAGE_ENTRIES, module_file
+
+    assert set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]) == set(STAGE_ENTRIES)
+    for stage, modules in STAGE_ENTRIES.items():
+        assert all(module_file(m) is not None for m in modules), stage
+
+
+def test_code_deps_follow_function_level_imports_and_skip_type_checking_ones():
+    from sad.stagegraph import code_deps, imported_modules
+
+    teacher = imported_modules("sad.stages.teacher")
+    assert "sad.training" in teacher  # imported inside run_teacher
+    assert "sad.envs.base" not in teacher  # only under `if TYPE_CHECKING:`
+    distill = code_deps("distill")
+    assert {"sad/losses.py", "sad/training.py", "sad/stages/distill.py", "sad/config.py"} <= set(distill)
+    assert "sad/agent.py" not in distill and "sad/stages/evaluate.py" not in distill
+    assert "sad/envs" in code_deps("tasks")  # every env module counts: the folder is the dep
+    assert not any("tracking" in d for s in ("tasks", "distill", "evaluate") for d in code_deps(s))
+
+
+def test_with_code_deps_keeps_data_deps_and_comments(tmp_path):
+    from sad.stagegraph import code_deps, with_code_deps
+
+    text = ("stages:\n  segment:\n    cmd: sad stage segment\n    deps:\n      - data/rollouts   # the teacher's\n"
+            "      - sad/old_module.py\n    params:\n      - segment\n")
+    out = with_code_deps(text)
+    assert "      - data/rollouts   # the teacher's\n" in out and "old_module" not in out
+    assert all(f"      - {d}\n" in out for d in code_deps("segment")) and out.endswith("      - segment\n")
+
+
+def test_dvc_paths_follow_the_project_dir_keys(tmp_path):
+    """dvc.yaml names no output folder literally: with `project.data_dir: elsewhere`, real DVC resolves
+    every stage's data paths there."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    text = (REPO / "dvc.yaml").read_text()
+    assert not re.findall(r"^\s+- (data|models|metrics|reports)/", text, flags=re.M)
+    shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = (REPO / "params.yaml").read_text().replace("data_dir: data", "data_dir: elsewhere", 1)
+    (tmp_path / "params.yaml").write_text(params)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    dag = subprocess.run([dvc, "dag", "--outs", "--md"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert dag.returncode == 0, dag.stderr
+    assert "elsewhere/tasks" in dag.stdout and "elsewhere/segments" in dag.stdout
+    assert "data/tasks" not in dag.stdout and "models/teacher" in dag.stdout
+
+
+def test_the_cli_stage_names_are_dvc_yaml_commands():
+    """`sad stage NAME` runs exactly the stages dvc.yaml's commands name."""
+    import re
+
+    import yaml
+
+    from flows.cli import Stage
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    commanded = {re.match(r"sad stage (\w+)", (s.get("do") or s)["cmd"]).group(1) for s in stages.values()}
+    assert commanded == {s.value for s in Stage}

@@ -303,3 +303,45 @@ def test_scheduled_deployment_runs_on_a_real_prefect_server(pipeline_run, tmp_pa
             stop_server(served)
         stop_server(server)
     assert served.poll() is not None and server.poll() is not None  # everything the test started is gone
+
+
+# ---------------------------------------------------------------- code deps: an edit reruns what runs it
+def _stages_dvc_status_names(repo: Path, env: dict[str, str]) -> set[str]:
+    status = _run([str(Path(sys.executable).parent / "dvc"), "status", "--json"], repo, env, timeout=300)
+    assert status.returncode == 0, status.stderr
+    return {name.split(":")[-1] for name in json.loads(status.stdout or "{}")}
+
+
+@pytest.mark.parametrize("edited, must_list, must_not_list", [
+    ("sad/losses.py", ["distill@"], ["tasks", "demos", "rollout", "segment", "evaluate@"]),
+    ("sad/agent.py", ["rollout", "evaluate_teacher", "evaluate@"], ["tasks", "distill@", "segment"]),
+    ("sad/envs/webshop.py", ["tasks", "demos", "rollout"], ["segment", "distill@"]),
+    ("README.md", [], []),
+])
+def test_editing_code_makes_dvc_rerun_the_stages_that_run_it(pipeline_run, edited, must_list, must_not_list):
+    """dvc.yaml's code deps are computed from imports (sad dvc-deps): editing a module marks exactly the
+    stages that import it (DVC reruns their downstream when their outputs change); the file is restored."""
+    repo, env, _ = pipeline_run
+    path = repo / edited
+    before = path.read_bytes() if path.exists() else None
+    try:
+        path.write_text((before or b"").decode() + "\n# an edit\n")
+        listed = _stages_dvc_status_names(repo, env)
+    finally:
+        path.write_bytes(before) if before is not None else path.unlink()
+    if not must_list:
+        assert listed == set(), listed
+    for prefix in must_list:
+        assert any(s == prefix or (prefix.endswith("@") and s.startswith(prefix)) for s in listed), (prefix, listed)
+    for prefix in must_not_list:
+        assert not any(s == prefix or (prefix.endswith("@") and s.startswith(prefix)) for s in listed), (prefix, listed)
+    if edited == "sad/losses.py":
+        distills = {s for s in listed if s.startswith("distill@")}
+        assert len(distills) == len(yaml_methods(repo)), (distills, listed)
+    assert _stages_dvc_status_names(repo, env) == set()
+
+
+def yaml_methods(repo: Path) -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load((repo / "params.yaml").read_text())["distill"]["methods"])

@@ -1,0 +1,156 @@
+"""Stage ``distill@<method>``: one student per seed, distilled with the method's loss."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sad.config import Params
+from sad.io import atomic_dir, write_json_atomic, write_text_atomic
+from sad.modeling import read_pretrained_arch
+from sad.stages.layout import (
+    checkpoint_dir, file_hash, fingerprint, is_main_process, mean_over_seeds, segments_dir, student_dir, teacher_dir,
+    teacher_logits_dir, tokenizer_dir)
+
+log = logging.getLogger(__name__)
+
+
+def distill_inputs(p: Params, method: str):
+    """Everything a student's training needs: (spec, tokenizer, teacher, train windows, dev windows,
+    cached targets or None, curriculum order or None, data hash)."""
+    from sad.curriculum import easy_to_hard, trajectory_difficulty
+    from sad.modeling import load_model
+    from sad.segment import load_windows
+    from sad.teacher_cache import load_cache
+    from sad.tokenizer import check_compatible, load_tokenizer
+    from sad.training import CachedTeacher, split_dev
+
+    if method not in p.distill.methods:
+        raise ValueError(f"unknown method {method!r}; params.yaml distill.methods has {sorted(p.distill.methods)}")
+    spec = p.distill.methods[method]
+    tokenizer = load_tokenizer(tokenizer_dir(p))
+    check_compatible(load_tokenizer(teacher_dir(p)), tokenizer)
+    teacher = load_model(teacher_dir(p))
+    windows = load_windows(segments_dir(p)).reset_index(drop=True)
+    windows["cache_row"] = range(len(windows))
+    data_hash = file_hash(segments_dir(p) / "windows.parquet")
+    cur = p.distill.curriculum
+    use_curriculum = cur.enabled and spec.curriculum
+    cache = None
+    if (spec.needs_teacher and p.distill.teacher_logits.mode == "cached") or (use_curriculum and cur.gamma):
+        cache = load_cache(teacher_logits_dir(p), data_hash)
+    train_w, dev_w = split_dev(windows, p.distill.train.dev_fraction, p.distill.train.seed)
+    train_w = train_w.reset_index(drop=True)
+    order = None
+    if use_curriculum:
+        entropy = None
+        if cur.gamma:
+            import pandas as pd
+
+            entropy = pd.Series(cache.entropy_sum.numpy()[train_w["cache_row"].to_numpy()], index=train_w.index)
+        difficulty = trajectory_difficulty(train_w, entropy, cur.alpha, cur.beta, cur.gamma)
+        order = easy_to_hard(train_w, difficulty)
+    cached = CachedTeacher(cache) if spec.needs_teacher and p.distill.teacher_logits.mode == "cached" else None
+    return spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash
+
+
+INFLUENCE_WINDOWS = 16  # training windows on which block influence picks a student's layers
+
+
+def resolve_student_layers(p: Params, teacher, train_windows) -> list[int] | None:
+    """The teacher layers each student keeps: ``distill.student_layers`` as listed, or, when it is a
+    number, that many layers of highest block influence on the first training windows (deterministic:
+    the windows' order is seeded)."""
+    from sad.pretrained import block_influence, most_influential_layers
+
+    keep = p.distill.student_layers
+    if keep is None or isinstance(keep, list):
+        return keep
+    n = teacher.config.num_hidden_layers
+    if keep > n:
+        raise ValueError(f"distill.student_layers keeps {keep} layers, but the teacher has {n}")
+    sequences = [list(ids) for ids in train_windows["input_ids"].head(INFLUENCE_WINDOWS)]
+    influence = block_influence(teacher, sequences)
+    chosen = most_influential_layers(influence, keep)
+    log.info("students keep %d of the teacher's %d layers, by block influence: %s (dropped %s)", keep, n, chosen,
+             [i for i in range(n) if i not in chosen])
+    return chosen
+
+
+def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: str, on_log=None,
+                   progress: bool = True, checkpoint_for: Path | None = None,
+                   keep_layers: list[int] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Train and save one student into ``out_dir``; returns (metrics, loss history). Checkpoints
+    live under the final model path ``checkpoint_for`` (default ``out_dir``) so a rerun finds them."""
+    from sad.modeling import build_llama, count_parameters, save_model
+    from sad.training import train_lm
+
+    spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash = inputs
+    train = p.distill.train.model_copy(update={"seed": seed})
+    if keep_layers is not None:  # the teacher's embeddings, head and these layers
+        from sad.pretrained import layer_subset
+
+        student = layer_subset(teacher, keep_layers)
+        shape = {"layers_from_teacher": list(keep_layers), **read_pretrained_arch(student)}
+    else:
+        student = build_llama(arch, tokenizer, p.context.max_tokens, seed=seed)
+        shape = arch.model_dump()
+    online = spec.needs_teacher and cached is None
+    result = train_lm(student, train_w, spec, train, tokenizer.pad_token_id,
+                      teacher=teacher if online else None, cached=cached, dev_windows=dev_w,
+                      curriculum_order=order, curriculum=p.distill.curriculum,
+                      checkpoint_dir=checkpoint_dir(checkpoint_for or out_dir),
+                      fingerprint=fingerprint(method, seed, shape, spec.model_dump(),
+                                              p.distill.model_dump(exclude={"methods", "seeds", "scaling", "student"}),
+                                              p.context.model_dump(), data_hash),
+                      on_log=on_log, progress=progress, desc=f"distill {method} seed {seed}")
+    if not is_main_process():
+        return {}, []
+    n_student, n_teacher = count_parameters(student), count_parameters(teacher)
+    card = {
+        "role": "student", "method": method, "seed": seed, "objective": spec.describe(), "loss": spec.model_dump(),
+        "parameters": n_student, "teacher_parameters": n_teacher, "compression": n_teacher / n_student,
+        "arch": shape, "final_loss": result.final_loss, "dev": result.dev,
+        "teacher_logits": p.distill.teacher_logits.mode if spec.needs_teacher else "-",
+        "curriculum": order is not None, "data_hash": data_hash,
+    }
+    save_model(student, tokenizer, out_dir, card)
+    metrics = {"parameters": n_student, "compression": card["compression"], "final_loss": result.final_loss,
+               "steps": result.steps, "train_tokens_per_s": result.tokens_per_second,
+               "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
+               **{f"dev_{k}": v for k, v in result.dev.items()}}
+    return metrics, result.history
+
+
+def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> dict[str, Any]:
+    """Train one student per seed with ``method``'s loss against the teacher (online or cached logits)."""
+    import csv
+    import io
+
+    inputs = distill_inputs(p, method)
+    spec = inputs[0]
+    keep_layers = resolve_student_layers(p, inputs[2], inputs[3])
+    per_seed: dict[str, dict[str, Any]] = {}
+    curves: list[dict[str, Any]] = []
+    with atomic_dir(student_dir(p, method)) as tmp:
+        for seed in p.distill.seeds:
+            log_seed = (lambda step, record, s=seed: on_log(step, {f"seed{s}/{k}": v for k, v in record.items()})) if on_log else None
+            metrics, history = _train_student(p, inputs, p.distill.student, seed, tmp / f"seed{seed}", method,
+                                              log_seed, progress, checkpoint_for=student_dir(p, method, seed),
+                                              keep_layers=keep_layers)
+            per_seed[str(seed)] = metrics
+            curves += [{"step": h["step"], "seed": seed, "loss": h["loss"]} for h in history]
+    if not is_main_process():
+        return {}
+    mean = mean_over_seeds(per_seed)
+    out = {**mean, "objective": spec.describe(), "normalisation": spec.normalisation if spec.loss == "sad" else "-",
+           "teacher_logits": p.distill.teacher_logits.mode if spec.needs_teacher else "-",
+           "curriculum": inputs[6] is not None, "layers_from_teacher": keep_layers, "seeds": per_seed}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", "seed", "loss"])
+    writer.writeheader()
+    writer.writerows(curves)
+    write_text_atomic(p.path("metrics", "curves", f"{method}.csv"), buf.getvalue())
+    write_json_atomic(p.path("metrics", "distill", f"{method}.json"), out)
+    return out

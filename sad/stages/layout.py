@@ -1,0 +1,152 @@
+"""Where every stage reads and writes (the data layout under ``project.*_dir``), and small helpers
+shared by the stages (fingerprints, file hashes, reading episode files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from sad.config import Params
+from sad.io import read_jsonl_numbered
+from sad.react import Episode
+
+
+STUDENT_AGENTS_DIR = "students"
+
+
+def tasks_root(p: Params) -> Path:
+    return p.path("data", "tasks")
+
+
+def demos_file(p: Params) -> Path:
+    return p.path("data", "demos", "demos.jsonl")
+
+
+def tokenizer_dir(p: Params) -> Path:
+    return p.path("models", "tokenizer")
+
+
+def pretrained_dir(p: Params) -> Path:
+    return p.path("models", "pretrained")
+
+
+def teacher_dir(p: Params) -> Path:
+    return p.path("models", "teacher")
+
+
+def rollouts_file(p: Params) -> Path:
+    return p.path("data", "rollouts", "rollouts.jsonl")
+
+
+def segments_dir(p: Params) -> Path:
+    return p.path("data", "segments")
+
+
+def teacher_logits_dir(p: Params) -> Path:
+    return p.path("data", "teacher_logits")
+
+
+def checkpoint_dir(model_dir: Path) -> Path:
+    """Where training checkpoints of ``model_dir`` live until the model is written (git-ignored,
+    outside every DVC-tracked folder)."""
+    return Path(".checkpoints", *model_dir.parts)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of settings and data that a checkpoint must match to be resumed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_main_process() -> bool:
+    """False on the other ranks of a multi-process (accelerate launch) run: only rank 0 writes."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def student_dir(p: Params, method: str, seed: int | None = None) -> Path:
+    """``models/students/<method>`` (all seeds) or ``…/<method>/seed<k>`` (one student)."""
+    base = p.path("models", STUDENT_AGENTS_DIR, method)
+    return base if seed is None else base / f"seed{seed}"
+
+
+def scaling_dir(p: Params, size: str) -> Path:
+    return p.path("models", "scaling", size)
+
+
+def eval_metrics_file(p: Params, agent: str) -> Path:
+    return p.path("metrics", "eval", f"{agent}.json")
+
+
+def read_episodes(path: Path) -> list[Episode]:
+    """Episodes of a JSON-lines file; a malformed row or a repeated episode id names the file and line."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: not found (run the stage that writes it first)")
+    episodes: list[Episode] = []
+    first_line: dict[str, int] = {}
+    for lineno, row in read_jsonl_numbered(path):
+        try:
+            episode = Episode.from_dict(row)
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"{path}:{lineno}: not an episode ({exc})") from None
+        if episode.episode_id in first_line:
+            raise ValueError(f"{path}:{lineno}: duplicate episode id {episode.episode_id!r} "
+                             f"(first on line {first_line[episode.episode_id]})")
+        first_line[episode.episode_id] = lineno
+        episodes.append(episode)
+    if not episodes:
+        raise ValueError(f"{path}: no episodes (the stage that wrote it produced none; check its log)")
+    return episodes
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def dev_demos_file(p: Params) -> Path:
+    """The expert's episodes on the dev tasks (no injected mistakes): the held-out states of step accuracy."""
+    return p.path("data", "demos", "dev.jsonl")
+
+
+def dagger_dir(p: Params) -> Path:
+    """Where a DAgger run keeps its phases until the teacher is written (beside the checkpoints)."""
+    return checkpoint_dir(teacher_dir(p).with_name(teacher_dir(p).name + "-dagger"))
+
+
+def candidate_file(p: Params) -> Path:
+    return p.path("reports", "candidate.json")
+
+
+def mean_over_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The mean of every numeric metric over seeds ({seed: metrics} -> metrics)."""
+    keys = {k for m in per_seed.values() for k, v in m.items() if isinstance(v, (int, float))}
+    return {k: sum(m[k] for m in per_seed.values() if k in m) / len(per_seed) for k in sorted(keys)}
+
+
+def load_eval_results(p: Params, agents: list[str]) -> dict[str, dict[str, Any]]:
+    """Each agent's evaluation metrics (metrics/eval/<agent>.json)."""
+    out = {}
+    for agent in agents:
+        path = eval_metrics_file(p, agent)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (run 'sad stage evaluate --agent {agent}' first)")
+        out[agent] = json.loads(path.read_text())
+    return out
+
+
+def load_scaling_results(p: Params) -> dict[str, dict[str, Any]]:
+    """Each scaling size's metrics (metrics/scaling/<size>.json)."""
+    out = {}
+    for size in p.distill.scaling.sizes:
+        path = p.path("metrics", "scaling", f"{size}.json")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (run 'sad stage scale --size {size}' first)")
+        out[size] = json.loads(path.read_text())
+    return out

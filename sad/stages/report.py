@@ -1,0 +1,43 @@
+"""Stage ``report``: results.md and the plots."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sad.config import Params
+from sad.io import write_json_atomic, write_text_atomic
+from sad.stages.layout import candidate_file, load_eval_results, load_scaling_results
+
+
+def run_report(p: Params) -> dict[str, Any]:
+    """results.md in the paper's layout, with CIs, the paired SAD vs token-KD comparison and plots."""
+    from sad import report as r
+
+    agents = ["teacher", *p.distill.methods]
+    results = load_eval_results(p, agents)
+    scaling = load_scaling_results(p)
+    n_boot, confidence = p.evaluate.bootstrap, p.evaluate.confidence
+    registry_file = candidate_file(p)
+    registry = json.loads(registry_file.read_text()) if registry_file.is_file() else None
+    objectives = {m: s.describe() for m, s in p.distill.methods.items()}
+    paired_md, paired = r.paired_section(results, "sad", "token_kd", "test", n_boot, confidence)
+    verdict_md = r.verdict(paired, "sad", "token_kd", confidence)
+    method = p.distill.scaling.method
+    points = r.scaling_points(results, scaling, method, n_boot, confidence)
+    teacher_success = results["teacher"]["splits"]["test"]["overall"]["success_rate"]
+    reports = p.path("reports")
+    r.success_plot(results, reports / "success.png", n_boot, confidence)
+    r.scaling_plot(points, method, teacher_success, reports / "scaling.png")
+    r.reasoning_plot(results, reports / "reasoning.png")
+    r.curves_plot(r.read_curves(p.path("metrics", "curves"), list(p.distill.methods)), reports / "learning_curves.png")
+    text = r.render_report(results, registry, p.project.profile, objectives, r.scaling_table(points, method),
+                           paired_md, verdict_md, n_boot, confidence)
+    write_text_atomic(reports / "results.md", text)
+    summary = {
+        "test_success": {a: res["splits"]["test"]["overall"]["success_rate"] for a, res in results.items()},
+        "sad_vs_token_kd": paired.get("all envs", {}),
+        "scaling": {pt["size"]: {"parameters": pt["parameters"], "success": pt["success"].mean} for pt in points},
+    }
+    write_json_atomic(p.path("metrics", "report.json"), summary)
+    return summary

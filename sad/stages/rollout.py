@@ -1,0 +1,36 @@
+"""Stage ``rollout``: the teacher plays the train tasks; its episodes are the students' data."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sad.benchmarks import load_tasks
+from sad.config import Params
+from sad.io import write_json_atomic, write_jsonl_atomic
+from sad.stages.layout import rollouts_file, tasks_root, teacher_dir
+
+if TYPE_CHECKING:
+    from sad.rollout import Player
+
+
+def run_rollout(p: Params, progress: bool = True, player: "Player | None" = None) -> dict[str, Any]:
+    """The teacher plays the train tasks; its trajectories are the students' data.
+
+    ``player`` (a :data:`sad.rollout.Player`) plays them elsewhere, e.g. sharded over Dask workers.
+    """
+    from sad.evaluation import play_model
+    from sad.metrics import success_by, summarize
+    from sad.tokenizer import load_tokenizer
+
+    tasks = [t for env in p.tasks.envs for t in load_tasks(tasks_root(p), env, "train")]
+    if player is not None:
+        episodes, stats = player(tasks, "teacher")
+    else:
+        episodes, stats = play_model(teacher_dir(p), p, tasks_root(p), tasks, "teacher", p.rollout.batch_size,
+                                     progress=progress)
+    write_jsonl_atomic(rollouts_file(p), (e.to_dict() for e in episodes))
+    metrics = {**summarize(episodes, load_tokenizer(teacher_dir(p))), "success_by_task_type": success_by(episodes),
+               "generated_tokens_per_s": stats.tokens_per_second, "generation_seconds": stats.generation_seconds,
+               "env_seconds": stats.env_seconds}
+    write_json_atomic(p.path("metrics", "rollout.json"), metrics)
+    return metrics
