@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,8 @@ class Benchmark:
     make_env: Callable[[bool], Environment]  # (expert_plan) -> env
     make_expert: Callable[[], Expert]
     generate: Callable[[Params, Path], dict[str, list[Task]]]
+    # text the environment shows whatever the task (a shop's catalogue), from its tasks folder; None: per task only
+    world_texts: Callable[[Path], Iterable[str]] | None = None
 
 
 def _counts(params: Params) -> dict[str, int]:
@@ -93,6 +95,12 @@ def _webshop_generate(params: Params, root: Path) -> dict[str, list[Task]]:
     return webshop.goal_tasks(instructions, categories, "catalogue", p.seed, counts, p.webshop.max_steps)
 
 
+def _webshop_world(env_root: Path) -> Iterable[str]:
+    from sad.envs import webshop
+
+    return webshop.catalogue_texts(env_root / "catalogue")
+
+
 def _env_factory(module: str, cls: str) -> Callable[[bool], Environment]:
     def make(expert_plan: bool) -> Environment:
         return getattr(importlib.import_module(f"sad.envs.{module}"), cls)(expert_plan=expert_plan)
@@ -113,7 +121,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "hotpotqa": Benchmark("hotpotqa", _env_factory("hotpotqa", "HotpotEnv"),
                           _expert_factory("hotpotqa", "HotpotExpert"), _hotpotqa_generate),
     "webshop": Benchmark("webshop", _env_factory("webshop", "WebShopEnv"),
-                         _expert_factory("webshop", "WebShopExpert"), _webshop_generate),
+                         _expert_factory("webshop", "WebShopExpert"), _webshop_generate, _webshop_world),
 }
 
 

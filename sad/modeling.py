@@ -77,3 +77,32 @@ def read_pretrained_arch(model) -> dict[str, Any]:
     c = model.config
     return {"hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "num_heads": c.num_attention_heads,
             "intermediate_size": getattr(c, "intermediate_size", None), "vocab_size": c.vocab_size}
+
+
+def restrict_vocabulary(model, keep_ids: list[int], tokenizer):
+    """Cut ``model``'s embedding and output head to the rows ``keep_ids`` (new id ``i`` is source id
+    ``keep_ids[i]``, as in :func:`sad.tokenizer.restrict_tokenizer`), in place; returns the model.
+
+    The logits of the result are the source's logits at ``keep_ids`` ([batch, seq, len(keep_ids)]): a
+    model that only ever reads and writes domain text loses nothing, while its embedding shrinks to
+    ``len(keep_ids) x hidden`` and its head costs that much per token."""
+    index = torch.tensor(keep_ids, dtype=torch.long)
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    new_embedding = torch.nn.Embedding(len(keep_ids), embedding.embedding_dim, dtype=embedding.weight.dtype)
+    new_embedding.weight = torch.nn.Parameter(embedding.weight.detach()[index].clone())
+    model.set_input_embeddings(new_embedding)
+    if head is not None:
+        new_head = torch.nn.Linear(head.in_features, len(keep_ids), bias=head.bias is not None,
+                                   dtype=head.weight.dtype)
+        new_head.weight = new_embedding.weight if tied else torch.nn.Parameter(head.weight.detach()[index].clone())
+        if head.bias is not None:
+            new_head.bias = torch.nn.Parameter(head.bias.detach()[index].clone())
+        model.set_output_embeddings(new_head)
+    model.config.vocab_size = len(keep_ids)
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                setattr(config, key, getattr(tokenizer, key))
+    return model

@@ -30,7 +30,7 @@ def test_a_source_used_as_it_is_becomes_the_teacher_unchanged(in_tmp, demos, tok
     shipped = in_tmp / "shipped"
     source_model = tiny_model_factory(hidden=32, layers=1, seed=3)
     save_model(source_model, tokenizer, shipped, {"recipe": "sad profile teacher && ...", "measured": {"test": 0.5}})
-    p = parse_params({"teacher": {"source": str(shipped), "finetune": False}})
+    p = parse_params({"teacher": {"source": str(shipped), "finetune": False}, "tokenizer": {"domain_vocab": False}})
     demos_file(p).parent.mkdir(parents=True)
     demos_file(p).write_text("".join(json.dumps(e.to_dict()) + "\n" for e in demos))
     run_pretrained(p)
@@ -43,6 +43,56 @@ def test_a_source_used_as_it_is_becomes_the_teacher_unchanged(in_tmp, demos, tok
     assert load_tokenizer(teacher_dir(p)).get_vocab() == tokenizer.get_vocab()
     card = read_card(teacher_dir(p))
     assert card["method"] == "as is" and card["shipped"]["source_card"]["recipe"].startswith("sad profile teacher")
+
+
+def test_a_domain_vocabulary_cuts_the_teacher_to_the_demos_tokens_and_changes_nothing_they_say(
+        in_tmp, demos, tokenizer, tiny_model_factory):
+    """tokenizer.domain_vocab: the tokenizer keeps the train demos' and the shop catalogue's tokens (and every
+    byte, special token and merge parent): both tokenise into the same token strings, other text still
+    round-trips in smaller pieces, and the teacher's logits are the source's logits at the kept ids."""
+    import torch
+
+    from sad.config import parse_params
+    from sad.modeling import count_parameters, load_model, save_model
+    from sad.react import episode_text
+    from sad.envs.webshop import catalogue_texts, generate_catalogue, write_catalogue
+    from sad.stages import demos_file, run_pretrained, run_teacher, run_tokenizer, tasks_root, teacher_dir
+    from sad.tokenizer import load_tokenizer, read_domain_vocab
+
+    shipped = in_tmp / "shipped"
+    source_model = tiny_model_factory(hidden=32, layers=1, seed=3).eval()
+    save_model(source_model, tokenizer, shipped, {"recipe": "..."})
+    p = parse_params({"teacher": {"source": str(shipped), "finetune": False}})
+    assert p.tokenizer.domain_vocab
+    demos_file(p).parent.mkdir(parents=True)
+    few = demos[:2]  # a vocabulary smaller than the source's
+    demos_file(p).write_text("".join(json.dumps(e.to_dict()) + "\n" for e in few))
+    products, instructions = generate_catalogue(seed=1, n_products=3, n_goals=3)  # the shop's text counts too
+    write_catalogue(products, instructions, tasks_root(p) / "webshop" / "catalogue")
+    run_pretrained(p)
+    metrics = run_tokenizer(p)
+    run_teacher(p, progress=False)
+    cut, keep = load_tokenizer(teacher_dir(p)), read_domain_vocab(p.path("models", "tokenizer"))
+    assert metrics["vocab_size"] == len(cut) == len(keep) < metrics["source_vocab_size"] == len(tokenizer)
+    for text in map(episode_text, few):
+        source_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = cut(text, add_special_tokens=False)["input_ids"]
+        assert cut.convert_ids_to_tokens(ids) == tokenizer.convert_ids_to_tokens(source_ids)
+        assert [keep[i] for i in ids] == source_ids
+    shop_words = {w for text in catalogue_texts(tasks_root(p) / "webshop" / "catalogue") for w in text.split()}
+    unseen_in_demos = sorted(shop_words - set(" ".join(map(episode_text, few)).split()))
+    assert len(unseen_in_demos) >= 5
+    for word in unseen_in_demos[:50]:
+        assert cut.tokenize(" " + word) == tokenizer.tokenize(" " + word), word
+    other = "Zebra quartz 42 kg, naïve café"
+    assert cut.decode(cut(other, add_special_tokens=False)["input_ids"]) == other
+    teacher = load_model(teacher_dir(p))
+    assert count_parameters(teacher) < count_parameters(source_model)
+    assert (teacher.config.eos_token_id, teacher.config.pad_token_id) == (cut.eos_token_id, cut.pad_token_id)
+    ids = cut(episode_text(few[0]), add_special_tokens=False)["input_ids"][:40]
+    with torch.no_grad():
+        full = source_model(torch.tensor([[keep[i] for i in ids]])).logits
+        assert torch.allclose(teacher(torch.tensor([ids])).logits, full[..., keep], atol=1e-5)
 
 
 def test_ship_teacher_writes_weights_tokenizer_and_a_model_card(in_tmp, tokenizer, tiny_model_factory):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -152,6 +153,15 @@ def load_catalogue(folder: str) -> Catalogue:
                 price_upper=float(upper),
             ))
     return Catalogue(products=products, goals=goals)
+
+
+def catalogue_texts(folder: str | Path) -> Iterator[str]:
+    """What the site can show of each product whatever the task: ASIN, name, category, price, bullet
+    points, description, attributes and options (one string per product); for a domain vocabulary."""
+    for p in load_catalogue(str(folder)).products.values():
+        options = [f"{name}: {', '.join(values)}" for name, values in p.options.items()]
+        yield "\n".join([p.asin, p.name, p.category, p.product_category, f"${p.price:.2f}", *p.bullet_points,
+                         p.description, *p.attributes, *options])
 
 
 PRICE_RANGE: tuple[float, ...] = tuple(10.0 * i for i in range(1, 100))

@@ -41,9 +41,7 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     seg = segment_episodes(episodes, tokenizer, p.context.max_tokens, p.context.history_steps, what=str(demos_file(p)))
     train_w, dev_w = split_dev(seg.windows, p.teacher.train.dev_fraction, p.teacher.train.seed)
     if p.teacher.source is not None:
-        from sad.modeling import load_model
-
-        model = load_model(pretrained_dir(p))  # fine-tuned on the demos below
+        model = load_source_model(p, tokenizer)  # fine-tuned on the demos below
     else:
         model = build_llama(p.teacher.arch, tokenizer, p.context.max_tokens, seed=p.teacher.train.seed)
     if p.teacher.lora is not None:
@@ -232,12 +230,31 @@ def dagger_summary(takeover: list[Episode], windows: int) -> dict[str, Any]:
     return out
 
 
+def load_source_model(p: Params, tokenizer):
+    """The pretrained source (the ``pretrained`` stage's model), its embedding and head cut to the tokenizer
+    stage's domain vocabulary when it wrote one (``tokenizer.domain_vocab``)."""
+    from sad.modeling import load_model, restrict_vocabulary
+    from sad.tokenizer import read_domain_vocab
+
+    model = load_model(pretrained_dir(p))
+    keep = read_domain_vocab(tokenizer_dir(p))
+    if keep is None:
+        return model
+    if max(keep) >= model.config.vocab_size:
+        raise ValueError(f"{tokenizer_dir(p)}: the domain vocabulary keeps token id {max(keep)}, but the model in "
+                         f"{pretrained_dir(p)} has {model.config.vocab_size} rows: rerun the tokenizer stage")
+    source_rows = model.config.vocab_size
+    restrict_vocabulary(model, keep, tokenizer)
+    log.info("teacher vocabulary cut to the domain's %d of %d tokens", len(keep), source_rows)
+    return model
+
+
 def use_teacher_as_is(p: Params, tokenizer) -> dict[str, Any]:
     """``teacher.finetune: false``: the source (e.g. the shipped teacher) is the teacher, unchanged;
     its card (recipe, data hash, measured success) is kept under ``shipped``."""
-    from sad.modeling import count_parameters, load_model, read_card, save_model
+    from sad.modeling import count_parameters, read_card, save_model
 
-    model = load_model(pretrained_dir(p))
+    model = load_source_model(p, tokenizer)
     source_card = read_card(pretrained_dir(p))
     card = {"role": "teacher", "method": "as is", "parameters": count_parameters(model), "source": p.teacher.source,
             "objective": f"{p.teacher.source}, used as it is (teacher.finetune: false)",
