@@ -109,8 +109,9 @@ class TokenizerParams(_Strict):
     vocab_size: int = Field(1024, ge=300, le=65_536, description="size of the BPE trained on the demos (teacher.source: null)")
     min_frequency: int = Field(2, ge=1)
     domain_vocab: bool = Field(True, description="with teacher.source: keep only the source tokenizer's tokens that the "
-                                                 "expert demos use (plus every byte and special token); the teacher's "
-                                                 "embedding and head are cut to them, and every student inherits the cut")
+                                                 "train demos and each env's task-independent text (WebShop's catalogue) "
+                                                 "use, plus every byte and special token; the teacher's embedding and "
+                                                 "head are cut to them, and every student inherits the cut")
 
 
 class ArchParams(_Strict):

@@ -1,5 +1,5 @@
 """Stage ``tokenizer``: the copy-friendly BPE trained on the demos, or the pretrained teacher's own
-(cut to the tokens the demos use when ``tokenizer.domain_vocab`` is on)."""
+(cut to the domain's tokens when ``tokenizer.domain_vocab`` is on)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def run_tokenizer(p: Params) -> dict[str, Any]:
             keep_ids = domain_token_ids(tokenizer, domain_texts(p, episodes))
             metrics["source_vocab_size"] = len(tokenizer)
             tokenizer = restrict_tokenizer(tokenizer, keep_ids)
-            log.info("domain vocabulary: %d of the source's %d tokens (the demos' tokens, every byte and special "
-                     "token, and their merge parents)", len(keep_ids), metrics["source_vocab_size"])
+            log.info("domain vocabulary: %d of the source's %d tokens (those of the train demos and the envs' "
+                     "task-independent text, every byte and special token, and their merge parents)", len(keep_ids), metrics["source_vocab_size"])
     else:
         tokenizer = train_bpe((episode_text(e) for e in episodes), p.tokenizer.vocab_size, p.tokenizer.min_frequency)
     with atomic_dir(tokenizer_dir(p)) as tmp:
