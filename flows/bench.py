@@ -87,9 +87,9 @@ def run_suite(p: Params, project: Path, quick: bool = False, log=print) -> dict[
     """Every benchmark, in one process tree, one after the other (each times its own work only)."""
     import torch
 
-    from sad.benchsuite import stage_costs, verdicts
-    from sad.evalbench import benchmark_evaluation, benchmark_student_vs_teacher
-    from sad.trainbench import benchmark_training
+    from sad.bench.evaluation import benchmark_evaluation, benchmark_student_vs_teacher
+    from sad.bench.suite import stage_costs, verdicts
+    from sad.bench.training import benchmark_training
 
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                        "python": platform.python_version(), "torch": torch.__version__},

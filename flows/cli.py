@@ -20,12 +20,10 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -164,7 +162,7 @@ def _load_params(path: Path):
 
 
 @contextlib.contextmanager
-def _api_for_workers(p, name: "Stage"):
+def _api_for_workers(p, name: Stage):
     """Dask workers report their task runs to the flow's Prefect API: without a configured server each
     worker would start its own temporary one, so start one local server for the stage (127.0.0.1)."""
     if p.workers.task_runner != "dask" or name not in (Stage.demos, Stage.rollout, Stage.evaluate) \
@@ -226,9 +224,9 @@ def _exit_on_sigterm(signum: int, _frame) -> None:
 @app.command()
 def stage(
     name: Stage = typer.Argument(..., help="the stage to run"),
-    method: Optional[str] = typer.Option(None, help="distill: the method (a key of distill.methods)"),
-    agent: Optional[str] = typer.Option(None, help="evaluate: 'teacher' or a method name"),
-    size: Optional[str] = typer.Option(None, help="scale: a key of distill.scaling.sizes"),
+    method: str | None = typer.Option(None, help="distill: the method (a key of distill.methods)"),
+    agent: str | None = typer.Option(None, help="evaluate: 'teacher' or a method name"),
+    size: str | None = typer.Option(None, help="scale: a key of distill.scaling.sizes"),
     params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
 ) -> None:
     """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
@@ -273,7 +271,7 @@ def stage(
 @app.command()
 def pipeline(
     force: bool = typer.Option(False, "--force", help="rerun every stage (dvc repro --force)"),
-    target: Optional[str] = typer.Argument(None, help="reproduce up to this dvc.yaml stage and register nothing"),
+    target: str | None = typer.Argument(None, help="reproduce up to this dvc.yaml stage and register nothing"),
     set_params: list[str] = typer.Option([], "--set", "-S", help="KEY=VALUE: run as a DVC experiment (dvc exp run -S), repeatable"),
     preload: bool = typer.Option(True, "--preload/--no-preload",
                                  help="fork each stage from one process that imported torch/transformers/Prefect/MLflow once"),
@@ -283,7 +281,13 @@ def pipeline(
     Starts local Prefect and MLflow servers (127.0.0.1) for the run and stops them afterwards.
     The decision is printed and written to reports/registry.json.
     """
-    from flows.server import RetrainBusy, RetrainStopped, pipeline_services, single_flight, stop_on_signals  # no Prefect import before the services
+    from flows.server import (  # no Prefect import before the services
+        RetrainBusy,
+        RetrainStopped,
+        pipeline_services,
+        single_flight,
+        stop_on_signals,
+    )
     from sad.tracking import tracking_uri
 
     _setup_logging()
@@ -410,7 +414,7 @@ def registry_rollback(params: Path = typer.Option(Path("params.yaml"), help="par
 
 @app.command()
 def schedule(
-    cron: Optional[str] = typer.Option(None, help="cron expression (default: retrain.cron in params.yaml)"),
+    cron: str | None = typer.Option(None, help="cron expression (default: retrain.cron in params.yaml)"),
     name: str = typer.Option("scheduled", help="deployment name (the flow is 'retrain')"),
     params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
 ) -> None:
@@ -522,10 +526,10 @@ class EnvName(str, Enum):
     webshop = "webshop"
 
 
-def _task_set(env: str, split: str, n: Optional[int], tasks_root: Path, generate: bool, workdir: Path):
+def _task_set(env: str, split: str, n: int | None, tasks_root: Path, generate: bool, workdir: Path):
     """Tasks from the tasks stage's folder, or a fresh generated set (seeded by params.yaml)."""
-    from sad.benchmarks import generate_fresh, load_tasks
     from sad.config import ConfigError, load_params, parse_params
+    from sad.environments import generate_fresh, load_tasks
 
     if generate:
         try:
@@ -543,7 +547,7 @@ def _task_set(env: str, split: str, n: Optional[int], tasks_root: Path, generate
 def expert(
     env: EnvName = typer.Option(EnvName.alfworld, help="environment"),
     split: str = typer.Option("test", help="split: train, dev or test"),
-    n: Optional[int] = typer.Option(None, help="play the first N tasks of the split (default: all; 200 with --generate)"),
+    n: int | None = typer.Option(None, help="play the first N tasks of the split (default: all; 200 with --generate)"),
     tasks_root: Path = typer.Option(Path("data/tasks"), help="tasks folder written by the tasks stage"),
     generate: bool = typer.Option(False, "--generate", help="generate N fresh tasks (seeded by params.yaml) in a temp folder"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -628,7 +632,7 @@ def bench_suite(
     ctx: typer.Context,
     quick: bool = typer.Option(False, "--quick", help="smaller samples (a smoke run, for tests)"),
     params: Path = typer.Option(Path("params.yaml"), help="parameter file (sizes; the project's models if present)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the JSON to this file"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="also write the JSON to this file"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (else indented)"),
 ) -> None:
     """The whole suite: rollout, training/MFU, teacher cache, student vs teacher, pipeline overheads."""
@@ -656,7 +660,7 @@ def bench_envs(
     import platform
     import tempfile
 
-    from sad.envbench import benchmark_env
+    from sad.bench.env import benchmark_env
 
     _setup_logging()
     out: dict[str, object] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -672,14 +676,14 @@ def bench_envs(
 def bench_train(
     steps: int = typer.Option(12, help="optimizer steps timed per configuration"),
     batch_size: int = typer.Option(4, help="windows per step"),
-    max_tokens: Optional[int] = typer.Option(None, help="window length cap (default: context.max_tokens)"),
+    max_tokens: int | None = typer.Option(None, help="window length cap (default: context.max_tokens)"),
     params: Path = typer.Option(Path("params.yaml"), help="parameter file (model sizes, vocabulary, top-k)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Training tokens/s for sad, token_kd and sft; top-k cache size and time against online teacher logits."""
     import platform
 
-    from sad.trainbench import benchmark_training
+    from sad.bench.training import benchmark_training
 
     _setup_logging()
     p = _load_params(params)
@@ -693,7 +697,7 @@ def bench_train(
 def bench_precision(
     model: Path = typer.Option(Path("models/pretrained"), help="model folder whose config (not weights) is timed; "
                                                                   "absent: the from-scratch student of params.yaml"),
-    layers: Optional[int] = typer.Option(8, help="keep this many layers of that config (the default student keeps 8)"),
+    layers: int | None = typer.Option(8, help="keep this many layers of that config (the default student keeps 8)"),
     batch_size: int = typer.Option(4, help="windows per step"),
     seq_len: int = typer.Option(512, help="tokens per window"),
     steps: int = typer.Option(4, help="timed steps per precision"),
@@ -705,7 +709,7 @@ def bench_precision(
 
     from transformers import AutoConfig, LlamaConfig
 
-    from sad.trainbench import benchmark_precision
+    from sad.bench.training import benchmark_precision
 
     _setup_logging()
     p = _load_params(params)
@@ -735,7 +739,7 @@ def bench_eval(
     """Evaluation episodes/s: batched on the KV cache against one episode at a time (same tasks, same model)."""
     import platform
 
-    from sad.evalbench import benchmark_evaluation
+    from sad.bench.evaluation import benchmark_evaluation
 
     _setup_logging()
     p = _load_params(params)

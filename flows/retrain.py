@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 
-from flows.server import RetrainBusy, RetrainStopped, single_flight, stop_on_signals
+from flows.server import RetrainStopped, single_flight, stop_on_signals
 from sad.config import Params, load_params
 from sad.io import write_json_atomic
 from sad.tracking import flatten, git_commit, log_metrics, redact, stage_run

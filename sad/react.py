@@ -60,7 +60,7 @@ class Episode:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Episode":
+    def from_dict(cls, d: dict[str, Any]) -> Episode:
         steps = [Step(**s) for s in d.get("steps", [])]
         keys = {"episode_id", "env", "split", "task_id", "task_type", "agent", "prompt", "success", "reward", "meta"}
         return cls(steps=steps, **{k: d[k] for k in keys if k in d})

@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sad.config import GATE_METRICS, RegisterParams, TrackingParams
 
@@ -54,7 +55,7 @@ class Standing:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Standing":
+    def from_json(cls, text: str) -> Standing:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
@@ -364,7 +365,8 @@ def decision_summary(decision: Decision) -> str:
     """One line: promoted or kept, and the first failing gate (or that all passed)."""
     failed = [r for r in decision.reasons if r.startswith("FAIL")]
     if decision.promoted:
-        return f"v{decision.version} promoted to @{CHAMPION} (was {('v' + decision.champion_before) if decision.champion_before else 'none'}): every gate passed"
+        before = f"v{decision.champion_before}" if decision.champion_before else "none"
+        return f"v{decision.version} promoted to @{CHAMPION} (was {before}): every gate passed"
     holder = f"v{decision.champion_after}" if decision.champion_after else "no champion"
     return f"v{decision.version} not promoted, @{CHAMPION} stays {holder}: " + (failed[0] if failed else decision.reason)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sad.agent import LMAgent, fit_context
-from sad.benchmarks import get_benchmark
+from sad.environments import get_benchmark
 from sad.envs.base import Environment, ExpertGaveUp, Observation, Task
 from sad.react import Episode, ParsedOutput, Step, act_piece, parse_output, prompt_piece, reason_piece, step_pieces
 
@@ -169,7 +169,7 @@ class PlayStats:
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
-    def add(self, other: "PlayStats") -> None:
+    def add(self, other: PlayStats) -> None:
         """Accumulate another shard's numbers (shards run side by side: seconds are summed per worker)."""
         self.generation_seconds += other.generation_seconds
         self.generated_tokens += other.generated_tokens

@@ -74,7 +74,7 @@ def _piece_token_ranges(tok: TokenizedEpisode) -> list[tuple[int, int]]:
         if ranges[p][0] < 0:
             ranges[p][0] = t
         ranges[p][1] = t + 1
-    for p, (a, b) in enumerate(ranges):
+    for p, (a, _end) in enumerate(ranges):
         if a < 0:
             raise SegmentationError(f"episode {tok.episode_id}: piece {p} ({tok.pieces[p][0]}) has no tokens")
     return [(a, b) for a, b in ranges]

@@ -26,7 +26,7 @@ def small_params():
 
 @pytest.fixture(scope="session")
 def task_root(tmp_path_factory, small_params) -> Path:
-    from sad.benchmarks import write_tasks
+    from sad.environments import write_tasks
 
     root = tmp_path_factory.mktemp("tasks")
     write_tasks(small_params, root)
@@ -35,7 +35,7 @@ def task_root(tmp_path_factory, small_params) -> Path:
 
 @pytest.fixture(scope="session")
 def demos(task_root):
-    from sad.benchmarks import load_tasks
+    from sad.environments import load_tasks
     from sad.rollout import play_expert
 
     return play_expert(load_tasks(task_root, "alfworld", "train"), task_root)

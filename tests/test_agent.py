@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sad.agent import LMAgent, PrefixStore, common_prefix_length, fit_context
-from sad.benchmarks import load_tasks
+from sad.environments import load_tasks
 from sad.rollout import PlayStats, play_agent
 
 
@@ -41,7 +41,8 @@ def trained_model(tiny_model_factory, demos, tokenizer):
 def test_batched_generation_matches_one_at_a_time(trained_model, tokenizer):
     agent = LMAgent(trained_model, tokenizer, max_new_tokens=24)
     contexts = [tokenizer.encode("[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n"),
-                tokenizer.encode("[alfworld] Your task is to: put a hot apple in countertop.\nThought: I need to find an apple.\nAction: go to fridge 1\nObservation: You arrive at fridge 1. The fridge 1 is closed.\n"),
+                tokenizer.encode("[alfworld] Your task is to: put a hot apple in countertop.\nThought: I need to find an apple.\n"
+                                 "Action: go to fridge 1\nObservation: You arrive at fridge 1. The fridge 1 is closed.\n"),
                 tokenizer.encode("[alfworld] x\n")]
     batched = [g.text for g in agent.generate(contexts)]
     single = [agent.generate([c])[0].text for c in contexts]

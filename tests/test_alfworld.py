@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from sad.benchmarks import load_tasks
+from sad.environments import load_tasks
 from sad.envs import alfworld
 from sad.envs.alfworld import AlfworldEnv, AlfworldExpert, parse_item_list
 
@@ -116,8 +116,8 @@ def _official_layout(tmp_path):
 
 
 def test_official_data_folder_goes_through_the_same_code_path(tmp_path):
-    from sad.benchmarks import write_tasks
     from sad.config import parse_params
+    from sad.environments import write_tasks
     from sad.rollout import play_expert
 
     data = _official_layout(tmp_path)
@@ -136,8 +136,8 @@ def test_official_data_folder_goes_through_the_same_code_path(tmp_path):
 
 
 def test_official_folder_errors_name_the_missing_part(tmp_path):
-    from sad.benchmarks import write_tasks
     from sad.config import parse_params
+    from sad.environments import write_tasks
 
     data = _official_layout(tmp_path)
     params = parse_params({"tasks": {"envs": ["alfworld"], "train": 9, "dev": 1, "test": 1,

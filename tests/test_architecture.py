@@ -161,3 +161,19 @@ def test_the_cli_stage_names_are_dvc_yaml_commands():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     commanded = {re.match(r"sad stage (\w+)", (s.get("do") or s)["cmd"]).group(1) for s in stages.values()}
     assert commanded == {s.value for s in Stage}
+
+
+def test_the_tree_is_clean_under_the_projects_ruff_configuration():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_bench_code_is_one_package_with_one_matmul_peak():
+    bench = REPO / "sad" / "bench"
+    assert not [f.name for f in (REPO / "sad").glob("*bench*.py")] and (bench / "__init__.py").is_file()
+    peaks = [f.relative_to(REPO).as_posix() for f in REPO.glob("[sf]*/**/*.py")
+             if any(isinstance(n, ast.FunctionDef) and "peak" in n.name and "matmul" in n.name for n in ast.walk(ast.parse(f.read_text())))]
+    assert peaks == ["sad/bench/peak.py"]

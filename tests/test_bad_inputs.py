@@ -14,9 +14,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import pytest
@@ -83,7 +83,7 @@ def fails_cleanly(run: Callable[[], object], error: type[BaseException], names: 
     return message
 
 
-def params(**patch) -> "object":
+def params(**patch) -> object:
     return parse_params(deep_merge(PROJECT_PARAMS, patch))
 
 
@@ -425,7 +425,8 @@ def _symlink_out(row: dict, project: Path) -> dict:
 
 
 MANIFESTS = [
-    ("parent-directory path", lambda r, pr: {**r, "path": "../../../../etc"}, r"train\.jsonl:2: task .* path '\.\./\.\./\.\./\.\./etc' escapes"),
+    ("parent-directory path", lambda r, pr: {**r, "path": "../../../../etc"},
+     r"train\.jsonl:2: task .* path '\.\./\.\./\.\./\.\./etc' escapes"),
     ("absolute path", lambda r, pr: {**r, "path": "/etc"}, r"train\.jsonl:2: task .* path '/etc' escapes"),
     ("symlink out of the folder", _symlink_out, r"train\.jsonl:2: task .* path 'train/link' escapes"),
     ("duplicate task id", lambda r, pr: {**r, "task_id": "alfworld/train/00000"}, r"train\.jsonl:2: duplicate task id"),
@@ -436,7 +437,7 @@ MANIFESTS = [
 
 @pytest.mark.parametrize("mutate, names", [c[1:] for c in MANIFESTS], ids=[c[0] for c in MANIFESTS])
 def test_bad_task_manifest_names_the_line_and_no_file_outside_is_read(mutate, names, project):
-    from sad.benchmarks import load_tasks
+    from sad.environments import load_tasks
 
     _manifest_case(mutate)(project)
     fails_cleanly(lambda: load_tasks(project / "data/tasks", "alfworld", "train"), ValueError, names, project)
@@ -444,7 +445,7 @@ def test_bad_task_manifest_names_the_line_and_no_file_outside_is_read(mutate, na
 
 def test_an_environment_refuses_a_task_whose_path_escapes(project):
     """Defence in depth: a Task built by hand (not from a manifest) is checked again at reset."""
-    from sad.benchmarks import get_benchmark, load_tasks
+    from sad.environments import get_benchmark, load_tasks
     from sad.envs.base import UnsafePathError
 
     task = load_tasks(project / "data/tasks", "alfworld", "train")[0]
@@ -468,7 +469,7 @@ ACTIONS = [
 @pytest.mark.parametrize("env", ["alfworld", "hotpotqa", "webshop"])
 @pytest.mark.parametrize("action", [a for _, a in ACTIONS], ids=[i for i, _ in ACTIONS])
 def test_hostile_action_is_a_counted_invalid_step(env, action, task_root):
-    from sad.benchmarks import get_benchmark, load_tasks
+    from sad.environments import get_benchmark, load_tasks
 
     task = load_tasks(task_root, env, "test")[0]
     game = get_benchmark(env).make_env(False)
@@ -480,7 +481,7 @@ def test_hostile_action_is_a_counted_invalid_step(env, action, task_root):
 
 
 def test_model_output_that_never_emits_an_action_is_a_counted_invalid_step(task_root):
-    from sad.benchmarks import get_benchmark, load_tasks
+    from sad.environments import get_benchmark, load_tasks
     from sad.react import parse_output
 
     parsed = parse_output("Thought: I keep thinking and thinking and never act")

@@ -49,7 +49,7 @@ def test_deep_merge_merges_dicts_and_replaces_leaves():
 
 
 def test_envs_are_checked_with_the_key_named():
-    from sad.config import ConfigError, parse_params
+    from sad.config import parse_params
 
     with pytest.raises(ConfigError, match="tasks.envs"):
         parse_params({"tasks": {"envs": ["alfworld", "minecraft"]}})

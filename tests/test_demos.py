@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from sad.benchmarks import load_tasks
 from sad.config import parse_params
+from sad.environments import load_tasks
 from sad.rollout import play_expert
 
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """Fresh tasks of every env and the expert's demos on them, with mistakes injected as in the default."""
-    from sad.benchmarks import write_tasks
+    from sad.environments import write_tasks
 
     root = tmp_path_factory.mktemp("demo-tasks")
     p = parse_params({"tasks": {"train": 30, "dev": 1, "test": 1, "alfworld": {"max_steps": 50}}})
@@ -68,9 +68,9 @@ def test_tokenizer_tokenises_a_copied_word_like_its_source(generated):
 
 
 def test_demos_stage_refuses_an_expert_below_the_floor_and_names_the_failed_tasks(generated, tmp_path):
-    from sad.stages import ExpertBelowFloor, demos_file, write_demos
-
     import copy
+
+    from sad.stages import ExpertBelowFloor, demos_file, write_demos
 
     project = {"data_dir": str(tmp_path / "data"), "metrics_dir": str(tmp_path / "metrics")}
     p = parse_params({"project": project})

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from sad.benchmarks import BENCHMARKS, load_tasks, write_tasks
 from sad.config import parse_params
+from sad.environments import BENCHMARKS, load_tasks, write_tasks
 from sad.envs import hotpotqa as h
 from sad.rollout import play_expert
 

@@ -89,8 +89,8 @@ def test_sft_loss_is_cross_entropy_on_masked_positions():
 def test_shift_aligns_next_token_targets():
     logits = torch.arange(2 * 4 * 3, dtype=torch.float).reshape(2, 4, 3)
     ids = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23]])
-    l, t = losses.shift(logits, ids)
-    assert l.shape == (2, 3, 3) and t.tolist() == [[11, 12, 13], [21, 22, 23]]
+    shifted, t = losses.shift(logits, ids)
+    assert shifted.shape == (2, 3, 3) and t.tolist() == [[11, 12, 13], [21, 22, 23]]
 
 
 @pytest.mark.parametrize("kind", losses.DIVERGENCES)

@@ -65,17 +65,17 @@ def _break(fmt: str, text: str, how: str) -> str:
     lines = re.findall(r"[^\n]*\n|[^\n]+$", text)  # only "\n" ends a line (str.splitlines also splits on \r, \x1e, ...)
     ms = MARKER_SETS[fmt]
     if how == "empty_thought":
-        i = next(i for i, l in enumerate(lines) if re.match(ms.reason, l))
+        i = next(i for i, line in enumerate(lines) if re.match(ms.reason, line))
         lines[i] = re.match(ms.reason, lines[i]).group(0) + "  \n"
     elif how == "nested":
-        i = next(i for i, l in enumerate(lines) if re.match(ms.reason, l))
+        i = next(i for i, line in enumerate(lines) if re.match(ms.reason, line))
         inner = {"react": "Action:", "hotpotqa": "Action 1:", "alfworld": "> think:"}[fmt]
         lines[i] = lines[i].rstrip("\n") + f" {inner} go\n"
     elif how == "missing_action":
-        i = next(i for i, l in enumerate(lines) if re.match(ms.reason, l))
+        i = next(i for i, line in enumerate(lines) if re.match(ms.reason, line))
         del lines[i + 1]
     elif how == "renumbered":
-        i = next(i for i, l in enumerate(lines) if re.match(ms.reason, l))
+        i = next(i for i, line in enumerate(lines) if re.match(ms.reason, line))
         lines[i] = re.sub(r"\d+", "7", lines[i], count=1)
     elif how == "no_markers":
         lines = ["just some text\n", "and more\n"]

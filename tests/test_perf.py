@@ -2,7 +2,7 @@
 
 import yaml
 
-from sad.perf import inference_flops_per_token, matmul_peak_flops, train_flops_per_token
+from sad.bench.peak import inference_flops_per_token, matmul_peak_flops, train_flops_per_token
 
 
 def test_flop_counts_by_hand():
@@ -18,7 +18,7 @@ def test_matmul_peak_is_positive_and_plausible():
 
 
 def test_gpu_benchmark_runs_on_cpu(tmp_path, capsys):
-    from sad.gpubench import main
+    from sad.bench.gpu import main
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
@@ -36,7 +36,7 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path, capsys):
 def test_distillation_benchmark_runs_on_cpu_with_a_layer_subset_student(tiny_model_factory):
     import torch
 
-    from sad.gpubench import distill_mfu
+    from sad.bench.gpu import distill_mfu
     from sad.pretrained import layer_subset
 
     teacher = tiny_model_factory(hidden=16, layers=3, seed=0)
@@ -49,7 +49,7 @@ def test_distillation_benchmark_runs_on_cpu_with_a_layer_subset_student(tiny_mod
 def test_precision_benchmark_times_fp32_and_bf16_autocast_on_cpu():
     from transformers import LlamaConfig
 
-    from sad.trainbench import benchmark_precision
+    from sad.bench.training import benchmark_precision
 
     config = LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     out = benchmark_precision(config, batch_size=2, seq_len=32, steps=1)

@@ -3,9 +3,25 @@
 import pytest
 
 from sad.config import RegisterParams, TrackingParams
-from sad.registry import (CHALLENGER, CHAMPION, RegistryError, Standing, champion, check_gates, decision_of,
-                          decision_markdown, decision_summary, find_version, gate_and_promote, list_versions,
-                          load_version, promote, register_candidate, rollback, weights_hash)
+from sad.registry import (
+    CHALLENGER,
+    CHAMPION,
+    RegistryError,
+    Standing,
+    champion,
+    check_gates,
+    decision_markdown,
+    decision_of,
+    decision_summary,
+    find_version,
+    gate_and_promote,
+    list_versions,
+    load_version,
+    promote,
+    register_candidate,
+    rollback,
+    weights_hash,
+)
 
 
 def standing(value=0.4, success=0.4, envs=None, teacher=0.5, metric="success_rate", invalid=0.0, per_task=None):
@@ -213,8 +229,8 @@ def test_the_champions_stored_results_are_reused_and_replayed_when_missing(tmp_p
 
 
 def test_replay_plays_a_model_on_the_gate_tasks(rollout_project, tokenizer, tiny_model_factory, monkeypatch):
-    from sad.benchmarks import load_tasks
     from sad.config import load_params
+    from sad.environments import load_tasks
     from sad.stages import replay_per_task, tasks_root
 
     monkeypatch.chdir(rollout_project)

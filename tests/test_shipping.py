@@ -53,9 +53,9 @@ def test_a_domain_vocabulary_cuts_the_teacher_to_the_demos_tokens_and_changes_no
     import torch
 
     from sad.config import parse_params
+    from sad.envs.webshop import catalogue_texts, generate_catalogue, write_catalogue
     from sad.modeling import count_parameters, load_model, save_model
     from sad.react import episode_text
-    from sad.envs.webshop import catalogue_texts, generate_catalogue, write_catalogue
     from sad.stages import demos_file, run_pretrained, run_teacher, run_tokenizer, tasks_root, teacher_dir
     from sad.tokenizer import load_tokenizer, read_domain_vocab
 
@@ -176,7 +176,7 @@ def test_the_shipped_teacher_loads_on_cpu_and_acts(task_root):
     import torch
 
     from sad.agent import LMAgent
-    from sad.benchmarks import load_tasks
+    from sad.environments import load_tasks
     from sad.modeling import read_card
     from sad.pretrained import load_pretrained, model_source
     from sad.rollout import play_agent

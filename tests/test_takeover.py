@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sad.agent import Generation
-from sad.benchmarks import load_tasks
+from sad.environments import load_tasks
 from sad.rollout import play_expert, play_takeover
 
 
@@ -75,10 +75,10 @@ def test_the_teacher_stage_runs_a_dagger_round_and_resumes_without_replaying(tmp
     then training goes on over those episodes and a sample of demos; the card and metrics say what happened."""
     import json
 
-    from sad.benchmarks import write_tasks
-    from sad.config import parse_params
-    from sad.modeling import read_card
     from sad import rollout, training
+    from sad.config import parse_params
+    from sad.environments import write_tasks
+    from sad.modeling import read_card
     from sad.stages import dagger_dir, demos_file, run_pretrained, run_teacher, run_tokenizer, tasks_root, teacher_dir
 
     monkeypatch.chdir(tmp_path)

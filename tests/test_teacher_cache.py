@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from sad import losses
 from sad.config import MethodParams
 from sad.segment import segment_episodes
 from sad.teacher_cache import StaleCacheError, build_topk_cache, generated_positions, load_cache, save_cache

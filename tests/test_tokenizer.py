@@ -50,13 +50,12 @@ def test_a_domain_tokenizer_gives_the_same_tokens_on_its_domain_and_round_trips_
 
 
 def test_a_restricted_tokenizer_saves_and_loads_with_its_kept_ids(byte_level_bpe, tmp_path):
-    from sad.tokenizer import (DOMAIN_VOCAB_FILE, domain_token_ids, load_tokenizer, read_domain_vocab,
-                               restrict_tokenizer)
+    from sad.tokenizer import DOMAIN_VOCAB_FILE, domain_token_ids, load_tokenizer, read_domain_vocab, restrict_tokenizer
 
     keep = domain_token_ids(byte_level_bpe, CORPUS[1:2])
     restrict_tokenizer(byte_level_bpe, keep).save_pretrained(str(tmp_path))
     assert read_domain_vocab(tmp_path) is None
-    (tmp_path / DOMAIN_VOCAB_FILE).write_text('{"source_ids": %s}' % keep)
+    (tmp_path / DOMAIN_VOCAB_FILE).write_text(f'{{"source_ids": {keep}}}')
     assert read_domain_vocab(tmp_path) == keep and len(load_tokenizer(tmp_path)) == len(keep)
     (tmp_path / DOMAIN_VOCAB_FILE).write_text('{"ids": []}')
     with pytest.raises(ValueError, match="damaged domain vocabulary.*rerun the tokenizer stage"):

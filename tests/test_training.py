@@ -35,11 +35,13 @@ def test_each_method_trains_a_student_and_lowers_its_loss(loss, windows, tokeniz
     batch = collate(windows[["input_ids", "reason_mask", "act_mask"]].head(4).to_dict("records"), tokenizer.pad_token_id)
     with torch.no_grad():
         t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        before, _ = method_loss(method, student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch, t_logits)
+        before, _ = method_loss(method, student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                batch, t_logits)
     result = train_lm(student, windows, method, TrainParams(epochs=3, batch_size=4, lr=1e-2), tokenizer.pad_token_id,
                       teacher=teacher, progress=False)
     with torch.no_grad():
-        after, parts = method_loss(method, student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch, t_logits)
+        after, parts = method_loss(method, student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                   batch, t_logits)
     assert result.steps > 0 and result.tokens > 0
     assert after.item() < before.item()
     if loss == "sad":
@@ -58,7 +60,8 @@ def test_training_is_deterministic_for_a_seed(windows, tokenizer, tiny_model_fac
     runs = []
     for _ in range(2):
         model = tiny_model_factory(seed=3)
-        train_lm(model, windows, MethodParams(loss="sft"), TrainParams(epochs=1, batch_size=4, seed=7), tokenizer.pad_token_id, progress=False)
+        train_lm(model, windows, MethodParams(loss="sft"), TrainParams(epochs=1, batch_size=4, seed=7), tokenizer.pad_token_id,
+                 progress=False)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(runs[0], runs[1])
 

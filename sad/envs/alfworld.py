@@ -720,7 +720,8 @@ class AlfworldExpert:
             appliance, _, verb = TRANSFORM_APPLIANCE[tt]
             return f"To solve the task, I need to find and take {a} {obj}, then {verb} it with {appliance.lower()}, then put it in {recep}."
         if tt == "pick_two_obj_and_place":
-            return f"To solve the task, I need to find and take the first {obj}, put it in {recep}, then find and take the second {obj}, put it in {recep}."
+            return (f"To solve the task, I need to find and take the first {obj}, put it in {recep}, "
+                    f"then find and take the second {obj}, put it in {recep}.")
         if tt == "look_at_obj_in_light":
             lamp = str(meta.get("toggle", "")).lower()
             return f"To solve the task, I need to find and take {a} {obj}, then find and use {_article(lamp)} {lamp}."

@@ -36,7 +36,7 @@ class Task:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Task":
+    def from_dict(cls, d: dict[str, Any]) -> Task:
         return cls(
             env=d["env"],
             split=d["split"],

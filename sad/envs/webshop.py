@@ -5,7 +5,8 @@ observation with `` [SEP] `` between elements and clickables in brackets:
 
 * start: ``WebShop [SEP] Instruction: [SEP] <goal> [SEP] [Search]``
 * results: ``[Back to Search] [SEP] Page 1 (Total results: 50) [SEP] [Next >] [SEP] [B0...] [SEP] <title> [SEP] $12.99 …``
-* item: ``[Back to Search] [SEP] [< Prev] [SEP] size [SEP] [small] [SEP] [large] … [SEP] <title> [SEP] Price: $12.99 [SEP] Rating: N.A. [SEP] [Description] [SEP] [Features] [SEP] [Reviews] [SEP] [Buy Now]``
+* item: ``[Back to Search] [SEP] [< Prev] [SEP] size [SEP] [small] [SEP] [large] … [SEP] <title> [SEP] Price: $12.99``
+  ``[SEP] Rating: N.A. [SEP] [Description] [SEP] [Features] [SEP] [Reviews] [SEP] [Buy Now]``
 
 Actions are ``search[query]`` (on the start page) and ``click[<clickable>]``. The reward on
 ``click[Buy Now]`` is WebShop's ``get_reward``: (matched attributes + matched options + price
@@ -630,7 +631,7 @@ class WebShopExpert:
                 return (f"The title does not say {' or '.join(missing)}. I'll read its {unread[0]}.",
                         f"click[{unread[0].title()}]")
         option_names = goal["option_names"]
-        for o, value in resolved.items():
+        for value in resolved.values():
             if value is not None and goal["chosen"].get(option_names.get(value, "")) != value:
                 return (f"The item offers {value}, which I need. I'll choose it.", f"click[{value}]")
         if missing:

@@ -10,8 +10,17 @@ from sad.config import Params
 from sad.io import atomic_dir, write_json_atomic, write_text_atomic
 from sad.modeling import read_pretrained_arch
 from sad.stages.layout import (
-    checkpoint_dir, file_hash, fingerprint, is_main_process, mean_over_seeds, segments_dir, student_dir, teacher_dir,
-    teacher_logits_dir, tokenizer_dir)
+    checkpoint_dir,
+    file_hash,
+    fingerprint,
+    is_main_process,
+    mean_over_seeds,
+    segments_dir,
+    student_dir,
+    teacher_dir,
+    teacher_logits_dir,
+    tokenizer_dir,
+)
 
 log = logging.getLogger(__name__)
 

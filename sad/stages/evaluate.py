@@ -9,8 +9,7 @@ from typing import Any
 
 from sad.config import Params
 from sad.io import atomic_dir, write_json_atomic, write_jsonl_atomic
-from sad.stages.layout import (
-    dev_demos_file, eval_metrics_file, mean_over_seeds, read_episodes, student_dir, tasks_root, teacher_dir)
+from sad.stages.layout import dev_demos_file, eval_metrics_file, mean_over_seeds, read_episodes, student_dir, tasks_root, teacher_dir
 
 log = logging.getLogger(__name__)
 

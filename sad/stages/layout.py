@@ -13,7 +13,6 @@ from sad.config import Params
 from sad.io import read_jsonl_numbered
 from sad.react import Episode
 
-
 STUDENT_AGENTS_DIR = "students"
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sad.benchmarks import load_tasks
 from sad.config import Params
+from sad.environments import load_tasks
 from sad.io import write_json_atomic, write_jsonl_atomic
 from sad.stages.layout import rollouts_file, tasks_root, teacher_dir
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from sad.rollout import Player
 
 
-def run_rollout(p: Params, progress: bool = True, player: "Player | None" = None) -> dict[str, Any]:
+def run_rollout(p: Params, progress: bool = True, player: Player | None = None) -> dict[str, Any]:
     """The teacher plays the train tasks; its trajectories are the students' data.
 
     ``player`` (a :data:`sad.rollout.Player`) plays them elsewhere, e.g. sharded over Dask workers.

@@ -8,8 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sad.benchmarks import load_tasks
 from sad.config import Params
+from sad.environments import load_tasks
 from sad.io import write_json_atomic
 from sad.stages.layout import candidate_file, load_eval_results, read_episodes, student_dir, tasks_root
 

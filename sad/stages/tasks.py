@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sad.benchmarks import write_tasks
 from sad.config import Params
+from sad.environments import write_tasks
 from sad.io import atomic_dir, write_json_atomic
 from sad.stages.layout import tasks_root
 

@@ -10,14 +10,24 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sad.benchmarks import load_tasks
 from sad.config import Params
+from sad.environments import load_tasks
 from sad.io import atomic_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from sad.react import Episode
 from sad.modeling import read_pretrained_arch
+from sad.react import Episode
 from sad.stages.layout import (
-    checkpoint_dir, dagger_dir, demos_file, file_hash, fingerprint, is_main_process, pretrained_dir, read_episodes,
-    tasks_root, teacher_dir, tokenizer_dir)
+    checkpoint_dir,
+    dagger_dir,
+    demos_file,
+    file_hash,
+    fingerprint,
+    is_main_process,
+    pretrained_dir,
+    read_episodes,
+    tasks_root,
+    teacher_dir,
+    tokenizer_dir,
+)
 
 if TYPE_CHECKING:
     from sad.envs.base import Task
@@ -30,9 +40,7 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     from sad.modeling import build_llama, count_parameters, save_model
     from sad.segment import segment_episodes
     from sad.tokenizer import load_tokenizer
-    from sad.training import IMITATION, train_lm
-
-    from sad.training import split_dev
+    from sad.training import IMITATION, split_dev, train_lm
 
     tokenizer = load_tokenizer(tokenizer_dir(p))
     if p.teacher.source is not None and not p.teacher.finetune:
@@ -93,7 +101,7 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     return metrics
 
 
-def dagger_tasks(p: Params, round_index: int) -> list["Task"]:
+def dagger_tasks(p: Params, round_index: int) -> list[Task]:
     """Round ``round_index``'s train tasks: per env, the round's block of ``teacher.dagger.tasks[env]``
     tasks (wrapping around when the blocks run past the train split)."""
     tasks = []

@@ -20,7 +20,7 @@ def domain_texts(p: Params, episodes) -> Iterator[str]:
     """The text a domain vocabulary covers: the train split's expert demos (dev stays unseen, so step
     accuracy measures what the cut costs) and what each environment shows whatever the task (WebShop's
     catalogue), each of its words also alone (a word after ``[`` or a newline has no leading space)."""
-    from sad.benchmarks import get_benchmark
+    from sad.environments import get_benchmark
 
     yield from (episode_text(e) for e in episodes)
     for env in p.tasks.envs:
@@ -43,7 +43,8 @@ def run_tokenizer(p: Params) -> dict[str, Any]:
             metrics["source_vocab_size"] = len(tokenizer)
             tokenizer = restrict_tokenizer(tokenizer, keep_ids)
             log.info("domain vocabulary: %d of the source's %d tokens (those of the train demos and the envs' "
-                     "task-independent text, every byte and special token, and their merge parents)", len(keep_ids), metrics["source_vocab_size"])
+                     "task-independent text, every byte and special token, and their merge parents)",
+                     len(keep_ids), metrics["source_vocab_size"])
     else:
         tokenizer = train_bpe((episode_text(e) for e in episodes), p.tokenizer.vocab_size, p.tokenizer.min_frequency)
     with atomic_dir(tokenizer_dir(p)) as tmp:

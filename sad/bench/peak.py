@@ -7,24 +7,34 @@ import time
 import torch
 
 
-def matmul_peak_flops(n: int = 1024, seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
-    """Achieved FLOP/s of a square ``n x n`` matmul on this machine (the best of repeated timings).
+def matmul_peak_flops(n: int = 1024, seconds: float = 1.0, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> float:
+    """Achieved FLOP/s of a square ``n x n`` matmul on ``device`` in ``dtype`` (the best of repeated timings).
 
-    This is the practical peak the training figures are compared against (same threads, same dtype).
+    This is the practical peak every MFU figure is compared against (same threads, same dtype, same device).
     """
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype)
+    device = torch.device(device)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    out = torch.empty(n, n, dtype=dtype, device=device)
     for _ in range(3):  # warm-up
         torch.mm(a, b, out=out)
+    synchronize(device)
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         started = time.perf_counter()
         for _ in range(4):
             torch.mm(a, b, out=out)
+        synchronize(device)
         best = min(best, (time.perf_counter() - started) / 4)
     return 2.0 * n ** 3 / best
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (CUDA runs asynchronously; the CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_flops_per_token(parameters: int, num_layers: int, hidden_size: int, mean_seq_len: float) -> float:

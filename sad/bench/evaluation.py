@@ -30,7 +30,7 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
                          max_steps: int = 5, compare_cache: bool = True) -> dict[str, Any]:
     """Play ``per_env`` test tasks per environment with ``batch_size`` episodes in flight, then one at a time."""
     from sad.agent import LMAgent, PrefixStore
-    from sad.benchmarks import generate_fresh
+    from sad.environments import generate_fresh
     from sad.evaluation import load_agent
     from sad.rollout import PlayStats, play_agent
 
@@ -97,8 +97,8 @@ def benchmark_student_vs_teacher(p: Params, teacher_dir: Path, student_dir: Path
 
     Untrained models of the params' sizes stand in for missing folders (said in the output).
     """
-    from sad.agent import LMAgent, PrefixStore
-    from sad.benchmarks import generate_fresh
+    from sad.agent import LMAgent
+    from sad.environments import generate_fresh
     from sad.evaluation import load_agent
     from sad.modeling import build_llama, count_parameters
     from sad.rollout import PlayStats, play_agent

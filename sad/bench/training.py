@@ -72,7 +72,7 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
     base_rss = _rss_mb()
     out: dict[str, Any] = {}
     if config["mode"] == "peak":
-        from sad.perf import matmul_peak_flops
+        from sad.bench.peak import matmul_peak_flops
 
         return {"matmul_flops_per_s": matmul_peak_flops(), "threads": torch.get_num_threads()}
     if config["mode"] == "build":
@@ -93,8 +93,8 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
     train = TrainParams(epochs=1, batch_size=config["batch_size"], lr=1e-3, dev_fraction=0)
     result = train_lm(student, windows, MethodParams(**config["method"]), train, 0, teacher=teacher,
                       cached=cached, progress=False, log_every=10**9)
+    from sad.bench.peak import train_flops_per_token
     from sad.modeling import count_parameters
-    from sad.perf import train_flops_per_token
 
     arch = ArchParams(**config["student"])
     mean_len = float(windows["input_ids"].map(len).mean())
@@ -106,7 +106,7 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _in_subprocess(config: dict[str, Any]) -> dict[str, Any]:
-    code = "import json,sys; from sad.trainbench import run_config; print(json.dumps(run_config(json.loads(sys.argv[1]))))"
+    code = "import json,sys; from sad.bench.training import run_config; print(json.dumps(run_config(json.loads(sys.argv[1]))))"
     # -P and PYTHONPATH: the child imports the same `sad` as this process, whatever folder it runs in.
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
@@ -189,7 +189,7 @@ def benchmark_precision(config, batch_size: int = 4, seq_len: int = 512, steps: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sad.perf import matmul_peak_flops
+    from sad.bench.peak import matmul_peak_flops
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -12,7 +12,7 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Any
 
-from sad.benchmarks import get_benchmark
+from sad.environments import get_benchmark
 from sad.envs.base import Task
 from sad.rollout import play_expert
 

