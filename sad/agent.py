@@ -209,11 +209,11 @@ class LMAgent:
             cache = DynamicCache(ddp_cache_data=targets, config=config)
         return cache, torch.stack(last_logits)
 
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> next token ids [B]."""
-        if self.temperature <= 0:
+    def _pick(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """logits [B, V] -> next token ids [B] (greedy at ``temperature`` 0)."""
+        if temperature <= 0:
             return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
+        probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
         return torch.multinomial(probs, 1, generator=self._generator).squeeze(-1).to(logits.device)
 
     @torch.inference_mode()
@@ -244,8 +244,9 @@ class LMAgent:
         return total.tolist()
 
     @torch.inference_mode()
-    def generate(self, contexts: list[list[int]]) -> list[Generation]:
-        """One generated block per context (lists of token ids)."""
+    def generate(self, contexts: list[list[int]], temperature: float | None = None) -> list[Generation]:
+        """One generated block per context (lists of token ids), at the agent's temperature unless given."""
+        temperature = self.temperature if temperature is None else temperature
         if not contexts:
             return []
         start = time.perf_counter()
@@ -269,7 +270,7 @@ class LMAgent:
         done = [False] * batch
         rows = list(range(batch))  # the context each batch row generates for; finished rows leave the batch
         for _ in range(self.max_new_tokens):
-            token_list = self._pick(logits).tolist()
+            token_list = self._pick(logits, temperature).tolist()
             for i, tok in zip(rows, token_list):
                 if done[i]:
                     continue

@@ -63,7 +63,8 @@ def summarize(episodes: list[Episode], tokenizer) -> dict[str, float]:
     * ``latency_per_step_s`` - mean wall time of the generation batch a step was produced in
       (what one agent step waits for at the batch size used);
     * ``avg_reward`` - the benchmark's own score (ALFWorld: won; HotPotQA: exact match;
-      WebShop: its reward in [0, 1]); ``f1`` - HotPotQA's answer F1, where episodes report it.
+      WebShop: its reward in [0, 1]); ``f1`` - HotPotQA's answer F1, where episodes report it;
+    * ``redrawn_step_rate`` - share of steps the loop guard sampled again, where it was on.
     """
     thoughts = [len(tokenizer.encode(s.thought)) if s.thought else 0 for ep in episodes for s in ep.steps]
     per_episode = []
@@ -86,6 +87,8 @@ def summarize(episodes: list[Episode], tokenizer) -> dict[str, float]:
     }
     if f1s:
         summary["f1"] = _safe_mean(f1s)
+    if any("redrawn_steps" in ep.meta for ep in episodes):  # the loop guard was on
+        summary["redrawn_step_rate"] = sum(ep.meta.get("redrawn_steps", 0) for ep in episodes) / max(len(steps), 1)
     return summary
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sad.agent import LMAgent, fit_context
+from sad.agent import Generation, LMAgent, fit_context
 from sad.environments import get_benchmark
 from sad.envs.base import Environment, ExpertGaveUp, Observation, Task
 from sad.react import Episode, ParsedOutput, Step, act_piece, parse_output, prompt_piece, reason_piece, step_pieces
@@ -195,13 +195,45 @@ class _Slot:
 ACTION_CHOICES = ("free", "admissible")
 
 
-def choose_admissible(agent: LMAgent, context: list[int], parsed: ParsedOutput, admissible: list[str]) -> ParsedOutput:
-    """The admissible action the model finds most likely after ``context`` and its own generated thought."""
+def choose_admissible(agent: LMAgent, context: list[int], parsed: ParsedOutput, admissible: list[str],
+                      avoid: Callable[[str], bool] | None = None) -> ParsedOutput:
+    """The admissible action the model finds most likely after ``context`` and its own generated thought
+    (skipping those ``avoid`` names, unless it names them all)."""
     tok = agent.tokenizer
     prefix = context + tok.encode(reason_piece(parsed.thought))
     scores = agent.score_continuations(prefix, [tok.encode(act_piece(a)) for a in admissible])
-    best = max(range(len(admissible)), key=scores.__getitem__)
+    allowed = [i for i in range(len(admissible)) if avoid is None or not avoid(admissible[i])] or list(range(len(admissible)))
+    best = max(allowed, key=scores.__getitem__)
     return ParsedOutput(thought=parsed.thought, action=admissible[best], has_action=True)
+
+
+def needs_redraw(steps: list[Step], parsed: ParsedOutput) -> bool:
+    """A generated block the loop guard draws again: it holds no action, or its action would repeat a
+    failed step with nothing changed since (:func:`repeats_a_failure`). A greedy agent whose context did
+    not change since that failure would otherwise send the same action until the step cap."""
+    return not parsed.has_action or repeats_a_failure(steps, parsed.action) is not None
+
+
+def redraw_failures(agent: LMAgent, contexts: list[list[int]], histories: list[list[Step]],
+                    generations: list[Generation], draws: int, temperature: float,
+                    stats: PlayStats | None = None) -> tuple[list[Generation], list[int]]:
+    """The loop guard: rows whose block :func:`needs_redraw` are generated again, sampled at
+    ``temperature``, up to ``draws`` times, all such rows in one batch per draw. Returns the final
+    generation per row (its tokens and seconds summed over the draws: what the step cost) and the
+    number of draws each row took."""
+    final, redrawn = list(generations), [0] * len(generations)
+    for _ in range(draws):
+        rows = [r for r in range(len(final)) if needs_redraw(histories[r], parse_output(final[r].text))]
+        if not rows:
+            break
+        again = agent.generate([contexts[r] for r in rows], temperature=temperature)
+        if stats is not None:
+            stats.generation_seconds += again[0].seconds
+            stats.generated_tokens += sum(g.n_tokens for g in again)
+        for r, gen in zip(rows, again):
+            final[r] = Generation(gen.text, final[r].n_tokens + gen.n_tokens, final[r].seconds + gen.seconds)
+            redrawn[r] += 1
+    return final, redrawn
 
 
 def play_agent(
@@ -216,6 +248,8 @@ def play_agent(
     stats: PlayStats | None = None,
     history_steps: int = 0,
     action_choice: str = "free",
+    redraws: int = 0,
+    redraw_temperature: float = 0.7,
 ) -> list[Episode]:
     """Play ``tasks`` with ``agent``, keeping up to ``batch_size`` episodes in flight.
 
@@ -226,6 +260,11 @@ def play_agent(
     ``action_choice``: ``free`` sends the generated action; ``admissible`` keeps the generated thought
     and, where the environment lists its valid actions (ALFWorld's commands, WebShop's clickables),
     sends the one the model finds most likely after that thought (:meth:`LMAgent.score_continuations`).
+
+    ``redraws`` > 0 turns on the loop guard (:func:`redraw_failures`): a block with no action, or whose
+    action would repeat a failure with nothing changed since, is sampled again (at ``redraw_temperature``)
+    up to that many times; an admissible choice then skips actions that would repeat a failure.
+    ``episode.meta["redrawn_steps"]`` counts the steps that needed it.
     """
     if action_choice not in ACTION_CHOICES:
         raise ValueError(f"action_choice must be one of {ACTION_CHOICES}, got {action_choice!r}")
@@ -252,16 +291,24 @@ def play_agent(
         contexts = [fit_context(slots[i].prompt_ids, slots[i].step_ids[-history_steps:] if history_steps else slots[i].step_ids,
                                 budget) for i in order]
         generations = agent.generate(contexts)
-        env_started = time.perf_counter()
         if stats is not None:
             stats.batches += 1
             stats.generation_seconds += generations[0].seconds
             stats.generated_tokens += sum(g.n_tokens for g in generations)
-        for index, context, gen in zip(order, contexts, generations):
+        redrawn = [0] * len(order)
+        if redraws:
+            generations, redrawn = redraw_failures(agent, contexts, [slots[i].episode.steps for i in order], generations,
+                                                   redraws, redraw_temperature, stats)
+        env_started = time.perf_counter()
+        for index, context, gen, draws in zip(order, contexts, generations, redrawn):
             slot = slots[index]
             parsed = parse_output(gen.text)
             if action_choice == "admissible" and slot.admissible:
-                parsed = choose_admissible(agent, context, parsed, slot.admissible)
+                history = slot.episode.steps
+                avoid = (lambda action, steps=history: repeats_a_failure(steps, action) is not None) if redraws else None
+                parsed = choose_admissible(agent, context, parsed, slot.admissible, avoid)
+            if redraws:
+                slot.episode.meta["redrawn_steps"] = slot.episode.meta.get("redrawn_steps", 0) + (draws > 0)
             obs = slot.env.step(parsed.action)
             slot.admissible = obs.admissible
             step = Step(thought=parsed.thought, action=parsed.action, observation=obs.text,

@@ -190,3 +190,44 @@ def test_step_accuracy_by_hand(trained_model, tokenizer, demos):
     for kind, oks in kinds.items():
         assert by_kind[kind]["step_accuracy"] == pytest.approx(sum(oks) / len(oks))
     assert action_kind("go to desk 1") == "go" and action_kind("search[Raul Elquin]") == "search"
+
+
+def test_the_loop_guard_redraws_a_block_that_would_repeat_a_failure(trained_model, tokenizer):
+    """A greedy agent whose action just failed would send it again from the same context: the guard samples
+    that row again until the action differs (or its draws run out); other rows stay as generated."""
+    from sad.react import Step, parse_output
+    from sad.rollout import needs_redraw, redraw_failures
+
+    agent = LMAgent(trained_model, tokenizer, max_new_tokens=32, seed=0)
+    contexts = [tokenizer.encode("[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n")] * 2
+    greedy = agent.generate(contexts)
+    action = parse_output(greedy[0].text).action
+    assert parse_output(greedy[0].text).has_action
+    failed = [Step(thought="", action=action, observation="Nothing happens.")]
+    succeeded = [Step(thought="", action=action, observation="You arrive at cabinet 1.")]
+    assert needs_redraw(failed, parse_output(greedy[0].text)) and not needs_redraw(succeeded, parse_output(greedy[1].text))
+
+    final, draws = redraw_failures(agent, contexts, [failed, succeeded], greedy, draws=4, temperature=1.0)
+    assert final[1] is greedy[1] and draws[1] == 0  # nothing failed: untouched
+    redrawn = parse_output(final[0].text)
+    assert 1 <= draws[0] <= 4 and not needs_redraw(failed, redrawn) and redrawn.action.lower() != action.lower()
+    assert final[0].n_tokens > greedy[0].n_tokens  # the step's cost counts every draw
+    # the same seed reproduces the same redraws
+    again = LMAgent(trained_model, tokenizer, max_new_tokens=32, seed=0)
+    assert [g.text for g in redraw_failures(again, contexts, [failed, succeeded], greedy, 4, 1.0)[0]] == [g.text for g in final]
+
+
+def test_play_agent_with_the_loop_guard_counts_redrawn_steps(trained_model, tokenizer, task_root):
+    from sad.metrics import summarize
+
+    tasks = _capped(load_tasks(task_root, "alfworld", "test")[:3], max_steps=6)
+    agent = LMAgent(trained_model, tokenizer, max_new_tokens=32)
+    stats = PlayStats()
+    episodes = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=3, redraws=2, stats=stats)
+    assert all("redrawn_steps" in e.meta and 0 <= e.meta["redrawn_steps"] <= e.n_steps for e in episodes)
+    summary = summarize(episodes, tokenizer)
+    assert summary["redrawn_step_rate"] == sum(e.meta["redrawn_steps"] for e in episodes) / sum(e.n_steps for e in episodes)
+    assert stats.generated_tokens == sum(s.generated_tokens for e in episodes for s in e.steps)
+    # off (the default): no count, no rate
+    plain = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=3)
+    assert not any("redrawn_steps" in e.meta for e in plain) and "redrawn_step_rate" not in summarize(plain, tokenizer)
