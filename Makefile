@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 # dvc.yaml's stage commands call `sad`, so the project's virtualenv comes first on PATH
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install pipeline tiny test clean smollm2
+.PHONY: install pipeline tiny test test-fast clean smollm2
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ smollm2: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The unit tier: no end-to-end run, no test marked slow (servers, subprocess stages, real engines)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
 clean:
 	rm -rf $(VENV) .prefect mlflow.db mlartifacts

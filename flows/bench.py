@@ -101,7 +101,7 @@ def run_suite(p: Params, project: Path, quick: bool = False, log=print) -> dict[
                                           max_steps=3 if quick else 5)
     log("bench: training (tokens/s, MFU, cache)")
     out["training"] = benchmark_training(p, steps=2 if quick else 12, batch_size=2 if quick else 4,
-                                         max_tokens=128 if quick else None)
+                                         max_tokens=128 if quick else None, isolated=not quick)
     log("bench: student vs teacher")
     out["student_vs_teacher"] = benchmark_student_vs_teacher(p, teacher_dir, student_dir, per_env=2 if quick else 4,
                                                              max_steps=3 if quick else 5)

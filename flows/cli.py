@@ -630,7 +630,7 @@ app.add_typer(bench_app, name="bench")
 @bench_app.callback(invoke_without_command=True)
 def bench_suite(
     ctx: typer.Context,
-    quick: bool = typer.Option(False, "--quick", help="smaller samples (a smoke run, for tests)"),
+    quick: bool = typer.Option(False, "--quick", help="smaller samples, training configurations in one process (a smoke run, for tests)"),
     params: Path = typer.Option(Path("params.yaml"), help="parameter file (sizes; the project's models if present)"),
     output: Path | None = typer.Option(None, "--output", "-o", help="also write the JSON to this file"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (else indented)"),

@@ -16,6 +16,7 @@ def _run(*args: str, cwd: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env,n", [("hotpotqa", 40), ("webshop", 40), ("alfworld", 6)])
 def test_expert_cli_reports_success_on_generated_tasks(tmp_path, env, n):
     out = _run("expert", "--env", env, "--generate", "--n", str(n), "--json", cwd=tmp_path)
@@ -27,6 +28,7 @@ def test_expert_cli_reports_success_on_generated_tasks(tmp_path, env, n):
             "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"}
 
 
+@pytest.mark.slow
 def test_expert_cli_without_tasks_says_what_to_do(tmp_path):
     result = subprocess.run([SAD, "expert", "--env", "webshop", "--json"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
@@ -34,6 +36,7 @@ def test_expert_cli_without_tasks_says_what_to_do(tmp_path):
     assert "task manifest not found" in result.stderr and "--generate" in result.stderr
 
 
+@pytest.mark.slow
 def test_env_benchmark_prints_reset_time_and_steps_per_second(tmp_path):
     out = _run("bench", "envs", "--env", "hotpotqa", "--env", "webshop", "--n", "10", "--json", cwd=tmp_path)
     assert set(out["envs"]) == {"hotpotqa", "webshop"}
@@ -57,6 +60,7 @@ def test_segment_text_cuts_a_numbered_transcript_and_rejects_a_broken_one(tmp_pa
     assert result.returncode == 2 and "bad.txt: line 3" in result.stderr and "ACT line" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_suite_prints_every_section_and_target(tmp_path):
     import shutil
 
@@ -80,6 +84,7 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["targets"] == targets
 
 
+@pytest.mark.slow
 def test_schedule_needs_a_server_and_a_valid_cron(tmp_path, monkeypatch):
     import os
     import shutil
@@ -94,6 +99,7 @@ def test_schedule_needs_a_server_and_a_valid_cron(tmp_path, monkeypatch):
     assert result.returncode == 2 and "not a valid cron expression" in result.stderr, result.stderr[-1500:]
 
 
+@pytest.mark.slow
 def test_registry_rollback_without_history_says_so(tmp_path):
     import shutil
 
@@ -102,6 +108,7 @@ def test_registry_rollback_without_history_says_so(tmp_path):
     assert result.returncode == 2 and "no previous champion" in result.stderr, result.stderr[-1500:]
 
 
+@pytest.mark.slow
 def test_bad_official_file_through_sad_stage_is_one_short_error(tmp_path):
     """A question lacking `context` in an official HotPotQA file: a few lines naming file and record, exit 2,
     no traceback (SAD_DEBUG=1 brings it back)."""

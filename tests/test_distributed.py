@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -27,6 +28,7 @@ def _run(cmd: list[str]) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
     one = _run([sys.executable, str(WORKER), "--batch-size", "4", "--out", str(tmp_path / "one.safetensors")])
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -67,6 +69,7 @@ def _episodes(project: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_rollouts_on_a_two_worker_dask_cluster_equal_the_single_process_run(rollout_project, tmp_path, monkeypatch):
     """The teacher's rollout stage with ``workers.task_runner: dask`` (a local 2-worker cluster, one shard
     per worker, through Prefect's DaskTaskRunner) writes the same episodes as one process."""

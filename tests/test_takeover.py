@@ -27,6 +27,7 @@ class ReplayAgent:
         return out
 
 
+@pytest.mark.slow
 def test_repeat_mistakes_replay_the_previous_step_and_are_recovered_from(task_root):
     tasks = load_tasks(task_root, "alfworld", "train")
     episodes = play_expert(tasks, task_root, perturb=0.3, seed=0, repeat_share=1.0)

@@ -117,10 +117,12 @@ def _in_subprocess(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int | None = None,
-                       progress=None) -> dict[str, Any]:
+                       progress=None, isolated: bool = True) -> dict[str, Any]:
     """Tokens/s of sad, token_kd and sft, and the cache against online teacher logits (one run).
 
-    Every training configuration makes one pass over the same ``steps * batch_size`` windows.
+    Every training configuration makes one pass over the same ``steps * batch_size`` windows, each in a
+    fresh process (``isolated``: its peak RSS is its own), or all in this one (a quick check of the
+    plumbing: peak RSS then includes the configurations before it).
     """
     import tempfile
 
@@ -145,7 +147,7 @@ def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int 
         for c in configs:
             if progress:
                 progress(c["name"])
-            runs[c["name"]] = _in_subprocess({**common, **c})
+            runs[c["name"]] = _in_subprocess({**common, **c}) if isolated else run_config({**common, **c})
     peak, build, sad_c, kd_c, sft, sad_o, kd_o = (runs[c["name"]] for c in configs)
     peak_flops = peak["matmul_flops_per_s"]
     # The three-method sweep (sad, token_kd, sft), one pass each, then projected to distill.train.epochs:
