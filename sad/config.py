@@ -228,6 +228,9 @@ class RolloutParams(_Strict):
 
 class SegmentParams(_Strict):
     keep: Literal["all", "successful"] = Field("all", description="which teacher episodes the students learn from")
+    rejected_steps: Literal["learn", "context"] = Field(
+        "learn", description="teacher steps whose action the environment rejected: learn = targets like any step; "
+                             "context = kept as context, no loss (students do not imitate the teacher's loops)")
 
 
 class MethodParams(_Strict):

@@ -122,3 +122,18 @@ def test_a_window_after_a_long_step_keeps_that_steps_head_as_at_play(tokenizer):
     # and it is what the agent would see at play with the same room
     room = len(last["input_ids"]) - len(prompt) - len(tokenizer.encode("".join(t for _, t in step_pieces(ep.steps[2]))))
     assert room > 0 and fit_context(prompt, [step1], len(prompt) + room) == last["input_ids"][:len(prompt) + room]
+
+
+def test_rejected_steps_as_context_carry_no_loss_and_stay_in_the_window(tokenizer):
+    from sad.stages.segment import without_loss_on_rejected_steps
+
+    ep = _episode(n_steps=3)
+    ep.steps[1].valid = False
+    ep.steps[1].observation = "Nothing happens."
+    learnt = without_loss_on_rejected_steps(ep)
+    assert [s.imitate for s in learnt.steps] == [True, False, True] and ep.steps[1].imitate  # the original is unchanged
+    (full,), _ = episode_windows(ep, tokenizer, max_tokens=512)
+    (ctx,), spans = episode_windows(learnt, tokenizer, max_tokens=512)
+    assert ctx["input_ids"] == full["input_ids"]  # the rejected step is still seen
+    assert sum(ctx["act_mask"]) < sum(full["act_mask"]) and sum(ctx["reason_mask"]) < sum(full["reason_mask"])
+    assert len(spans) == 4  # reason + act of steps 0 and 2 only
