@@ -1,7 +1,7 @@
 """One Prefect flow per pipeline stage; ``dvc.yaml`` runs them through the ``sad stage`` CLI.
 
 Each flow loads and validates ``params.yaml`` once, opens an MLflow run for the stage, calls
-its tasks and logs the stage's metrics. The work itself lives in ``sad.stages``.
+its task (``tasks.stages.STAGE_TASKS``) and logs the stage's metrics. The work itself lives in ``sad.stages``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _tracked(p: Params, stage: str, logged: dict[str, Any] | None, work, tags: d
 def tasks_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     """Generate disjoint, seeded train/dev/test task splits per environment."""
     p = load_params(params_path)
-    return _tracked(p, "tasks", {"tasks": p.tasks.model_dump()}, lambda run: t.generate_tasks(p))
+    return _tracked(p, "tasks", {"tasks": p.tasks.model_dump()}, lambda run: t.STAGE_TASKS["tasks"](p))
 
 
 def _shards(items: list, n: int) -> list[list]:
@@ -116,13 +116,13 @@ def demos_flow(params_path: str = "params.yaml") -> dict[str, Any]:
 def pretrained_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     """A pretrained teacher (teacher.source) as a safetensors folder, or a note that there is none."""
     p = load_params(params_path)
-    return _tracked(p, "pretrained", {"teacher": {"source": p.teacher.source}}, lambda run: t.convert_pretrained(p))
+    return _tracked(p, "pretrained", {"teacher": {"source": p.teacher.source}}, lambda run: t.STAGE_TASKS["pretrained"](p))
 
 
 @flow(name="tokenizer", log_prints=False)
 def tokenizer_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
-    return _tracked(p, "tokenizer", {"tokenizer": p.tokenizer.model_dump()}, lambda run: t.train_tokenizer(p))
+    return _tracked(p, "tokenizer", {"tokenizer": p.tokenizer.model_dump()}, lambda run: t.STAGE_TASKS["tokenizer"](p))
 
 
 @flow(name="teacher", log_prints=False)
@@ -130,7 +130,7 @@ def teacher_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
     logged = {"teacher": p.teacher.model_dump(), "context": p.context.model_dump()}
     return _tracked(p, "teacher", logged,
-                    lambda run: t.train_teacher(p, on_log=_mlflow_step_logger(run.info.run_id, "train/")))
+                    lambda run: t.STAGE_TASKS["teacher"](p, on_log=_mlflow_step_logger(run.info.run_id, "train/")))
 
 
 @flow(name="rollout", log_prints=False)
@@ -140,7 +140,7 @@ def rollout_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     def work(run) -> dict[str, Any]:
         if on_workers(p):  # shards are the retried tasks; the stage itself runs in the flow
             return run_rollout(p, progress=False, player=sharded_player(p, teacher_dir(p), p.rollout.batch_size))
-        return t.teacher_rollouts(p)
+        return t.STAGE_TASKS["rollout"](p)
 
     logged = {"rollout": p.rollout.model_dump(), "workers": p.workers.model_dump()}
     return _tracked(p, "rollout", logged, work)
@@ -149,7 +149,7 @@ def rollout_flow(params_path: str = "params.yaml") -> dict[str, Any]:
 @flow(name="segment", log_prints=False)
 def segment_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)
-    return _tracked(p, "segment", {"segment": p.segment.model_dump()}, lambda run: t.segment_trajectories(p))
+    return _tracked(p, "segment", {"segment": p.segment.model_dump()}, lambda run: t.STAGE_TASKS["segment"](p))
 
 
 @flow(name="teacher_logits", log_prints=False)
@@ -157,7 +157,7 @@ def teacher_logits_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     """The teacher's top-k log-probs and entropies at every generated position (read by every KD method)."""
     p = load_params(params_path)
     return _tracked(p, "teacher_logits", {"teacher_logits": p.distill.teacher_logits.model_dump()},
-                    lambda run: t.cache_teacher_logits(p))
+                    lambda run: t.STAGE_TASKS["teacher_logits"](p))
 
 
 @flow(name="distill", log_prints=False)
@@ -169,7 +169,7 @@ def distill_flow(method: str, params_path: str = "params.yaml") -> dict[str, Any
               "method": p.distill.methods[method].model_dump(), "curriculum": p.distill.curriculum.model_dump(),
               "teacher_logits": p.distill.teacher_logits.model_dump()}
     return _tracked(p, f"distill@{method}", {"distill": logged},
-                    lambda run: t.distill_student(p, method, on_log=_mlflow_step_logger(run.info.run_id, "train/")),
+                    lambda run: t.STAGE_TASKS["distill"](p, method, on_log=_mlflow_step_logger(run.info.run_id, "train/")),
                     tags={"sad.method": method})
 
 
@@ -183,7 +183,7 @@ def evaluate_flow(agent: str, params_path: str = "params.yaml") -> dict[str, Any
             results = run_evaluate(p, agent, progress=False,
                                    players=lambda model_dir: sharded_player(p, model_dir, p.evaluate.batch_size))
         else:
-            results = t.evaluate_agent(p, agent)
+            results = t.STAGE_TASKS["evaluate"](p, agent)
         for split, r in results["splits"].items():
             log_metrics(r["overall"], prefix=f"{split}/")
         if "agreement" in results:
@@ -205,7 +205,7 @@ def scale_flow(size: str, params_path: str = "params.yaml") -> dict[str, Any]:
                           "arch": p.distill.scaling.sizes[size].model_dump()}}
 
     def work(run) -> dict[str, Any]:
-        out = t.scale_student(p, size)
+        out = t.STAGE_TASKS["scale"](p, size)
         return {"parameters": out["parameters"], "test_success_rate": out["splits"]["test"]["overall"]["success_rate"]}
 
     return _tracked(p, f"scale@{size}", logged, work, tags={"sad.size": size})
@@ -215,7 +215,7 @@ def scale_flow(size: str, params_path: str = "params.yaml") -> dict[str, Any]:
 def select_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     """The registry candidate: best method by mean gate metric over seeds, then its best seed."""
     p = load_params(params_path)
-    return _tracked(p, "select", {"register": p.registration.model_dump()}, lambda run: t.select_candidate(p))
+    return _tracked(p, "select", {"register": p.registration.model_dump()}, lambda run: t.STAGE_TASKS["select"](p))
 
 
 @flow(name="report", log_prints=False)
@@ -224,7 +224,7 @@ def report_flow(params_path: str = "params.yaml") -> dict[str, Any]:
 
     p = load_params(params_path)
     with stage_run(p.tracking, "report"):
-        summary = t.write_report(p)
+        summary = t.STAGE_TASKS["report"](p)
         log_metrics(summary["test_success"], prefix="test_success/")
         diff = summary["sad_vs_token_kd"].get("difference")
         if diff:

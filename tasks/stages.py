@@ -8,6 +8,7 @@ Nothing is cached by Prefect: DVC decides what reruns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,40 @@ def retry_if_transient(task, task_run, state) -> bool:
     return True
 
 
-RETRY = {"retries": 2, "retry_delay_seconds": 2, "cache_policy": NO_CACHE, "retry_condition_fn": retry_if_transient}
+# One retry policy per kind of work. Cheap, idempotent steps retry twice; a step that plays or scores
+# with a model retries once; training never (a killed run resumes from its checkpoint when DVC reruns it,
+# a second full attempt inside one stage would only double a long failure).
+RETRY_POLICIES: dict[str, dict[str, Any]] = {
+    "quick": {"retries": 2, "retry_delay_seconds": 2},
+    "once": {"retries": 1, "retry_delay_seconds": 2},
+    "never": {"retries": 0},
+}
+RETRY = {**RETRY_POLICIES["quick"], "cache_policy": NO_CACHE, "retry_condition_fn": retry_if_transient}
+
+# The stage bodies of sad.stages as Prefect tasks: stage -> (task name, body, retry policy).
+STAGE_BODIES: dict[str, tuple[str, Callable[..., dict[str, Any]], str]] = {
+    "tasks": ("generate-tasks", stages.run_tasks, "quick"),
+    "pretrained": ("convert-pretrained", stages.run_pretrained, "quick"),
+    "tokenizer": ("train-tokenizer", stages.run_tokenizer, "quick"),
+    "teacher": ("train-teacher", stages.run_teacher, "never"),
+    "rollout": ("teacher-rollouts", stages.run_rollout, "once"),
+    "segment": ("segment-trajectories", stages.run_segment, "quick"),
+    "teacher_logits": ("cache-teacher-logits", stages.run_teacher_logits, "once"),
+    "distill": ("distill-student", stages.run_distill, "never"),
+    "evaluate": ("evaluate-agent", stages.run_evaluate, "once"),
+    "scale": ("scale-student", stages.run_scale, "never"),
+    "select": ("select-candidate", stages.run_select, "quick"),
+    "report": ("write-report", stages.run_report, "quick"),
+}
 
 
-@task(name="generate-tasks", **RETRY)
-def generate_tasks(p: Params) -> dict[str, Any]:
-    return stages.run_tasks(p)
+def _stage_task(stage: str):
+    name, body, policy = STAGE_BODIES[stage]
+    return task(body, name=name, cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient, **RETRY_POLICIES[policy])
+
+
+STAGE_TASKS = {stage: _stage_task(stage) for stage in STAGE_BODIES}
+"""A stage's body as a Prefect task: ``STAGE_TASKS["segment"](p)`` (the demos stage runs its shards below)."""
 
 
 @task(name="play-expert-shard", **RETRY)
@@ -59,8 +88,7 @@ def play_expert_shard(task_dicts: list[dict[str, Any]], tasks_root: str, perturb
                                              repeat_share=repeat_share)]
 
 
-@task(name="play-agent-shard", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_if_transient)
+@task(name="play-agent-shard", **{**RETRY, **RETRY_POLICIES["once"]})
 def play_agent_shard(p: Params, model_dir: str, tasks_root: str, task_dicts: list[dict[str, Any]], agent_name: str,
                      batch_size: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """One shard of an agent's episodes, on a worker: the agent is loaded there, plain dicts cross the
@@ -77,61 +105,3 @@ def play_agent_shard(p: Params, model_dir: str, tasks_root: str, task_dicts: lis
 @task(name="write-demos", **RETRY)
 def write_demos(p: Params, episode_dicts: list[dict[str, Any]], dev_dicts: list[dict[str, Any]]) -> dict[str, Any]:
     return stages.write_demos(p, [Episode.from_dict(d) for d in episode_dicts], [Episode.from_dict(d) for d in dev_dicts])
-
-
-@task(name="convert-pretrained", **RETRY)
-def convert_pretrained(p: Params) -> dict[str, Any]:
-    return stages.run_pretrained(p)
-
-
-@task(name="train-tokenizer", **RETRY)
-def train_tokenizer(p: Params) -> dict[str, Any]:
-    return stages.run_tokenizer(p)
-
-
-@task(name="train-teacher", cache_policy=NO_CACHE)
-def train_teacher(p: Params, on_log=None) -> dict[str, Any]:
-    return stages.run_teacher(p, on_log=on_log)
-
-
-@task(name="teacher-rollouts", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_if_transient)
-def teacher_rollouts(p: Params) -> dict[str, Any]:
-    return stages.run_rollout(p)
-
-
-@task(name="segment-trajectories", **RETRY)
-def segment_trajectories(p: Params) -> dict[str, Any]:
-    return stages.run_segment(p)
-
-
-@task(name="cache-teacher-logits", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_if_transient)
-def cache_teacher_logits(p: Params) -> dict[str, Any]:
-    return stages.run_teacher_logits(p)
-
-
-@task(name="distill-student", cache_policy=NO_CACHE)
-def distill_student(p: Params, method: str, on_log=None) -> dict[str, Any]:
-    return stages.run_distill(p, method, on_log=on_log)
-
-
-@task(name="evaluate-agent", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_if_transient)
-def evaluate_agent(p: Params, agent: str) -> dict[str, Any]:
-    return stages.run_evaluate(p, agent)
-
-
-@task(name="scale-student", cache_policy=NO_CACHE)
-def scale_student(p: Params, size: str) -> dict[str, Any]:
-    return stages.run_scale(p, size)
-
-
-@task(name="select-candidate", **RETRY)
-def select_candidate(p: Params) -> dict[str, Any]:
-    return stages.run_select(p)
-
-
-@task(name="write-report", **RETRY)
-def write_report(p: Params) -> dict[str, Any]:
-    return stages.run_report(p)

@@ -163,6 +163,20 @@ def test_the_cli_stage_names_are_dvc_yaml_commands():
     assert commanded == {s.value for s in Stage}
 
 
+def test_every_stage_body_is_one_prefect_task_from_one_table():
+    """tasks/stages.py builds a Prefect task for every stage body from one table (demos runs its shards as
+    tasks instead); each task carries a policy of the one retry table and calls the body in sad.stages."""
+    from flows.cli import Stage
+    from sad import stages
+    from tasks.stages import RETRY_POLICIES, STAGE_BODIES, STAGE_TASKS
+
+    assert set(STAGE_TASKS) | {"demos"} == {s.value for s in Stage}
+    for stage, (name, body, policy) in STAGE_BODIES.items():
+        assert STAGE_TASKS[stage].name == name and STAGE_TASKS[stage].fn is body
+        assert body is getattr(stages, f"run_{stage}") and body.__module__ == f"sad.stages.{stage}"
+        assert STAGE_TASKS[stage].retries == RETRY_POLICIES[policy]["retries"]
+
+
 def test_the_tree_is_clean_under_the_projects_ruff_configuration():
     import subprocess
     import sys
