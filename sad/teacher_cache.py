@@ -15,6 +15,7 @@ per temperature, ``offsets`` [W+1] int64: window w owns rows
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 TOPK_FILE = "topk.safetensors"
 STATS_FILE = "stats.parquet"
+METADATA_KEY = "sad_topk_cache"  # JSON: windows_hash, vocab_size, top_k
 
 
 class StaleCacheError(ValueError):
@@ -131,7 +133,10 @@ def save_cache(cache: TopkCache, windows: pd.DataFrame, folder: str | Path) -> N
 
     tensors = {"indices": cache.indices.contiguous(), "offsets": cache.offsets, "entropy_sum": cache.entropy_sum,
                **{key: v.contiguous() for key, v in {**cache.logp, **cache.tail}.items()}}
-    metadata = {"windows_hash": cache.windows_hash, "vocab_size": str(cache.vocab_size), "top_k": str(cache.top_k)}
+    # One metadata key: safetensors writes a multi-key metadata map in a random order, which would give the
+    # same cache a new hash on every run (and DVC would retrain every student after a forced rerun).
+    metadata = {METADATA_KEY: json.dumps({"windows_hash": cache.windows_hash, "vocab_size": cache.vocab_size,
+                                          "top_k": cache.top_k}, sort_keys=True)}
     stats = pd.DataFrame({
         "episode_id": windows["episode_id"].values, "window": windows["window"].values,
         "generated": (cache.offsets[1:] - cache.offsets[:-1]).numpy(), "entropy_sum": cache.entropy_sum.numpy(),
@@ -150,6 +155,7 @@ def load_cache(folder: str | Path, windows_hash: str | None = None) -> TopkCache
         raise FileNotFoundError(f"{path}: not found (run the 'teacher_logits' stage first)")
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
+        meta = json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else meta  # else: a cache before one key
         tensors = {key: fh.get_tensor(key) for key in fh.keys()}
     if windows_hash is not None and meta.get("windows_hash") != windows_hash:
         raise StaleCacheError(f"{path}: computed for windows {meta.get('windows_hash')}, but the segments are "

@@ -63,3 +63,20 @@ def test_mismatched_cache_rows_are_an_error(windows, tokenizer, tiny_model_facto
     logits = tiny_model_factory(seed=6)(input_ids=batch["input_ids"]).logits
     with pytest.raises(ValueError, match="cover"):
         method_loss(MethodParams(loss="token_kd"), logits, batch, cache.batch_targets([1], 1.0))
+
+
+def test_the_same_cache_is_written_byte_for_byte_the_same(windows, tokenizer, tiny_model_factory, tmp_path):
+    """DVC hashes the stage output: a rerun that computes the same cache must not change its hash. A
+    multi-key safetensors metadata map is written in a per-process random order, so the metadata is one key."""
+    from safetensors import safe_open
+
+    cache = build_topk_cache(tiny_model_factory(seed=5), windows, 4, [1.0], tokenizer.pad_token_id, "h", progress=False)
+    written = []
+    for name in ("a", "b", "c"):
+        save_cache(cache, windows, tmp_path / name)
+        written.append((tmp_path / name / "topk.safetensors").read_bytes())
+    assert written[0] == written[1] == written[2]
+    with safe_open(str(tmp_path / "a" / "topk.safetensors"), framework="pt") as fh:
+        assert len(fh.metadata()) == 1
+    loaded = load_cache(tmp_path / "a", "h")
+    assert (loaded.vocab_size, loaded.windows_hash, loaded.top_k) == (cache.vocab_size, "h", cache.top_k)
