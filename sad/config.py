@@ -233,6 +233,29 @@ class SegmentParams(_Strict):
                              "context = kept as context, no loss (students do not imitate the teacher's loops)")
 
 
+class OnPolicyParams(_Strict):
+    """On-policy rounds after a method's training on the teacher's rollouts (issue #18)."""
+
+    rounds: int = Field(1, ge=1, le=20, description="play -> score -> train rounds")
+    tasks: int = Field(0, ge=0, description="train tasks the student plays per round, spread over the envs (0 = all)")
+    epochs: float = Field(1.0, gt=0, description="epochs over each round's windows")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] | None = Field(
+        "reverse_kl", description="divergence on the student's own tokens (null: the method's)")
+    fraction_start: float = Field(1.0, gt=0, le=1, description="share of a round's windows from the student's own "
+                                                               "episodes in the first round (the rest: teacher rollouts)")
+    fraction_end: float = Field(1.0, gt=0, le=1, description="that share in the last round (linear in between)")
+    takeover_start: float = Field(0.0, ge=0, le=1, description="share of the played tasks where the expert takes over "
+                                                               "at the student's first mistake, first round")
+    takeover_end: float = Field(0.0, ge=0, le=1, description="that share in the last round (the help decays to it)")
+    expert_labels: int = Field(0, ge=0, description="DAgger: per own episode, up to this many states where the "
+                                                    "expert's action differs from the student's become CE targets "
+                                                    "(the student's thought, the expert's action); 0 = off")
+
+    def at_round(self, start: float, end: float, round_index: int) -> float:
+        """A linear schedule from ``start`` (round 0) to ``end`` (the last round)."""
+        return start if self.rounds == 1 else start + (end - start) * round_index / (self.rounds - 1)
+
+
 class MethodParams(_Strict):
     loss: Literal["sad", "token_kd", "sft"]
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = Field(
@@ -245,11 +268,15 @@ class MethodParams(_Strict):
     normalisation: Literal["per_kind_mean", "token_sum"] = "per_kind_mean"
     ce_act: float = Field(0.0, ge=0, description="weight of an extra CE term on the teacher's ACT tokens")
     curriculum: bool = Field(True, description="false = no-curriculum ablation (when distill.curriculum is on)")
+    onpolicy: OnPolicyParams | None = Field(None, description="on-policy rounds after the off-policy training "
+                                                              "(null: off-policy only)")
 
     @model_validator(mode="after")
     def _weights(self) -> MethodParams:
         if self.loss == "sad" and self.lambda_reason + self.lambda_act == 0:
             raise ValueError("sad needs lambda_reason + lambda_act > 0")
+        if self.onpolicy is not None and self.loss == "sft":
+            raise ValueError("onpolicy needs a teacher to score the student's own tokens: use loss sad or token_kd")
         return self
 
     @property
@@ -267,7 +294,13 @@ class MethodParams(_Strict):
         else:
             text = f"{self.lambda_reason:g}*{d}[reason] + {self.lambda_act:g}*{d}[act], {self.normalisation}"
         text += f", T={self.temperature:g}" + (f", +{self.ce_act:g}*CE[act]" if self.ce_act else "")
-        return text + ("" if self.curriculum else ", no curriculum")
+        text += "" if self.curriculum else ", no curriculum"
+        if self.onpolicy is not None:
+            o = self.onpolicy
+            text += (f"; then {o.rounds} on-policy round(s) ({o.divergence or self.divergence} on the student's own "
+                     f"tokens" + (f", expert takeover {o.takeover_start:g}->{o.takeover_end:g}" if o.takeover_start else "")
+                     + (f", expert labels x{o.expert_labels}" if o.expert_labels else "") + ")")
+        return text
 
 
 class CurriculumParams(_Strict):

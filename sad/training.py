@@ -26,7 +26,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from sad import losses
 from sad.config import CurriculumParams, MethodParams, TrainParams
+from sad.io import atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,36 @@ def evaluate_dev(model, rows: list[dict], method: MethodParams, pad_id: int, dev
 
 
 # --------------------------------------------------------------------------- loop
+def save_phase(folder: Path, model, result, key: str) -> None:
+    """A finished phase: the trained weights (only the trainable ones under LoRA), its result and key."""
+    from safetensors.torch import save_file, save_model
+
+    with atomic_dir(folder) as tmp:
+        trainable = _trainable_state(model)
+        if trainable is None:
+            save_model(model, str(tmp / "weights.safetensors"))  # handles tied embeddings
+        else:
+            save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "weights.safetensors"))
+        write_json_atomic(tmp / "result.json", {**asdict(result), "key": key})
+
+
+def load_phase(folder: Path, model, key: str):
+    """The result of a finished phase with this ``key`` (its weights loaded into ``model``), else None."""
+    from safetensors.torch import load_file, load_model
+
+    try:
+        saved = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.pop("key", None) != key:
+        return None
+    if _trainable_state(model) is None:
+        load_model(model, str(folder / "weights.safetensors"))
+    else:
+        model.load_state_dict(load_file(str(folder / "weights.safetensors")), strict=False)
+    return TrainResult(**saved)
+
+
 def train_lm(
     model,
     windows: pd.DataFrame,

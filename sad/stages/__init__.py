@@ -48,8 +48,6 @@ from sad.stages.segment import run_segment
 from sad.stages.select import _seed_gate_values, best_student, replay_per_task, run_select
 from sad.stages.tasks import run_tasks
 from sad.stages.teacher import (
-    _load_phase,
-    _save_phase,
     dagger_rounds,
     dagger_summary,
     dagger_tasks,

@@ -15,8 +15,10 @@ from sad.stages.layout import (
     fingerprint,
     is_main_process,
     mean_over_seeds,
+    read_episodes,
     segments_dir,
     student_dir,
+    tasks_root,
     teacher_dir,
     teacher_logits_dir,
     tokenizer_dir,
@@ -106,14 +108,28 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
         student = build_llama(arch, tokenizer, p.context.max_tokens, seed=seed)
         shape = arch.model_dump()
     online = spec.needs_teacher and cached is None
-    result = train_lm(student, train_w, spec, train, tokenizer.pad_token_id,
-                      teacher=teacher if online else None, cached=cached, dev_windows=dev_w,
-                      curriculum_order=order, curriculum=p.distill.curriculum,
-                      checkpoint_dir=checkpoint_dir(checkpoint_for or out_dir),
-                      fingerprint=fingerprint(method, seed, shape, spec.model_dump(),
-                                              p.distill.model_dump(exclude={"methods", "seeds", "scaling", "student"}),
-                                              p.context.model_dump(), data_hash),
-                      on_log=on_log, progress=progress, desc=f"distill {method} seed {seed}")
+    ckpt = checkpoint_dir(checkpoint_for or out_dir)
+    key = fingerprint(method, seed, shape, spec.model_dump(), p.distill.model_dump(exclude={"methods", "seeds", "scaling", "student"}),
+                      p.context.model_dump(), data_hash)
+
+    def off_policy():
+        return train_lm(student, train_w, spec, train, tokenizer.pad_token_id,
+                        teacher=teacher if online else None, cached=cached, dev_windows=dev_w,
+                        curriculum_order=order, curriculum=p.distill.curriculum, checkpoint_dir=ckpt, fingerprint=key,
+                        on_log=on_log, progress=progress, desc=f"distill {method} seed {seed}")
+
+    rounds: list[dict[str, Any]] = []
+    if spec.onpolicy is None:
+        result = off_policy()
+    else:  # the off-policy phase is kept, so that a crash in a round resumes after it
+        from sad.training import load_phase, save_phase
+
+        result = load_phase(ckpt / "offpolicy", student, key)
+        if result is None:
+            result = off_policy()
+            save_phase(ckpt / "offpolicy", student, result, key)
+        rounds = onpolicy_rounds(p, spec, student, teacher, tokenizer, train_w, dev_w, seed, ckpt / "onpolicy", key,
+                                 on_log, progress)
     if not is_main_process():
         return {}, []
     n_student, n_teacher = count_parameters(student), count_parameters(teacher)
@@ -123,13 +139,82 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
         "arch": shape, "final_loss": result.final_loss, "dev": result.dev,
         "teacher_logits": p.distill.teacher_logits.mode if spec.needs_teacher else "-",
         "curriculum": order is not None, "data_hash": data_hash,
+        **({"onpolicy_rounds": rounds} if rounds else {}),
     }
     save_model(student, tokenizer, out_dir, card)
+    if rounds:  # each round's student data, versioned with the student (a rerun reproduces it)
+        import shutil
+
+        shutil.copytree(ckpt / "onpolicy" / "episodes", out_dir / "onpolicy")
+        shutil.rmtree(ckpt, ignore_errors=True)  # the phases kept for resuming
     metrics = {"parameters": n_student, "compression": card["compression"], "final_loss": result.final_loss,
                "steps": result.steps, "train_tokens_per_s": result.tokens_per_second,
                "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
-               **{f"dev_{k}": v for k, v in result.dev.items()}}
+               **{f"dev_{k}": v for k, v in result.dev.items()},
+               **{f"onpolicy_r{r['round']}_{k}": v for r in rounds for k, v in r.items() if k != "round"}}
     return metrics, result.history
+
+
+def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_windows, dev_windows, seed: int, work: Path,
+                    key: str, on_log=None, progress: bool = True) -> list[dict[str, Any]]:
+    """``spec.onpolicy.rounds`` rounds of play -> score -> train on ``student`` (in place; see
+    :mod:`sad.onpolicy`). Each round's episodes and trained weights are kept under ``work`` with their key,
+    so a rerun after a crash resumes at the round it stopped in. Returns one summary per round."""
+    from sad.agent import LMAgent
+    from sad.environments import load_tasks
+    from sad.io import write_jsonl_atomic
+    from sad.onpolicy import act_only, expert_labelled_episodes, mix_windows, play_round, round_summary, round_tasks
+    from sad.segment import segment_episodes
+    from sad.training import IMITATION, load_phase, save_phase, train_lm
+
+    o = spec.onpolicy
+    by_env = {env: load_tasks(tasks_root(p), env, "train") for env in p.tasks.envs}
+    task_of = {t.task_id: t for tasks in by_env.values() for t in tasks}
+    round_spec = spec.model_copy(update={"divergence": o.divergence or spec.divergence, "onpolicy": None})
+    train = p.distill.train.model_copy(update={"seed": seed, "epochs": o.epochs})
+    summaries = []
+    for r in range(o.rounds):
+        key = fingerprint(key, o.model_dump(), r)
+        tasks = round_tasks(by_env, o.tasks, r)
+        played = work / "episodes" / f"round-{r}.jsonl"
+        key_file = work / "episodes" / f"round-{r}.key"
+        if played.is_file() and key_file.is_file() and key_file.read_text() == key:
+            episodes = read_episodes(played)
+        else:
+            log.info("on-policy round %d: the student plays %d train tasks", r, len(tasks))
+            student.eval()
+            agent = LMAgent(student, tokenizer, p.context.max_new_tokens, temperature=p.rollout.temperature,
+                            seed=p.rollout.seed)
+            episodes = play_round(agent, tasks, tasks_root(p), p, o.at_round(o.takeover_start, o.takeover_end, r), seed,
+                                  r, progress)
+            write_jsonl_atomic(played, (e.to_dict() for e in episodes))
+            write_text_atomic(key_file, key)
+        fraction = o.at_round(o.fraction_start, o.fraction_end, r)
+        own = segment_episodes(episodes, tokenizer, p.context.max_tokens, p.context.history_steps,
+                               what=f"on-policy round {r}").windows
+        mixed = mix_windows(own, teacher_windows, fraction, seed, r)
+        labelled = [lab for e in episodes if e.agent.startswith("student")
+                    for lab in expert_labelled_episodes(e, task_of[e.task_id], tasks_root(p), o.expert_labels)] \
+            if o.expert_labels else []
+        summary = {**round_summary(episodes, r), "own_windows": len(own), "windows": len(mixed), "fraction": fraction,
+                   "expert_labels": len(labelled)}
+        done = load_phase(work / f"round-{r}", student, key)
+        if done is None:
+            student.train()
+            done = train_lm(student, mixed, round_spec, train, tokenizer.pad_token_id, teacher=teacher,
+                            dev_windows=dev_windows, checkpoint_dir=work / f"round-{r}-checkpoint",
+                            fingerprint=fingerprint(key, file_hash(played)), on_log=on_log, progress=progress,
+                            desc=f"on-policy round {r} seed {seed}")
+            if labelled:  # CE on the expert's action after the student's own thought
+                windows = act_only(segment_episodes(labelled, tokenizer, p.context.max_tokens, p.context.history_steps,
+                                                    what=f"expert labels, round {r}").windows)
+                train_lm(student, windows, IMITATION, train, tokenizer.pad_token_id, progress=progress,
+                         desc=f"expert labels round {r} seed {seed}")
+            save_phase(work / f"round-{r}", student, done, key)
+        summaries.append({**summary, "final_loss": done.final_loss, **{f"dev_{k}": v for k, v in done.dev.items()}})
+        log.info("on-policy round %d: %s", r, summaries[-1])
+    student.eval()
+    return summaries
 
 
 def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> dict[str, Any]:

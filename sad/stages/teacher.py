@@ -4,15 +4,12 @@ shipped teacher as it is.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sad.config import Params
 from sad.environments import load_tasks
-from sad.io import atomic_dir, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from sad.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from sad.modeling import read_pretrained_arch
 from sad.react import Episode
 from sad.stages.layout import (
@@ -113,40 +110,6 @@ def dagger_tasks(p: Params, round_index: int) -> list[Task]:
     return tasks
 
 
-def _save_phase(folder: Path, model, result, key: str) -> None:
-    """A finished phase: the trained weights (only the trainable ones under LoRA), its result and key."""
-    from safetensors.torch import save_file, save_model
-
-    from sad.training import _trainable_state
-
-    with atomic_dir(folder) as tmp:
-        trainable = _trainable_state(model)
-        if trainable is None:
-            save_model(model, str(tmp / "weights.safetensors"))  # handles tied embeddings
-        else:
-            save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "weights.safetensors"))
-        write_json_atomic(tmp / "result.json", {**asdict(result), "key": key})
-
-
-def _load_phase(folder: Path, model, key: str):
-    """The result of a finished phase with this ``key`` (its weights loaded into ``model``), else None."""
-    from safetensors.torch import load_file, load_model
-
-    from sad.training import TrainResult, _trainable_state
-
-    try:
-        saved = json.loads((folder / "result.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if saved.pop("key", None) != key:
-        return None
-    if _trainable_state(model) is None:
-        load_model(model, str(folder / "weights.safetensors"))
-    else:
-        model.load_state_dict(load_file(str(folder / "weights.safetensors")), strict=False)
-    return TrainResult(**saved)
-
-
 def dagger_rounds(p: Params, model, tokenizer, demos: list[Episode], imitation, base_fingerprint: str, on_log=None,
                   progress: bool = True):
     """Imitation (``imitation()``, training ``model`` in place), then ``teacher.dagger.rounds`` rounds of
@@ -164,17 +127,17 @@ def dagger_rounds(p: Params, model, tokenizer, demos: list[Episode], imitation, 
     from sad.agent import LMAgent
     from sad.rollout import play_takeover
     from sad.segment import segment_episodes
-    from sad.training import IMITATION, split_dev, train_lm
+    from sad.training import IMITATION, load_phase, save_phase, split_dev, train_lm
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("teacher.dagger plays episodes between training rounds and runs in one process; "
                            "run the teacher stage without accelerate launch (or set teacher.dagger: null)")
     d, root = p.teacher.dagger, dagger_dir(p)
     key = base_fingerprint
-    result = _load_phase(root / "imitation", model, key)
+    result = load_phase(root / "imitation", model, key)
     if result is None:
         result = imitation()
-        _save_phase(root / "imitation", model, result, key)
+        save_phase(root / "imitation", model, result, key)
     else:
         log.info("dagger: imitation already done (%s), resuming after it", root / "imitation")
     summaries = []
@@ -201,7 +164,7 @@ def dagger_rounds(p: Params, model, tokenizer, demos: list[Episode], imitation, 
                                what=f"dagger round {r}")
         train_w, dev_w = split_dev(seg.windows, d.train.dev_fraction, d.train.seed)
         summaries.append(dagger_summary(takeover, len(train_w)))
-        done = _load_phase(round_dir / "trained", model, key)
+        done = load_phase(round_dir / "trained", model, key)
         if done is not None:
             result = done
             continue
@@ -209,7 +172,7 @@ def dagger_rounds(p: Params, model, tokenizer, demos: list[Episode], imitation, 
         result = train_lm(model, train_w, IMITATION, d.train, tokenizer.pad_token_id, dev_windows=dev_w,
                           checkpoint_dir=round_dir / "checkpoint", fingerprint=fingerprint(key, file_hash(played)),
                           on_log=on_log, progress=progress, desc=f"teacher dagger {r}")
-        _save_phase(round_dir / "trained", model, result, key)
+        save_phase(round_dir / "trained", model, result, key)
     model.eval()
     return result, summaries
 
