@@ -258,42 +258,84 @@ def reasoning_plot(results: dict[str, dict[str, Any]], path: Path, split: str = 
     _save(fig, path)
 
 
-def read_curves(folder: Path, methods: list[str]) -> dict[str, dict[int, list[tuple[int, float]]]]:
-    """``metrics/curves/<method>.csv`` -> {method: {seed: [(step, loss)]}}."""
-    out: dict[str, dict[int, list[tuple[int, float]]]] = {}
+def read_curves(folder: Path, methods: list[str]) -> dict[str, dict[int, list[tuple[int, float, str]]]]:
+    """``metrics/curves/<method>.csv`` -> {method: {seed: [(step, loss, phase)]}} (phase: ``off-policy`` or
+    ``round <r>`` of on-policy training; files without the column are all off-policy)."""
+    out: dict[str, dict[int, list[tuple[int, float, str]]]] = {}
     for method in methods:
         path = folder / f"{method}.csv"
         if not path.is_file():
             continue
         with path.open() as fh:
             for row in csv.DictReader(fh):
-                out.setdefault(method, {}).setdefault(int(row["seed"]), []).append((int(row["step"]), float(row["loss"])))
+                out.setdefault(method, {}).setdefault(int(row["seed"]), []).append(
+                    (int(row["step"]), float(row["loss"]), row.get("phase") or "off-policy"))
     return out
 
 
-def curves_plot(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Path) -> None:
-    """Training loss against step, one line per method and seed."""
+def curves_plot(curves: dict[str, dict[int, list[tuple[int, float, str]]]], path: Path) -> None:
+    """Training loss against step, one line per method and seed; a dotted line where an on-policy round starts."""
     plt = _figure()
     fig, axes = plt.subplots(1, max(len(curves), 1), figsize=(3.2 * max(len(curves), 1), 3.2), squeeze=False)
     for ax, (method, by_seed) in zip(axes[0], curves.items()):
         for seed, points in sorted(by_seed.items()):
-            ax.plot([s for s, _ in points], [v for _, v in points], label=f"seed {seed}", linewidth=1)
+            ax.plot([s for s, _, _ in points], [v for _, v, _ in points], label=f"seed {seed}", linewidth=1)
+        first = next(iter(sorted(by_seed.items())))[1]
+        for (_, _, before), (step, _, phase) in zip(first, first[1:]):
+            if phase != before:
+                ax.axvline(step, color="grey", linestyle=":", linewidth=1)
+                ax.text(step, 1, f" {phase}", transform=ax.get_xaxis_transform(), fontsize=6, va="top")
         ax.set_title(method)
         ax.set_xlabel("step")
         ax.set_yscale("log")
     axes[0][0].set_ylabel("training loss")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Learning curves (each method's own objective)")
+    fig.suptitle("Learning curves (each method's own objective; on-policy rounds after the dotted lines)")
     fig.tight_layout()
     _save(fig, path)
+
+
+def comparison_pairs(onpolicy_methods: list[str]) -> list[tuple[str, str]]:
+    """The paired comparisons of the report: SAD against token-KD, and each on-policy method against
+    off-policy SAD and token-KD."""
+    return [("sad", "token_kd"), *[(m, b) for m in onpolicy_methods for b in ("sad", "token_kd")]]
+
+
+def onpolicy_table(distill_metrics: dict[str, dict[str, Any]], envs: list[str]) -> str:
+    """Per on-policy method, seed and round: what the student did on its own train episodes (success per
+    env, invalid actions), how many the expert took over, the round's windows and expert labels."""
+    lines = ["| method | seed | round | own success | " + " | ".join(envs) + " | invalid actions | taken over | "
+             "own windows / all | expert labels | final loss |",
+             "|---|---|---|---|" + "---|" * len(envs) + "---|---|---|---|---|"]
+    for method, metrics in sorted(distill_metrics.items()):
+        for seed, m in sorted(metrics.get("seeds", {}).items()):
+            r = 0
+            while f"onpolicy_r{r}_episodes" in m:
+                def get(key: str, r: int = r, m: dict = m) -> Any:
+                    return m.get(f"onpolicy_r{r}_{key}")
+
+                invalid = [get(f"{env}_invalid") for env in envs if get(f"{env}_invalid") is not None]
+                row = [f"`{method}`", str(seed), str(r), _pct(get("success")),
+                       *[_pct(get(f"{env}_success")) for env in envs],
+                       _pct(sum(invalid) / len(invalid)) if invalid else "-", str(int(get("taken_over") or 0)),
+                       f"{int(get('own_windows') or 0)} / {int(get('windows') or 0)}", str(int(get("expert_labels") or 0)),
+                       f"{get('final_loss'):.4f}" if get("final_loss") is not None else "-"]
+                lines.append("| " + " | ".join(row) + " |")
+                r += 1
+    return "\n".join(lines) if len(lines) > 2 else "No on-policy method (a method with `onpolicy:` in distill.methods)."
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 PLOTS = ("success.png", "scaling.png", "reasoning.png", "learning_curves.png")
 
 
 def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] | None, profile: str,
-                  objectives: dict[str, str], scaling_md: str, paired_md: str, verdict_md: str,
-                  n_boot: int, confidence: float) -> str:
+                  objectives: dict[str, str], scaling_md: str, paired: list[tuple[str, str, str, str]],
+                  n_boot: int, confidence: float, onpolicy_md: str = "") -> str:
+    """results.md; ``paired``: (a, b, verdict, table) per paired comparison."""
     level = int(confidence * 100)
     parts = [
         "# Structured Agent Distillation: results",
@@ -315,12 +357,8 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
         "",
         step_accuracy_table(results),
         "",
-        "## SAD against token-level KD (paired: same tasks, same seed index)",
-        "",
-        verdict_md,
-        "",
-        paired_md,
-        "",
+        *[line for a, b, verdict_md, table_md in paired for line in (
+            f"## {a} against {b} (paired: same tasks, same seed index)", "", verdict_md, "", table_md, "")],
         "## Behaviour (test; means over seeds)",
         "",
         "CoT match: share of the teacher's test steps where the student's thought, teacher-forced on the same "
@@ -345,6 +383,8 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
         "",
         "![learning curves](learning_curves.png)",
     ]
+    if onpolicy_md:
+        parts += ["", "## On-policy rounds (the students' own train episodes)", "", onpolicy_md]
     if "dev" in next(iter(results.values()), {}).get("splits", {}):
         parts += ["", "## Dev split", "", success_table(results, "dev", n_boot, confidence)]
     if registry:

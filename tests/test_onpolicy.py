@@ -170,6 +170,15 @@ def test_the_distill_stage_runs_on_policy_rounds_and_a_rerun_reproduces_their_da
         assert all(r["episodes"] == 4 and r["own_windows"] > 0 for r in card["onpolicy_rounds"])
         assert "onpolicy_r1_own_windows" in out and "on-policy round" in card["objective"]
         assert not Path(".checkpoints").exists() or not any(Path(".checkpoints").rglob("onpolicy"))
+        from sad.report import curves_plot, read_curves
+
+        curves = read_curves(Path("metrics/curves"), ["onp"])
+        phases = [phase for _, _, phase in curves["onp"][0]]
+        assert phases[0] == "off-policy" and phases[-1] == "round 1" and "round 0" in phases
+        steps = [step for step, _, _ in curves["onp"][0]]
+        assert steps == sorted(steps)  # the curve goes on through the rounds
+        curves_plot(curves, tmp_path / "curves.png")
+        assert (tmp_path / "curves.png").stat().st_size > 1000
         run_distill(p, "onp", progress=False)  # from scratch again: the same student data, round by round
         assert [r.read_bytes() for r in rounds] == first
     finally:
@@ -187,3 +196,19 @@ def test_onpolicy_settings_are_checked_with_clear_messages():
     spec = parse_params({"distill": {"methods": {"x": {"loss": "sad", "onpolicy": {"rounds": 2, "expert_labels": 3}}},
                                      "scaling": {"method": "x"}}}).distill.methods["x"]
     assert spec.describe().endswith("then 2 on-policy round(s) (reverse_kl on the student's own tokens, expert labels x3)")
+
+
+def test_the_report_compares_each_on_policy_method_and_tabulates_its_rounds():
+    from sad.report import comparison_pairs, onpolicy_table
+
+    assert comparison_pairs([]) == [("sad", "token_kd")]
+    assert comparison_pairs(["onp"]) == [("sad", "token_kd"), ("onp", "sad"), ("onp", "token_kd")]
+    seed = {"onpolicy_r0_episodes": 4, "onpolicy_r0_success": 0.25, "onpolicy_r0_alfworld_success": 0.5,
+            "onpolicy_r0_alfworld_invalid": 0.2, "onpolicy_r0_taken_over": 2, "onpolicy_r0_own_windows": 7,
+            "onpolicy_r0_windows": 9, "onpolicy_r0_expert_labels": 3, "onpolicy_r0_final_loss": 0.5,
+            "onpolicy_r1_episodes": 4, "onpolicy_r1_success": 0.5, "onpolicy_r1_own_windows": 5, "onpolicy_r1_windows": 5}
+    table = onpolicy_table({"onp": {"seeds": {"0": seed}}}, ["alfworld", "hotpotqa"])
+    rows = table.splitlines()[2:]
+    assert rows[0] == "| `onp` | 0 | 0 | 25.0% | 50.0% | - | 20.0% | 2 | 7 / 9 | 3 | 0.5000 |"
+    assert rows[1] == "| `onp` | 0 | 1 | 50.0% | - | - | - | 0 | 5 / 5 | 0 | - |"
+    assert onpolicy_table({}, ["alfworld"]).startswith("No on-policy method")

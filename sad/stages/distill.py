@@ -119,6 +119,7 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
                         on_log=on_log, progress=progress, desc=f"distill {method} seed {seed}")
 
     rounds: list[dict[str, Any]] = []
+    histories: list[list[dict]] = []
     if spec.onpolicy is None:
         result = off_policy()
     else:  # the off-policy phase is kept, so that a crash in a round resumes after it
@@ -128,8 +129,8 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
         if result is None:
             result = off_policy()
             save_phase(ckpt / "offpolicy", student, result, key)
-        rounds = onpolicy_rounds(p, spec, student, teacher, tokenizer, train_w, dev_w, seed, ckpt / "onpolicy", key,
-                                 on_log, progress)
+        rounds, histories = onpolicy_rounds(p, spec, student, teacher, tokenizer, train_w, dev_w, seed, ckpt / "onpolicy",
+                                            key, on_log, progress)
     if not is_main_process():
         return {}, []
     n_student, n_teacher = count_parameters(student), count_parameters(teacher)
@@ -152,14 +153,19 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
                "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
                **{f"dev_{k}": v for k, v in result.dev.items()},
                **{f"onpolicy_r{r['round']}_{k}": v for r in rounds for k, v in r.items() if k != "round"}}
-    return metrics, result.history
+    history = [{**h, "phase": "off-policy"} for h in result.history]
+    for r, round_history in enumerate(histories):  # the learning curve goes on through the rounds
+        offset = history[-1]["step"] if history else 0
+        history += [{**h, "step": h["step"] + offset, "phase": f"round {r}"} for h in round_history]
+    return metrics, history
 
 
 def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_windows, dev_windows, seed: int, work: Path,
-                    key: str, on_log=None, progress: bool = True) -> list[dict[str, Any]]:
+                    key: str, on_log=None, progress: bool = True) -> tuple[list[dict[str, Any]], list[list[dict]]]:
     """``spec.onpolicy.rounds`` rounds of play -> score -> train on ``student`` (in place; see
     :mod:`sad.onpolicy`). Each round's episodes and trained weights are kept under ``work`` with their key,
-    so a rerun after a crash resumes at the round it stopped in. Returns one summary per round."""
+    so a rerun after a crash resumes at the round it stopped in. Returns (one summary per round, each round's
+    training loss history)."""
     from sad.agent import LMAgent
     from sad.environments import load_tasks
     from sad.io import write_jsonl_atomic
@@ -172,7 +178,7 @@ def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_window
     task_of = {t.task_id: t for tasks in by_env.values() for t in tasks}
     round_spec = spec.model_copy(update={"divergence": o.divergence or spec.divergence, "onpolicy": None})
     train = p.distill.train.model_copy(update={"seed": seed, "epochs": o.epochs})
-    summaries = []
+    summaries, histories = [], []
     for r in range(o.rounds):
         key = fingerprint(key, o.model_dump(), r)
         tasks = round_tasks(by_env, o.tasks, r)
@@ -212,9 +218,10 @@ def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_window
                          desc=f"expert labels round {r} seed {seed}")
             save_phase(work / f"round-{r}", student, done, key)
         summaries.append({**summary, "final_loss": done.final_loss, **{f"dev_{k}": v for k, v in done.dev.items()}})
+        histories.append(done.history)
         log.info("on-policy round %d: %s", r, summaries[-1])
     student.eval()
-    return summaries
+    return summaries, histories
 
 
 def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> dict[str, Any]:
@@ -234,7 +241,7 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
                                               log_seed, progress, checkpoint_for=student_dir(p, method, seed),
                                               keep_layers=keep_layers)
             per_seed[str(seed)] = metrics
-            curves += [{"step": h["step"], "seed": seed, "loss": h["loss"]} for h in history]
+            curves += [{"step": h["step"], "seed": seed, "loss": h["loss"], "phase": h["phase"]} for h in history]
     if not is_main_process():
         return {}
     mean = mean_over_seeds(per_seed)
@@ -242,7 +249,7 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
            "teacher_logits": p.distill.teacher_logits.mode if spec.needs_teacher else "-",
            "curriculum": inputs[6] is not None, "layers_from_teacher": keep_layers, "seeds": per_seed}
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["step", "seed", "loss"])
+    writer = csv.DictWriter(buf, fieldnames=["step", "seed", "loss", "phase"])
     writer.writeheader()
     writer.writerows(curves)
     write_text_atomic(p.path("metrics", "curves", f"{method}.csv"), buf.getvalue())
