@@ -166,6 +166,8 @@ def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_window
     :mod:`sad.onpolicy`). Each round's episodes and trained weights are kept under ``work`` with their key,
     so a rerun after a crash resumes at the round it stopped in. Returns (one summary per round, each round's
     training loss history)."""
+    import os
+
     from sad.agent import LMAgent
     from sad.environments import load_tasks
     from sad.io import write_jsonl_atomic
@@ -173,6 +175,9 @@ def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_window
     from sad.segment import segment_episodes
     from sad.training import IMITATION, load_phase, save_phase, train_lm
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("onpolicy rounds play episodes between trainings and run in one process; run this "
+                           "distill stage without accelerate launch (or remove the method's onpolicy)")
     o = spec.onpolicy
     by_env = {env: load_tasks(tasks_root(p), env, "train") for env in p.tasks.envs}
     task_of = {t.task_id: t for tasks in by_env.values() for t in tasks}
