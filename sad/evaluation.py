@@ -34,7 +34,8 @@ def play_model(model_dir: Path, params: Params, tasks_root: Path, tasks: list[Ta
     episodes = play_agent(tasks, tasks_root, agent, agent_name, params.context.max_tokens, batch_size,
                           progress=progress, stats=stats, history_steps=params.context.history_steps,
                           action_choice=params.agent.action_choice, redraws=params.agent.redraws,
-                          redraw_temperature=params.agent.redraw_temperature)
+                          redraw_temperature=params.agent.redraw_temperature,
+                          stop_after_failures=params.agent.stop_after_failures)
     return episodes, stats
 
 

@@ -59,7 +59,8 @@ def play_round(agent, tasks: list[Task], tasks_root: Path, p: Params, takeover_s
     name = f"student-r{round_index}"
     episodes = play_agent(alone, tasks_root, agent, name, p.context.max_tokens, p.rollout.batch_size, progress=progress,
                           history_steps=p.context.history_steps, action_choice=p.agent.action_choice,
-                          redraws=p.agent.redraws, redraw_temperature=p.agent.redraw_temperature)
+                          redraws=p.agent.redraws, redraw_temperature=p.agent.redraw_temperature,
+                          stop_after_failures=p.agent.stop_after_failures)
     if guided:
         helped = play_takeover(guided, tasks_root, agent, p.context.max_tokens, p.rollout.batch_size,
                                p.context.history_steps, progress=progress)

@@ -109,6 +109,16 @@ def repeats_a_failure(steps: list[Step], action: str) -> int | None:
                  if s.action.lower() == action.lower() and s.observation.startswith(_NOT_FOUND)), None)
 
 
+def trailing_failures(steps: list[Step]) -> int:
+    """How many of the latest steps failed in a row (:func:`failed`)."""
+    count = 0
+    for step in reversed(steps):
+        if not failed(step):
+            break
+        count += 1
+    return count
+
+
 def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False, perturb: float = 0.0,
                 seed: int = 0, repeat_share: float = 0.0) -> list[Episode]:
     """The environment's expert plays each task; its thoughts and actions form the demos.
@@ -250,6 +260,7 @@ def play_agent(
     action_choice: str = "free",
     redraws: int = 0,
     redraw_temperature: float = 0.7,
+    stop_after_failures: int = 0,
 ) -> list[Episode]:
     """Play ``tasks`` with ``agent``, keeping up to ``batch_size`` episodes in flight.
 
@@ -265,6 +276,10 @@ def play_agent(
     action would repeat a failure with nothing changed since, is sampled again (at ``redraw_temperature``)
     up to that many times; an admissible choice then skips actions that would repeat a failure.
     ``episode.meta["redrawn_steps"]`` counts the steps that needed it.
+
+    ``stop_after_failures`` > 0 ends an episode, lost, once that many steps in a row failed
+    (:func:`trailing_failures`): a stuck agent stops early instead of looping to the step cap, and
+    ``episode.meta["stopped_stuck"]`` says whether it did.
     """
     if action_choice not in ACTION_CHOICES:
         raise ValueError(f"action_choice must be one of {ACTION_CHOICES}, got {action_choice!r}")
@@ -315,7 +330,11 @@ def play_agent(
                         valid=obs.valid and parsed.has_action, generated_tokens=gen.n_tokens, latency_s=gen.seconds)
             slot.episode.steps.append(step)
             slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
-            if obs.done or slot.episode.n_steps >= slot.env.max_steps:
+            stuck = bool(stop_after_failures) and not obs.done and \
+                trailing_failures(slot.episode.steps) >= stop_after_failures
+            if obs.done or stuck or slot.episode.n_steps >= slot.env.max_steps:
+                if stop_after_failures:
+                    slot.episode.meta["stopped_stuck"] = stuck
                 slot.episode.success, slot.episode.reward = obs.success, obs.reward
                 slot.episode.meta.update(final_scores(obs))
                 results[index] = slot.episode

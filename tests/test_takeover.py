@@ -71,6 +71,35 @@ def test_takeover_without_a_mistake_is_the_expert_demo(task_root, tokenizer, dem
         assert episode.success
 
 
+def test_a_stuck_agent_stops_after_failed_steps_in_a_row_and_the_rate_is_reported(task_root, tokenizer, demos):
+    """``stop_after_failures``: an agent that keeps sending a rejected action ends, lost, after that many
+    failures in a row; the expert's first steps (valid) do not count; off (0), it plays to the step cap."""
+    import dataclasses
+
+    from sad.metrics import summarize
+    from sad.react import Step
+    from sad.rollout import play_agent, trailing_failures
+
+    ok, bad = Step("", "go to desk 1", "You arrive at desk 1."), Step("", "go to nowhere 9", "Nothing happens.")
+    assert [trailing_failures(s) for s in ([], [ok], [bad, ok], [ok, bad, bad], [bad, bad, bad])] == [0, 0, 0, 2, 3]
+
+    uncapped = load_tasks(task_root, "alfworld", "test")[:2]
+    tasks = [dataclasses.replace(t, meta={**t.meta, "max_steps": 12}) for t in uncapped]
+    agent = ReplayAgent(tokenizer, play_expert(tasks, task_root), agree=2)
+    stopped = play_agent(tasks, task_root, agent, "m", max_tokens=10**6, batch_size=2, stop_after_failures=4)
+    assert [e.n_steps for e in stopped] == [6, 6] and all(e.meta["stopped_stuck"] and not e.success for e in stopped)
+    assert all(trailing_failures(e.steps) == 4 and all(s.valid for s in e.steps[:2]) for e in stopped)
+    assert summarize(stopped, tokenizer)["stuck_stop_rate"] == 1.0
+    capped = play_agent(tasks, task_root, agent, "m", max_tokens=10**6, batch_size=2)
+    assert [e.n_steps for e in capped] == [12, 12] and not any("stopped_stuck" in e.meta for e in capped)
+    assert "stuck_stop_rate" not in summarize(capped, tokenizer)
+    # an episode that ends on its own is not "stopped stuck" (the budget keeps every step for the replay's count)
+    won = play_agent(uncapped, task_root, ReplayAgent(tokenizer, play_expert(uncapped, task_root), agree=99), "m",
+                     max_tokens=10**6, batch_size=2, stop_after_failures=4)
+    assert all(e.success and e.meta["stopped_stuck"] is False for e in won)
+    assert summarize(won, tokenizer)["stuck_stop_rate"] == 0.0
+
+
 def test_the_teacher_stage_runs_a_dagger_round_and_resumes_without_replaying(tmp_path, monkeypatch, demos):
     """teacher.dagger: imitation, then the teacher plays its block of train tasks with the expert taking over,
     then training goes on over those episodes and a sample of demos; the card and metrics say what happened."""
