@@ -350,8 +350,8 @@ def gate_and_promote(tracking: TrackingParams, version: str, standing: Standing,
     if promoted:
         promote(tracking, version, "; ".join(reasons))
     else:
-        client.set_model_version_tag(tracking.registered_model, version, DECISION_TAG,
-                                     "kept champion: " + "; ".join(reasons))
+        kept = "kept champion" if before else "not promoted, no champion yet"
+        client.set_model_version_tag(tracking.registered_model, version, DECISION_TAG, f"{kept}: " + "; ".join(reasons))
     after = version if promoted else before
     decision = Decision(version, promoted, reasons, before, after, asdict(standing))
     mv = client.get_model_version(tracking.registered_model, version)
@@ -367,8 +367,8 @@ def decision_summary(decision: Decision) -> str:
     if decision.promoted:
         before = f"v{decision.champion_before}" if decision.champion_before else "none"
         return f"v{decision.version} promoted to @{CHAMPION} (was {before}): every gate passed"
-    holder = f"v{decision.champion_after}" if decision.champion_after else "no champion"
-    return f"v{decision.version} not promoted, @{CHAMPION} stays {holder}: " + (failed[0] if failed else decision.reason)
+    holder = f"@{CHAMPION} stays v{decision.champion_after}" if decision.champion_after else f"no @{CHAMPION} yet"
+    return f"v{decision.version} not promoted, {holder}: " + (failed[0] if failed else decision.reason)
 
 
 def decision_markdown(decision: Decision) -> str:
