@@ -5,6 +5,7 @@ the pipeline never downloads at run time).
 * :func:`model_source` resolves a spec to a local folder (and GGUF file name), or raises
   :class:`ModelUnavailable` saying what to download and where to put it;
 * :func:`convert_to_safetensors` writes a plain safetensors folder (model + tokenizer), atomically;
+  a GGUF file is dequantised once per machine (:func:`gguf_converted`, kept under :func:`cache_root`);
 * :func:`layer_subset` builds a student from a teacher by keeping some of its decoder layers;
 * :func:`add_lora` / :func:`save_adapter`: a LoRA adapter (peft) over a pretrained teacher, shipped
   alone (a few MB) and merged into its base by :func:`load_pretrained` when a source is an adapter folder.
@@ -108,20 +109,61 @@ def load_pretrained(source: ModelSource):
 
         model, tokenizer = load_pretrained(model_source(source.base))
         return PeftModel.from_pretrained(model, str(source.folder)).merge_and_unload().float(), tokenizer
-    if source.gguf_file:
-        from transformers import GgufConfig
+    folder = gguf_converted(source) if source.gguf_file else source.folder
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.float(), tokenizer
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: ``$SAD_CACHE_DIR``, else ``$XDG_CACHE_HOME/sad`` (``~/.cache/sad``)."""
+    if os.environ.get("SAD_CACHE_DIR"):
+        return Path(os.environ["SAD_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sad"
+
+
+def gguf_converted(source: ModelSource) -> Path:
+    """A safetensors folder (float32 weights, tokenizer) holding ``source``'s GGUF file dequantised.
+
+    transformers' GGUF reader takes ~40 s for SmolLM2-135M on 2 cores (parsing the file's metadata
+    twice, in Python); the result is the same every time, so it is kept in :func:`cache_root` under
+    the file's content hash and the transformers version, and later loads take ~2 s. Concurrent first
+    loads convert once (a file lock); a folder appears whole or not at all."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import transformers
+    from filelock import FileLock
+
+    gguf = source.folder / str(source.gguf_file)
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    target = cache_root() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}-transformers{transformers.__version__}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         kwargs = {"gguf_file": source.gguf_file}
         tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **kwargs)
         # Without dequantize=True the model keeps a GGUF quantizer attached and cannot be saved.
         model = AutoModelForCausalLM.from_pretrained(str(source.folder), quantization_config=GgufConfig(dequantize=True),
                                                      **kwargs)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.folder))
-        model = AutoModelForCausalLM.from_pretrained(str(source.folder), use_safetensors=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.float(), tokenizer
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            model.float().save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)  # a folder without its weights is not a cache entry
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def convert_to_safetensors(source: ModelSource, out_dir: str | Path, card: dict | None = None) -> dict:

@@ -41,6 +41,17 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: (-slow.get(file_of(item), 0), order[file_of(item)]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """One cache of converted models (``SAD_CACHE_DIR``: SmolLM2's GGUF dequantised once) for the whole
+    run, shared by both xdist workers and the processes tests start; fresh in every run, so the first
+    test that loads the wheel's model converts it for real."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "sad-cache"
+    os.environ.setdefault("SAD_CACHE_DIR", str(root))
+    return Path(os.environ["SAD_CACHE_DIR"])
+
+
 @pytest.fixture(scope="session")
 def small_params():
     from sad.config import parse_params

