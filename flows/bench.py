@@ -118,6 +118,7 @@ def run_suite(p: Params, project: Path, quick: bool = False, log=print) -> dict[
         "rollout_batched_speedup": out["rollout"]["speedup_episodes_per_s"],
         "prefill_tokens_cut": out["rollout"]["prefill_tokens_cut"],
         "training_mfu_sft": tr["mfu"]["sft"],
+        "training_mfu_teacher_sft": tr["mfu"]["teacher_sft"],
         "sad_overhead_vs_token_kd": tr["sad_overhead_vs_token_kd"],
         "cache_bytes_ratio": tr["cache"]["bytes_ratio"],
         "cache_sweep_time_saved": tr["cache"]["sweep_one_pass_time_saved"],

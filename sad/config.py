@@ -320,7 +320,7 @@ class TeacherLogitsParams(_Strict):
     mode: Literal["cached", "online"] = Field("cached", description="cached top-k stage output, or a teacher "
                                                                     "forward inside the training loop")
     top_k: int = Field(16, ge=1, le=4096, description="teacher log-probs kept per generated position")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1, description="windows per teacher forward (batched in order of length)")
 
 
 def _default_methods() -> dict[str, MethodParams]:

@@ -73,7 +73,10 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     assert out["rollout"]["speedup_episodes_per_s"] > 0 and out["rollout"]["same_steps"] is True
     assert out["rollout"]["prefill_tokens_cut"] > 1  # the prefix store reused earlier contexts
     assert 0 < out["training"]["mfu"]["sft"] < 1.5 and out["training"]["mfu"]["matmul_peak_flops_per_s"] > 1e8
-    assert set(out["training"]["tokens_per_s"]) == {"sad", "token_kd", "sft", "sad_online", "token_kd_online"}
+    assert set(out["training"]["tokens_per_s"]) == {"sad", "token_kd", "sft", "sad_online", "token_kd_online", "teacher_sft"}
+    setup = out["training"]["setup"]  # the tiny profile trains its teacher from scratch: teacher.arch, distill.student
+    assert "from scratch" in setup["models"]["as"] and setup["teacher"]["layers"] == 1 and setup["student"]["hidden_size"] == 16
+    assert 0 < out["training"]["mfu"]["teacher_sft"] < 1.5
     assert 0 < out["training"]["cache"]["bytes_ratio"] < 0.1
     assert out["student_vs_teacher"]["student"]["parameters"] < out["student_vs_teacher"]["teacher"]["parameters"]
     assert out["pipeline"]["prefect"]["flow_run_s"] > 0

@@ -55,3 +55,31 @@ def test_precision_benchmark_times_fp32_and_bf16_autocast_on_cpu():
     out = benchmark_precision(config, batch_size=2, seq_len=32, steps=1)
     assert out["fp32"]["tokens_per_s"] > 0 and out["bf16_autocast"]["tokens_per_s"] > 0
     assert out["bf16_speedup"] > 0 and out["matmul_peak_gflops"]["fp32"] > 0.1 and out["matmul_peak_gflops"]["bf16"] > 0.1
+
+
+def test_training_benchmark_times_the_projects_own_teacher_and_layer_subset_student(tmp_path, monkeypatch):
+    """With a pretrained teacher, the training benchmark builds the teacher stage's architecture and a student
+    with len(distill.student_layers) of its layers (not the from-scratch sizes, which the default never
+    trains); from scratch, it keeps teacher.arch and distill.student."""
+    from transformers import LlamaConfig
+
+    from sad.bench.training import benchmark_training, project_model_configs
+    from sad.config import load_params, parse_params
+
+    from .conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    p = load_params(REPO / "params.yaml")  # the default: the shipped teacher, 8 of its layers per student
+    LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=10, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True).save_pretrained("models/teacher")
+    models = project_model_configs(p)
+    assert models["from"] == "models/teacher" and models["teacher"]["num_hidden_layers"] == 10
+    assert models["student"]["num_hidden_layers"] == len(p.distill.student_layers) == 8
+    assert models["student"]["num_key_value_heads"] == 2 and models["student"]["vocab_size"] == 96
+    assert project_model_configs(parse_params({"teacher": {"source": None}, "distill": {"student_layers": None}})) is None
+
+    out = benchmark_training(p, steps=1, batch_size=2, max_tokens=128, isolated=False)
+    assert out["setup"]["teacher"] == {"parameters": out["setup"]["teacher"]["parameters"], "layers": 10, "hidden_size": 32}
+    assert out["setup"]["student"]["layers"] == 8 and out["setup"]["vocab"] == 96
+    assert out["setup"]["teacher"]["parameters"] > out["setup"]["student"]["parameters"] > 0
+    assert out["mfu"]["teacher_sft"] > 0 and out["tokens_per_s"]["teacher_sft"] > 0

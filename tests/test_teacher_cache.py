@@ -80,3 +80,20 @@ def test_the_same_cache_is_written_byte_for_byte_the_same(windows, tokenizer, ti
         assert len(fh.metadata()) == 1
     loaded = load_cache(tmp_path / "a", "h")
     assert (loaded.vocab_size, loaded.windows_hash, loaded.top_k) == (cache.vocab_size, "h", cache.top_k)
+
+
+def test_windows_batched_by_length_keep_their_order_in_the_cache(windows, tokenizer, tiny_model_factory):
+    """Batches are formed in order of window length (less padding); every window's rows stay where the
+    windows' order puts them: the same cache as one window at a time."""
+    teacher = tiny_model_factory(hidden=32, seed=5)
+    lengths = windows["input_ids"].map(len)
+    assert lengths.nunique() > 2 and not lengths.is_monotonic_increasing  # batching by length reorders them
+    args = dict(top_k=8, temperatures=[1.0, 2.0], pad_id=tokenizer.pad_token_id, windows_hash="h", progress=False)
+    batched = build_topk_cache(teacher, windows, batch_size=3, **args)
+    single = build_topk_cache(teacher, windows, batch_size=1, **args)
+    assert torch.equal(batched.offsets, single.offsets) and torch.equal(batched.indices, single.indices)
+    for key in single.logp:
+        assert torch.allclose(batched.logp[key].float(), single.logp[key].float(), atol=2e-3)
+    for key in single.tail:
+        assert torch.allclose(batched.tail[key], single.tail[key], atol=1e-4)
+    assert torch.allclose(batched.entropy_sum, single.entropy_sum, rtol=1e-4)

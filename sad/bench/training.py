@@ -2,7 +2,9 @@
 
 All figures come from one run on the same synthetic windows (shaped like the pipeline's: a
 prompt, then REASON/ACT/observation spans, lengths up to ``context.max_tokens``) and the
-params' teacher and student sizes. Each configuration runs in a fresh subprocess so that its
+project's teacher and student: the pretrained teacher's architecture and its layer-subset student
+when ``teacher.source`` is set (weights randomly initialised: only the shapes matter), else
+``teacher.arch`` and ``distill.student``. Each configuration runs in a fresh subprocess so that its
 peak memory (``ru_maxrss``) is its own.
 """
 
@@ -55,13 +57,66 @@ def _tokenizer_stub(vocab: int):
     return _Tok()
 
 
+def project_model_configs(p) -> dict[str, Any] | None:
+    """The Hugging Face configs (dicts) of the teacher and of the student the project distils, when its
+    teacher is a pretrained model (``teacher.source``) and its students keep ``distill.student_layers``
+    of the teacher's layers: the teacher stage's model if the pipeline has run (domain vocabulary and
+    all), else the pretrained stage's, else the source itself (a GGUF base through the model cache).
+    None otherwise: the from-scratch ``teacher.arch`` / ``distill.student`` are then what runs."""
+    from transformers import AutoConfig
+
+    from sad.stages.layout import pretrained_dir, teacher_dir
+
+    if p.teacher.source is None or p.distill.student_layers is None:
+        return None
+    folder = next((d for d in (teacher_dir(p), pretrained_dir(p)) if (d / "config.json").is_file()), None)
+    origin = str(folder) if folder else p.teacher.source
+    if folder is None:
+        from sad.pretrained import gguf_converted, model_source
+
+        source = model_source(p.teacher.source)
+        source = model_source(source.base) if source.base else source
+        folder = gguf_converted(source) if source.gguf_file else source.folder
+    teacher = AutoConfig.from_pretrained(str(folder)).to_dict()
+    layers = p.distill.student_layers
+    student = {**teacher, "num_hidden_layers": layers if isinstance(layers, int) else len(layers)}
+    for key in ("layer_types",):  # per-layer lists follow the layer count
+        if isinstance(teacher.get(key), list):
+            student[key] = teacher[key][:student["num_hidden_layers"]]
+    return {"teacher": teacher, "student": student, "from": origin}
+
+
+def _build(config: dict[str, Any], arch: dict[str, Any] | None, tok, max_tokens: int, seed: int):
+    """A randomly initialised model: of a Hugging Face config dict, or of :class:`ArchParams` fields."""
+    import torch
+
+    if config is None:
+        from sad.config import ArchParams
+        from sad.modeling import build_llama
+
+        return build_llama(ArchParams(**arch), tok, max_tokens, seed=seed)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(config)
+    hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(hf_config)
+
+
+def _shape(config: dict[str, Any] | None, arch: dict[str, Any]) -> tuple[int, int]:
+    """(layers, hidden size) of a model built by :func:`_build`."""
+    if config is None:
+        return arch["num_layers"], arch["hidden_size"]
+    return config["num_hidden_layers"], config["hidden_size"]
+
+
 def run_config(config: dict[str, Any]) -> dict[str, Any]:
     """One measurement in this process: build the top-k cache (``mode: build``) into
     ``cache_dir``, or train ``steps`` steps of one method against the online teacher or the cache."""
     import torch
 
-    from sad.config import ArchParams, MethodParams, TrainParams
-    from sad.modeling import build_llama
+    from sad.config import MethodParams, TrainParams
     from sad.teacher_cache import build_topk_cache, load_cache, save_cache
     from sad.training import CachedTeacher, train_lm
 
@@ -76,9 +131,10 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
 
         return {"matmul_flops_per_s": matmul_peak_flops(), "threads": torch.get_num_threads()}
     if config["mode"] == "build":
-        teacher = build_llama(ArchParams(**config["teacher"]), tok, config["max_tokens"], seed=1)
+        teacher = _build(config.get("teacher_config"), config["teacher"], tok, config["max_tokens"], seed=1)
         started = time.perf_counter()
-        cache = build_topk_cache(teacher, windows, config["top_k"], [1.0], 0, "bench", progress=False)
+        cache = build_topk_cache(teacher, windows, config["top_k"], [1.0], 0, "bench", batch_size=config["teacher_batch"],
+                                 progress=False)
         out["build_s"] = time.perf_counter() - started
         save_cache(cache, windows, config["cache_dir"])
         out.update({"cache_bytes": cache.nbytes, "full_logits_bytes": cache.full_logits_bytes(),
@@ -86,30 +142,32 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
         return out
     teacher, cached = None, None
     if config["needs_teacher"] and config["mode"] == "online":
-        teacher = build_llama(ArchParams(**config["teacher"]), tok, config["max_tokens"], seed=1)
+        teacher = _build(config.get("teacher_config"), config["teacher"], tok, config["max_tokens"], seed=1)
     if config["needs_teacher"] and config["mode"] == "cached":
         cached = CachedTeacher(load_cache(config["cache_dir"], "bench"))
-    student = build_llama(ArchParams(**config["student"]), tok, config["max_tokens"], seed=2)
+    trained = "teacher" if config.get("train_teacher") else "student"  # whose training is timed
+    student = _build(config.get(f"{trained}_config"), config[trained], tok, config["max_tokens"], seed=2)
     train = TrainParams(epochs=1, batch_size=config["batch_size"], lr=1e-3, dev_fraction=0)
     result = train_lm(student, windows, MethodParams(**config["method"]), train, 0, teacher=teacher,
                       cached=cached, progress=False, log_every=10**9)
     from sad.bench.peak import train_flops_per_token
     from sad.modeling import count_parameters
 
-    arch = ArchParams(**config["student"])
+    layers, hidden = _shape(config.get(f"{trained}_config"), config[trained])
     mean_len = float(windows["input_ids"].map(len).mean())
-    flops_per_token = train_flops_per_token(count_parameters(student), arch.num_layers, arch.hidden_size, mean_len)
+    flops_per_token = train_flops_per_token(count_parameters(student), layers, hidden, mean_len)
     out.update({"train_s": result.seconds, "tokens": result.tokens, "tokens_per_s": result.tokens_per_second,
                 "student_flops_per_s": flops_per_token * result.tokens_per_second, "mean_seq_len": mean_len,
-                "steps": result.steps, "peak_rss_mb": _rss_mb(), "rss_over_baseline_mb": _rss_mb() - base_rss})
+                "steps": result.steps, "parameters": count_parameters(student), "layers": layers, "hidden_size": hidden,
+                "peak_rss_mb": _rss_mb(), "rss_over_baseline_mb": _rss_mb() - base_rss})
     return out
 
 
 def _in_subprocess(config: dict[str, Any]) -> dict[str, Any]:
     code = "import json,sys; from sad.bench.training import run_config; print(json.dumps(run_config(json.loads(sys.argv[1]))))"
     # -P and PYTHONPATH: the child imports the same `sad` as this process, whatever folder it runs in.
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding the `sad` package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)}
     done = subprocess.run([sys.executable, "-P", "-c", code, json.dumps(config)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark configuration {config['name']} failed:\n{done.stderr[-3000:]}")
@@ -127,11 +185,15 @@ def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int 
     import tempfile
 
     epochs = p.distill.train.epochs
+    models = project_model_configs(p)
     with tempfile.TemporaryDirectory(prefix="sad-trainbench-") as tmp:
         common = {
-            "vocab": p.tokenizer.vocab_size, "max_tokens": max_tokens or p.context.max_tokens,
+            "vocab": models["teacher"]["vocab_size"] if models else p.tokenizer.vocab_size,
+            "max_tokens": max_tokens or p.context.max_tokens,
             "teacher": p.teacher.arch.model_dump(), "student": p.distill.student.model_dump(),
-            "top_k": p.distill.teacher_logits.top_k, "steps": steps, "batch_size": batch_size,
+            "teacher_config": models and models["teacher"], "student_config": models and models["student"],
+            "top_k": p.distill.teacher_logits.top_k, "teacher_batch": p.distill.teacher_logits.batch_size,
+            "steps": steps, "batch_size": batch_size,
             "windows": steps * batch_size, "cache_dir": str(Path(tmp) / "cache"),
         }
         configs = [
@@ -142,13 +204,15 @@ def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int 
             {"name": "sft", "method": {"loss": "sft"}, "mode": "online", "needs_teacher": False},
             {"name": "sad_online", "method": {"loss": "sad"}, "mode": "online", "needs_teacher": True},
             {"name": "token_kd_online", "method": {"loss": "token_kd"}, "mode": "online", "needs_teacher": True},
+            {"name": "teacher_sft", "method": {"loss": "sft"}, "mode": "online", "needs_teacher": False,
+             "train_teacher": True},
         ]
         runs = {}
         for c in configs:
             if progress:
                 progress(c["name"])
             runs[c["name"]] = _in_subprocess({**common, **c}) if isolated else run_config({**common, **c})
-    peak, build, sad_c, kd_c, sft, sad_o, kd_o = (runs[c["name"]] for c in configs)
+    peak, build, sad_c, kd_c, sft, sad_o, kd_o, teacher_sft = (runs[c["name"]] for c in configs)
     peak_flops = peak["matmul_flops_per_s"]
     # The three-method sweep (sad, token_kd, sft), one pass each, then projected to distill.train.epochs:
     # online, both KD methods run the teacher at every step; cached, one build serves both.
@@ -157,18 +221,24 @@ def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int 
     proj_online = epochs * one_pass_online
     proj_cached = build["build_s"] + epochs * (sad_c["train_s"] + kd_c["train_s"] + sft["train_s"])
     return {
-        "setup": {**{k: v for k, v in common.items() if k not in ("teacher", "student", "cache_dir")},
-                  "teacher_arch": common["teacher"], "student_arch": common["student"], "epochs": epochs,
+        "setup": {**{k: v for k, v in common.items() if k not in ("teacher", "student", "cache_dir", "teacher_config",
+                                                                 "student_config")},
+                  "models": ({"from": models["from"], "as": "the project's teacher and its layer-subset student"}
+                             if models else {"as": "teacher.arch and distill.student (from scratch)"}),
+                  "teacher": {k: teacher_sft[k] for k in ("parameters", "layers", "hidden_size")},
+                  "student": {k: sft[k] for k in ("parameters", "layers", "hidden_size")}, "epochs": epochs,
                   "data": "synthetic windows shaped like the pipeline's (prompt, REASON/ACT/observation spans)",
                   "threads": __import__("torch").get_num_threads()},
         "runs": runs,
         "tokens_per_s": {"sad": sad_c["tokens_per_s"], "token_kd": kd_c["tokens_per_s"], "sft": sft["tokens_per_s"],
-                         "sad_online": sad_o["tokens_per_s"], "token_kd_online": kd_o["tokens_per_s"]},
+                         "sad_online": sad_o["tokens_per_s"], "token_kd_online": kd_o["tokens_per_s"],
+                         "teacher_sft": teacher_sft["tokens_per_s"]},
         "sad_overhead_vs_token_kd": kd_c["tokens_per_s"] / sad_c["tokens_per_s"] - 1.0,
         # Student FLOP/s (6N + attention, on real tokens) over a square fp32 matmul's FLOP/s, same run and threads.
         "mfu": {"matmul_peak_flops_per_s": peak_flops,
                 "sft": sft["student_flops_per_s"] / peak_flops, "sad_cached": sad_c["student_flops_per_s"] / peak_flops,
-                "token_kd_cached": kd_c["student_flops_per_s"] / peak_flops},
+                "token_kd_cached": kd_c["student_flops_per_s"] / peak_flops,
+                "teacher_sft": teacher_sft["student_flops_per_s"] / peak_flops},
         "cache": {
             "bytes": build["cache_bytes"], "full_logits_bytes": build["full_logits_bytes"],
             "bytes_ratio": build["cache_bytes"] / build["full_logits_bytes"],
