@@ -129,7 +129,7 @@ def gguf_converted(source: ModelSource) -> Path:
 
     transformers' GGUF reader takes ~40 s for SmolLM2-135M on 2 cores (parsing the file's metadata
     twice, in Python); the result is the same every time, so it is kept in :func:`cache_root` under
-    the file's content hash and the transformers version, and later loads take ~2 s. Concurrent first
+    the file's content hash and the transformers version, and later loads take under a second. Concurrent first
     loads convert once (a file lock); a folder appears whole or not at all."""
     import hashlib
     import shutil
@@ -159,7 +159,7 @@ def gguf_converted(source: ModelSource) -> Path:
         try:
             model.float().save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            shutil.rmtree(target, ignore_errors=True)  # a folder without its weights is not a cache entry
+            shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json would block the rename
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -65,6 +65,7 @@ def project_model_configs(p) -> dict[str, Any] | None:
     None otherwise: the from-scratch ``teacher.arch`` / ``distill.student`` are then what runs."""
     from transformers import AutoConfig
 
+    from sad.pretrained import PER_LAYER_CONFIG_LISTS
     from sad.stages.layout import pretrained_dir, teacher_dir
 
     if p.teacher.source is None or p.distill.student_layers is None:
@@ -80,13 +81,13 @@ def project_model_configs(p) -> dict[str, Any] | None:
     teacher = AutoConfig.from_pretrained(str(folder)).to_dict()
     layers = p.distill.student_layers
     student = {**teacher, "num_hidden_layers": layers if isinstance(layers, int) else len(layers)}
-    for key in ("layer_types",):  # per-layer lists follow the layer count
+    for key in PER_LAYER_CONFIG_LISTS:  # per-layer lists follow the layer count
         if isinstance(teacher.get(key), list):
             student[key] = teacher[key][:student["num_hidden_layers"]]
     return {"teacher": teacher, "student": student, "from": origin}
 
 
-def _build(config: dict[str, Any], arch: dict[str, Any] | None, tok, max_tokens: int, seed: int):
+def _build(config: dict[str, Any] | None, arch: dict[str, Any], tok, max_tokens: int, seed: int):
     """A randomly initialised model: of a Hugging Face config dict, or of :class:`ArchParams` fields."""
     import torch
 
@@ -105,7 +106,7 @@ def _build(config: dict[str, Any], arch: dict[str, Any] | None, tok, max_tokens:
 
 
 def _shape(config: dict[str, Any] | None, arch: dict[str, Any]) -> tuple[int, int]:
-    """(layers, hidden size) of a model built by :func:`_build`."""
+    """(layers, hidden size) of a model :func:`_build` makes from the same arguments."""
     if config is None:
         return arch["num_layers"], arch["hidden_size"]
     return config["num_hidden_layers"], config["hidden_size"]
