@@ -89,7 +89,7 @@ def _webshop_generate(params: Params, root: Path) -> dict[str, list[Task]]:
         source = Path(p.webshop.official).expanduser()
         products, instructions = webshop.read_official(source)
     else:
-        products, instructions = webshop.generate_catalogue(p.seed, p.webshop.products, sum(counts.values()))
+        products, instructions = webshop.generate_catalogue(p.seed, p.webshop.products, counts)
     webshop.write_catalogue(products, instructions, folder)
     categories = {str(rec["asin"]): str(rec.get("category", "")) for rec in products}
     return webshop.goal_tasks(instructions, categories, "catalogue", p.seed, counts, p.webshop.max_steps)

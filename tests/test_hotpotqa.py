@@ -128,3 +128,13 @@ def test_bad_official_file_names_the_question(tmp_path):
                                  "context": [["Title only"]]}]))
     with pytest.raises(ValueError, match=r"broken.json: question #0 \(q1\): context\[0\]"):
         h.load_questions(path)
+
+
+def test_no_question_is_asked_twice():
+    """A question asked in train and again in test would be answered from memory: the generator draws
+    each (kind, entities) once, so a 1,280-question set (profiles/teacher.yaml) has no repeated question."""
+    records = h.generate_questions(0, 1280, distractors=1)
+    questions = [r["question"] for r in records]
+    assert len(questions) == len(set(questions)) == 1280
+    pairs = [frozenset(t for t, _ in r["supporting_facts"]) for r in records if r["type"] == "comparison"]
+    assert len(pairs) == len(set(pairs))  # "A or B?" and "B or A?" count as one question

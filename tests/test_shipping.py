@@ -67,7 +67,7 @@ def test_a_domain_vocabulary_cuts_the_teacher_to_the_demos_tokens_and_changes_no
     demos_file(p).parent.mkdir(parents=True)
     few = demos[:2]  # a vocabulary smaller than the source's
     demos_file(p).write_text("".join(json.dumps(e.to_dict()) + "\n" for e in few))
-    products, instructions = generate_catalogue(seed=1, n_products=3, n_goals=3)  # the shop's text counts too
+    products, instructions = generate_catalogue(seed=1, n_products=3, counts={"train": 3})  # the shop's text counts too
     write_catalogue(products, instructions, tasks_root(p) / "webshop" / "catalogue")
     run_pretrained(p)
     metrics = run_tokenizer(p)

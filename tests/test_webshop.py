@@ -13,7 +13,7 @@ from sad.rollout import play_expert
 
 @pytest.fixture()
 def shop(tmp_path):
-    products, instructions = w.generate_catalogue(3, 40, 10)
+    products, instructions = w.generate_catalogue(3, 40, {"train": 2, "dev": 2, "test": 6})
     w.write_catalogue(products, instructions, tmp_path / "webshop" / "catalogue")
     categories = {p["asin"]: p["category"] for p in products}
     splits = w.goal_tasks(instructions, categories, "catalogue", 0, {"train": 2, "dev": 2, "test": 6})
@@ -21,36 +21,71 @@ def shop(tmp_path):
 
 
 def test_expert_transcript_for_a_fixed_seed(shop):
-    """Hand-checked: search, open the first fitting item, choose both options, buy; every click
+    """Hand-checked: search, check the listed prices against the budget in page order, open the first item
+    within it that fits, choose both options (the thought tracks which are chosen), buy; every click
     written as the page shows it (the agent copies what it reads)."""
     root, tasks = shop
-    episode = play_expert(tasks[:1], root)[0]
-    assert episode.prompt == ("[webshop] WebShop [SEP] Instruction: [SEP] i need headphones that is bluetooth and "
-                              "long battery life, with rose gold, standard, and price lower than 30.00 dollars "
-                              "[SEP] [Search]\n")
+    episode = play_expert(tasks[1:2], root)[0]
+    assert episode.prompt == ("[webshop] WebShop [SEP] Instruction: [SEP] i need a storage jar that is dishwasher safe "
+                              "and wide mouth, with clear, 64 oz, and price lower than 30.00 dollars [SEP] [Search]\n")
     assert [s.action for s in episode.steps] == [
-        "search[bluetooth long battery life headphones]", "click[B8E375843F]", "click[rose gold]",
-        "click[standard]", "click[Buy Now]"]
+        "search[dishwasher safe wide mouth storage jar]", "click[B1396C047C]", "click[clear]", "click[64 oz]",
+        "click[Buy Now]"]
     results = episode.steps[0].observation
-    assert results.startswith("[Back to Search] [SEP] Page 1 (Total results: 5) [SEP] [B8E375843F] [SEP] "
-                              "Oakhurst Headphones - Bluetooth, Long Battery Life [SEP] $27.79")
-    assert "Price: $27.79 [SEP] Rating: N.A. [SEP] [Description] [SEP] [Features] [SEP] [Reviews] [SEP] [Buy Now]" \
+    assert results.startswith("[Back to Search] [SEP] Page 1 (Total results: 6) [SEP] [B1396C047C] [SEP] "
+                              "Alder & Co Storage Jar - Dishwasher Safe, Wide Mouth [SEP] $29.61 [SEP] [B304D84FA0]")
+    assert [s.thought for s in episode.steps] == [
+        "I need a storage jar that is dishwasher safe and wide mouth under 30 dollars. I'll search for dishwasher "
+        "safe wide mouth storage jar.",
+        "Under 30 dollars: B1396C047C $29.61 yes. B1396C047C is a storage jar that is dishwasher safe and wide mouth. "
+        "I'll check its options.",
+        "I need clear, 64 oz; selected: none. I'll choose clear.",
+        "I need clear, 64 oz; selected: clear. I'll choose 64 oz.",
+        "I need clear, 64 oz; selected: clear, 64 oz. $29.61 is under 30 dollars. I'll buy it."]
+    assert "Price: $29.61 [SEP] Rating: N.A. [SEP] [Description] [SEP] [Features] [SEP] [Reviews] [SEP] [Buy Now]" \
         in episode.steps[1].observation
-    assert "Selected: rose gold, standard" in episode.steps[3].observation
+    assert "Selected: clear, 64 oz" in episode.steps[3].observation
     assert episode.steps[4].observation.endswith("[SEP] 1.00")
     assert episode.success and episode.reward == 1.0
+
+
+def test_expert_checks_listed_prices_one_by_one_up_to_its_choice():
+    """The results-page thought walks the listed items in page order up to the chosen one, each id and
+    price copied from the page and compared with the budget; items it passes say why."""
+    expert = w.WebShopExpert()
+    expert.upper, expert.rejected = 30.0, {"B000000003"}
+    hits = [("B000000001", "t", 59.75), ("B000000002", "t", 12.5), ("B000000003", "t", 9.99),
+            ("B000000004", "t", 29.61), ("B000000005", "t", 5.0)]
+    assert expert._price_scan(hits, "B000000004") == (
+        "Under 30 dollars: B000000001 $59.75 no, B000000002 $12.50 yes, a weaker match, B000000003 $9.99 yes, rejected, "
+        "B000000004 $29.61 yes.")
+
+
+def test_expert_goes_back_from_an_item_over_the_budget_and_says_why(shop):
+    """A wrong click into an item over the budget (an injected mistake): the expert names its price
+    against the budget, goes back, and opens the item it chose."""
+    root, tasks = shop
+    env = w.WebShopEnv(expert_plan=True)
+    expert = w.WebShopExpert()
+    obs = env.reset(tasks[1], root)
+    expert.reset(tasks[1], obs)
+    obs = env.step(expert.act(obs)[1])
+    obs = env.step("click[B304D84FA0]")  # $59.75, over the 30-dollar budget
+    thought, action = expert.act(obs)
+    assert (thought, action) == ("B304D84FA0 costs $59.75, over 30 dollars. I'll go back.", "click[< Prev]")
+    assert expert.act(env.step(action))[1] == "click[B1396C047C]"
 
 
 def test_reward_follows_webshop_formula(shop):
     root, tasks = shop
     env = w.WebShopEnv()
-    env.reset(tasks[0], root)
-    env.step("search[bluetooth long battery life headphones]")
-    env.step("click[b8e375843f]")
-    env.step("click[rose gold]")  # one of two options: (2 attributes + 1 option + price) / (2 + 2 + 1)
+    env.reset(tasks[1], root)
+    env.step("search[dishwasher safe wide mouth storage jar]")
+    env.step("click[b1396c047c]")
+    env.step("click[clear]")  # one of two options: (2 attributes + 1 option + price) / (2 + 2 + 1)
     obs = env.step("click[buy now]")
     assert obs.done and not obs.success and obs.reward == pytest.approx(4 / 5)
-    env.reset(tasks[0], root)
+    env.reset(tasks[1], root)
     results = env.step("search[deodorant]")
     hit = next(a for a, title, _ in w.parse_results(results.text) if "Deodorant" in title)
     env.step(f"click[{hit.lower()}]")
@@ -60,9 +95,9 @@ def test_reward_follows_webshop_formula(shop):
 def test_over_budget_item_loses_the_price_point(shop):
     root, tasks = shop
     env = w.WebShopEnv()
-    env.reset(tasks[0], root)
-    env.step("search[bluetooth long battery life headphones]")
-    env.step("click[b46c9d074a]")  # $125.27, bluetooth but not long battery life, over the 30 dollar bound
+    env.reset(tasks[1], root)
+    env.step("search[dishwasher safe wide mouth storage jar]")
+    env.step("click[b304d84fa0]")  # $59.75, wide mouth but not dishwasher safe, over the 30 dollar bound
     obs = env.step("click[buy now]")
     assert obs.info["r_price"] == 0.0 and obs.reward < 1.0
 
@@ -81,7 +116,7 @@ def test_invalid_actions_are_counted_never_raised(shop):
 
 
 def test_pagination_and_back_navigation(tmp_path):
-    products, instructions = w.generate_catalogue(1, 120, 5)
+    products, instructions = w.generate_catalogue(1, 120, {"train": 1, "dev": 1, "test": 3})
     w.write_catalogue(products, instructions, tmp_path / "webshop" / "catalogue")
     tasks = w.goal_tasks(instructions, {}, "catalogue", 0, {"train": 1, "dev": 1, "test": 3})["test"]
     env = w.WebShopEnv()
@@ -96,7 +131,7 @@ def test_pagination_and_back_navigation(tmp_path):
 
 
 def test_expert_solves_generated_tasks_with_injected_mistakes(tmp_path):
-    products, instructions = w.generate_catalogue(0, 150, 60)
+    products, instructions = w.generate_catalogue(0, 150, {"train": 60, "dev": 0, "test": 0})
     w.write_catalogue(products, instructions, tmp_path / "webshop" / "catalogue")
     tasks = w.goal_tasks(instructions, {}, "catalogue", 0, {"train": 60, "dev": 0, "test": 0})["train"]
     episodes = play_expert(tasks, tmp_path, perturb=0.2, seed=1)
@@ -252,3 +287,43 @@ def test_expert_gives_up_with_a_reason_instead_of_repeating_a_failed_search(tmp_
     assert not teapot.success and "no listed item fits after searching" in teapot.meta["expert_gave_up"]
     assert teapot.n_steps < w.MAX_STEPS and _no_failed_action_twice(teapot), [s.action for s in teapot.steps]
     assert all(e.success for e in episodes.values() if "t shirt" in e.prompt)
+
+
+def _split_texts(counts, products=300):
+    _, instructions = w.generate_catalogue(0, products, counts)
+    splits = w.goal_tasks(instructions, {}, "catalogue", 0, counts)
+    return {split: [t.description for t in tasks] for split, tasks in splits.items()}
+
+
+def test_split_sizes_never_move_a_test_instruction_into_train():
+    """A teacher trained on a large task set (profiles/teacher.yaml) must never have seen the default's test
+    tasks: an instruction's split follows from its text, each text is one task, and a smaller split is the
+    start of a larger one."""
+    small = _split_texts({"train": 20, "dev": 5, "test": 20})
+    large = _split_texts({"train": 1200, "dev": 30, "test": 50})
+    for texts in (small, large):
+        every = [t for split in texts.values() for t in split]
+        assert len(every) == len(set(every))  # no instruction twice, within or across splits
+    assert not set(small["test"]) & set(large["train"]) and not set(large["test"]) & set(small["train"])
+    assert not set(small["dev"]) & set(large["train"])
+    assert large["test"][:20] == small["test"] and large["dev"][:5] == small["dev"]
+
+
+def test_too_small_a_catalogue_for_the_splits_says_what_to_change():
+    with pytest.raises(ValueError, match="raise tasks.webshop.products"):
+        w.generate_catalogue(0, 2, {"train": 500, "dev": 0, "test": 50})
+
+
+def test_official_instructions_split_test_from_the_front_and_train_from_the_back():
+    instructions = {f"B00000000{i}": [{"asin": f"B00000000{i}", "instruction": f"item {i}", "instruction_attributes": [],
+                                       "instruction_options": []}] for i in range(8)}
+    instructions["B000000000"].append(dict(instructions["B000000001"][0], asin="B000000000"))  # a repeated text
+    small = w.goal_tasks(instructions, {}, "catalogue", 0, {"train": 2, "dev": 1, "test": 2})
+    large = w.goal_tasks(instructions, {}, "catalogue", 0, {"train": 4, "dev": 1, "test": 3})
+    text = {split: [t.description for t in tasks] for split, tasks in small.items()}
+    assert large["test"][0].description == text["test"][0] and large["test"][1].description == text["test"][1]
+    assert [t.description for t in large["train"][:2]] == text["train"]
+    every = [t.description for tasks in large.values() for t in tasks]
+    assert len(every) == len(set(every)) == 8  # 8 distinct texts (9 goals, one text twice)
+    with pytest.raises(ValueError, match="8 distinct instructions"):
+        w.goal_tasks(instructions, {}, "catalogue", 0, {"train": 6, "dev": 1, "test": 2})

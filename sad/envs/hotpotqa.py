@@ -414,6 +414,9 @@ class _World:
         return title, sentences, {"year": year, "creator": creator, "city": city}
 
 
+MAX_QUESTION_DRAWS = 1000
+
+
 def generate_questions(seed: int, n: int, distractors: int = 8, id_prefix: str = "gen") -> list[dict[str, Any]]:
     """``n`` bridge and comparison questions in HotPotQA's JSON format over fictional pages.
 
@@ -441,40 +444,49 @@ def generate_questions(seed: int, n: int, distractors: int = 8, id_prefix: str =
         return next(i for i, s in enumerate(pages[title]) if needle in s)
 
     records: list[dict[str, Any]] = []
+    asked: set[tuple[str, frozenset[str]]] = set()  # (kind, entities): a question is asked once
     kinds = ("nationality_of_director", "birthplace_of_author", "country_of_location", "earlier_work",
              "same_nationality")
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        if kind == "nationality_of_director":
-            film = rng.choice(films)
-            person = facts[film]["creator"]
-            question = f"What is the nationality of the director of {film}?"
-            answer, qtype = facts[person]["nationality"], "bridge"
-            support = [[film, 0], [person, 0]]
-        elif kind == "birthplace_of_author":
-            novel = rng.choice(novels)
-            person = facts[novel]["creator"]
-            question = f"In which city was the author of {novel} born?"
-            answer, qtype = facts[person]["birthplace"], "bridge"
-            support = [[novel, 0], [person, sentence_of(person, "was born in")]]
-        elif kind == "country_of_location":
-            film = rng.choice(films)
-            city = facts[film]["city"]
-            question = f"In which country was {film} shot?"
-            answer, qtype = facts[city]["country"], "bridge"
-            support = [[film, sentence_of(film, "shot on location")], [city, 0]]
-        elif kind == "earlier_work":
-            a, b = rng.sample(films + novels, 2)
-            while facts[a]["year"] == facts[b]["year"]:
+        for _ in range(MAX_QUESTION_DRAWS):
+            if kind == "nationality_of_director":
+                film = rng.choice(films)
+                person = facts[film]["creator"]
+                question = f"What is the nationality of the director of {film}?"
+                answer, qtype = facts[person]["nationality"], "bridge"
+                support = [[film, 0], [person, 0]]
+            elif kind == "birthplace_of_author":
+                novel = rng.choice(novels)
+                person = facts[novel]["creator"]
+                question = f"In which city was the author of {novel} born?"
+                answer, qtype = facts[person]["birthplace"], "bridge"
+                support = [[novel, 0], [person, sentence_of(person, "was born in")]]
+            elif kind == "country_of_location":
+                film = rng.choice(films)
+                city = facts[film]["city"]
+                question = f"In which country was {film} shot?"
+                answer, qtype = facts[city]["country"], "bridge"
+                support = [[film, sentence_of(film, "shot on location")], [city, 0]]
+            elif kind == "earlier_work":
                 a, b = rng.sample(films + novels, 2)
-            question = f"Which came out first, {a} or {b}?"
-            answer, qtype = (a if facts[a]["year"] < facts[b]["year"] else b), "comparison"
-            support = [[a, 0], [b, 0]]
+                while facts[a]["year"] == facts[b]["year"]:
+                    a, b = rng.sample(films + novels, 2)
+                question = f"Which came out first, {a} or {b}?"
+                answer, qtype = (a if facts[a]["year"] < facts[b]["year"] else b), "comparison"
+                support = [[a, 0], [b, 0]]
+            else:
+                a, b = rng.sample(directors + novelists, 2)
+                question = f"Are {a} and {b} of the same nationality?"
+                answer = "yes" if facts[a]["nationality"] == facts[b]["nationality"] else "no"
+                qtype, support = "comparison", [[a, 0], [b, 0]]
+            key = (kind, frozenset(title for title, _ in support))
+            if key not in asked:
+                break
         else:
-            a, b = rng.sample(directors + novelists, 2)
-            question = f"Are {a} and {b} of the same nationality?"
-            answer = "yes" if facts[a]["nationality"] == facts[b]["nationality"] else "no"
-            qtype, support = "comparison", [[a, 0], [b, 0]]
+            raise RuntimeError(f"hotpotqa: could not draw a new {kind} question after {MAX_QUESTION_DRAWS} tries "
+                               f"(n={n} is too many for the generated world)")
+        asked.add(key)
         gold = list(dict.fromkeys(t for t, _ in support))
         others = rng.sample(sorted(set(pages) - set(gold)), min(distractors, len(pages) - len(gold)))
         context = [[t, [(" " if j else "") + s for j, s in enumerate(pages[t])]] for t in gold + others]

@@ -20,10 +20,11 @@ WebShop's own Lucene BM25 index, top 50 results, 10 per page.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -417,6 +418,7 @@ _HIT_RE = re.compile(r"\[(B[0-9A-Z]{9})\] \[SEP\] (.*?) \[SEP\] \$(\d+(?:\.\d+)?
 
 
 _ITEM_RE = re.compile(r"([^\[\]]+?) \[SEP\] Price: \$(\d+(?:\.\d+)?)")
+_SELECTED_RE = re.compile(r"\[SEP\] Selected: (.*?) \[SEP\]")
 
 
 def parse_results(page_text: str) -> list[tuple[str, str, float]]:
@@ -576,7 +578,8 @@ class WebShopExpert:
 
     def _choose(self, goal: dict[str, Any], obs: Observation, clickable: set[str]) -> tuple[str, str]:
         query, page = obs.info["query"], int(obs.info["page_number"])
-        ranked = self._rank(goal, parse_results(obs.text))
+        hits = parse_results(obs.text)
+        ranked = self._rank(goal, hits)
         for tier, asin, _, _ in ranked:
             if tier == 0:
                 self.fitting.setdefault(asin, (query, page))
@@ -593,17 +596,40 @@ class WebShopExpert:
             tier, asin, title, price = ranked[0]
             self.opened = asin
             self.seen_words.setdefault(asin, set()).update(match_words(title))
+            scan = self._price_scan(hits, asin)
             if tier == 0:
                 what = _what(goal)
             elif tier == 1:
                 what = _what({**goal, "attributes": []})
             else:
-                return (f"{asin} is the listed item closest to {_indefinite(goal['query'])} for ${price:.2f}, within "
-                        f"the budget. I'll check it.", f"click[{asin}]")
-            return f"{asin} is {what} for ${price:.2f}, within the budget. I'll check its options.", f"click[{asin}]"
+                return (f"{scan} {asin} is the listed item closest to {_indefinite(goal['query'])}. I'll check it.",
+                        f"click[{asin}]")
+            return f"{scan} {asin} is {what}. I'll check its options.", f"click[{asin}]"
         if "next >" in clickable:
-            return ("No item on this page fits. I'll look at the next page.", "click[Next >]")
-        return ("No listed item fits. I'll search again with other words.", "click[Back to Search]")
+            return (f"{self._budget()}: no item on this page fits. I'll look at the next page.", "click[Next >]")
+        return (f"{self._budget()}: no listed item fits. I'll search again with other words.", "click[Back to Search]")
+
+    def _budget(self) -> str:
+        return f"Under {self.upper:.0f} dollars"
+
+    def _price_scan(self, hits: list[tuple[str, str, float]], chosen: str) -> str:
+        """The listed items up to ``chosen``, in page order, each price against the budget: ``Under 40
+        dollars: B0E6C516ED $97.93 no, B8165C7A97 $23.56 yes.`` Every step copies what follows on the
+        page (an item id, then its price), so the choice is read off the page, one comparison at a time."""
+        parts = []
+        for asin, _, price in hits:
+            if price > self.upper:
+                verdict = "no"
+            elif asin == chosen:
+                verdict = "yes"
+            elif asin in self.rejected:
+                verdict = "yes, rejected"
+            else:
+                verdict = "yes, a weaker match"
+            parts.append(f"{asin} ${price:.2f} {verdict}")
+            if asin == chosen:
+                break
+        return f"{self._budget()}: {', '.join(parts)}."
 
     def _reject(self, asin: str, why: str, back: str = "I'll go back") -> tuple[str, str]:
         self.rejected.add(asin)
@@ -612,8 +638,11 @@ class WebShopExpert:
     def _check_item(self, goal: dict[str, Any], obs: Observation, clickable: set[str]) -> tuple[str, str]:
         asin = obs.info["asin"]
         item = _ITEM_RE.search(obs.text)
-        if item is None or float(item.group(2)) > self.upper:
+        if item is None:
             return self._reject(asin, "is not what the instruction asks for")
+        price = float(item.group(2))
+        if price > self.upper:
+            return self._reject(asin, f"costs ${price:.2f}, over {self.upper:.0f} dollars")
         words = self.seen_words.setdefault(asin, match_words(item.group(1)))
         if asin != self.opened and not (coverage(match_words(goal["query"]), words) == 1.0
                                         and not self._missing_attributes(goal, words)):
@@ -631,13 +660,16 @@ class WebShopExpert:
                 return (f"The title does not say {' or '.join(missing)}. I'll read its {unread[0]}.",
                         f"click[{unread[0].title()}]")
         option_names = goal["option_names"]
+        selected = _SELECTED_RE.search(obs.text)
+        state = (f"I need {', '.join(goal['options'])}; selected: {selected.group(1) if selected else 'none'}."
+                 if goal["options"] else "No options are asked.")
         for value in resolved.values():
             if value is not None and goal["chosen"].get(option_names.get(value, "")) != value:
-                return (f"The item offers {value}, which I need. I'll choose it.", f"click[{value}]")
+                return (f"{state} I'll choose {value}.", f"click[{value}]")
         if missing:
-            return (f"Its page does not mention {' or '.join(missing)}, but it is the best match listed. I'll buy it.",
-                    "click[Buy Now]")
-        return ("The item has the right attributes, options and price. I'll buy it.", "click[Buy Now]")
+            return (f"{state} Its page does not mention {' or '.join(missing)}, but it is the best match listed. "
+                    f"I'll buy it.", "click[Buy Now]")
+        return (f"{state} ${price:.2f} is under {self.upper:.0f} dollars. I'll buy it.", "click[Buy Now]")
 
     @staticmethod
     def _offered(obs: Observation) -> dict[str, list[str]]:
@@ -711,12 +743,33 @@ _BRANDS = ("Northwind", "Alder & Co", "Brightly", "Kestrel", "Monarch", "Puresen
 _PRICE_BOUNDS = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 75.0, 100.0, 150.0)
 
 
-def generate_catalogue(seed: int, n_products: int, n_goals: int) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+SPLIT_SHARES = {"test": 0.15, "dev": 0.10}  # of instruction texts; the rest is train
+MAX_STALE_DRAWS = 20_000  # draws in a row that give no new instruction text: the catalogue is exhausted
+
+
+def instruction_split(instruction: str) -> str:
+    """The split an instruction text belongs to, from a hash of the text alone: the same text lands in the
+    same split whatever the split sizes or seed, so no profile's train instructions hold another profile's
+    test instructions (a teacher trained on ``profiles/teacher.yaml`` never saw the default's test tasks)."""
+    bucket = int(hashlib.sha256(f"webshop-split:{instruction}".encode()).hexdigest()[:8], 16) / 16**8
+    edge = 0.0
+    for split, share in SPLIT_SHARES.items():
+        edge += share
+        if bucket < edge:
+            return split
+    return "train"
+
+
+def generate_catalogue(seed: int, n_products: int,
+                       counts: Mapping[str, int]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """A catalogue in WebShop's product format and goals in its human-instruction format.
 
     Products of one type differ in attributes, options and price, so an instruction (type,
     1-2 attributes, 1-2 options, a price bound) needs search and comparison, not just the type.
-    Returns (products, instructions); the goals are listed in a seeded order.
+    Goals are drawn from one seeded stream, each instruction text once, until every split
+    (:func:`instruction_split`) has ``counts[split]`` of them; each goal keeps its stream position
+    (``goal_id``), so a split's first k goals are the same for any larger count.
+    Returns (products, instructions).
     """
     rng = random.Random(f"webshop:{seed}")
     types = sorted(_TYPES)
@@ -739,7 +792,16 @@ def generate_catalogue(seed: int, n_products: int, n_goals: int) -> tuple[list[d
             "customization_options": {n: [{"value": v, "image": None} for v in vals] for n, vals in options.items()},
         })
     instructions: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(n_goals):
+    wanted = {split: k for split, k in counts.items() if k > 0}
+    have = dict.fromkeys(wanted, 0)
+    seen: set[str] = set()
+
+    def filled() -> bool:
+        return all(have[s] >= k for s, k in wanted.items())
+
+    goal_id, stale = -1, 0
+    while not filled() and stale < MAX_STALE_DRAWS:
+        goal_id += 1
         product = rng.choice(products)
         attrs = sorted(rng.sample(product["attributes"], rng.randint(1, 2)))
         names = rng.sample(sorted(product["customization_options"]), rng.randint(1, len(product["customization_options"])))
@@ -748,10 +810,20 @@ def generate_catalogue(seed: int, n_products: int, n_goals: int) -> tuple[list[d
         upper = next(b for b in _PRICE_BOUNDS + (1000.0,) if b > price)
         text = (f"i need {_indefinite(product['query'])} that is {' and '.join(attrs)}, with {', '.join(options)}, "
                 f"and price lower than {upper:.2f} dollars")
+        if text in seen:
+            stale += 1
+            continue
+        seen.add(text)
+        stale = 0
+        split = instruction_split(text)
+        have[split] = have.get(split, 0) + 1
         instructions.setdefault(product["asin"], []).append({
             "asin": product["asin"], "instruction": text, "instruction_attributes": attrs,
-            "instruction_options": options, "price_upper": upper,
+            "instruction_options": options, "price_upper": upper, "goal_id": goal_id,
         })
+    if not filled():
+        raise ValueError(f"webshop: {n_products} generated products give too few distinct instructions for the splits "
+                         f"{dict(counts)} (found {have}); raise tasks.webshop.products or lower the split sizes")
     return products, instructions
 
 
@@ -764,24 +836,47 @@ def write_catalogue(products: list[dict[str, Any]], instructions: dict[str, list
 
 def goal_tasks(instructions: dict[str, list[dict[str, Any]]], categories: dict[str, str], rel: str, seed: int,
                counts: dict[str, int], max_steps: int = MAX_STEPS) -> dict[str, list[Task]]:
-    """Disjoint seeded train/dev/test draws of the instructions (each instruction is one task)."""
+    """Disjoint train/dev/test tasks, one per distinct instruction text (a repeated text is the same task
+    and is kept once), chosen so that changing the split sizes never moves a test instruction into train:
+
+    * generated goals (with a ``goal_id``): a text's split comes from the text itself
+      (:func:`instruction_split`), and each split takes its first ``counts[split]`` goals in stream order;
+    * official files: a seeded order, test from its front, then dev, and train from its back.
+    """
     refs = [(asin, j, e) for asin, entries in sorted(instructions.items()) for j, e in enumerate(entries)]
-    need = sum(counts.values())
-    if need > len(refs):
-        raise ValueError(f"{rel}: {len(refs)} instructions, but the splits ask for {need} ({counts})")
     random.Random(f"webshop-splits:{seed}").shuffle(refs)
+    generated = all("goal_id" in e for _, _, e in refs)
+    if generated:
+        refs.sort(key=lambda ref: ref[2]["goal_id"])
+    distinct, seen = [], set()
+    for ref in refs:  # the first goal of each text
+        if ref[2]["instruction"] not in seen:
+            seen.add(ref[2]["instruction"])
+            distinct.append(ref)
+    need = sum(counts.values())
+    if need > len(distinct):
+        raise ValueError(f"{rel}: {len(distinct)} distinct instructions, but the splits ask for {need} ({counts})")
+    pools: dict[str, list[tuple[str, int, dict[str, Any]]]] = {}
+    if generated:
+        for ref in distinct:
+            pools.setdefault(instruction_split(ref[2]["instruction"]), []).append(ref)
+    else:
+        k_test, k_dev = counts.get("test", 0), counts.get("dev", 0)
+        pools = {"test": distinct[:k_test], "dev": distinct[k_test:k_test + k_dev],
+                 "train": distinct[k_test + k_dev:][::-1]}
     out: dict[str, list[Task]] = {}
-    start = 0
     for split, k in counts.items():
+        pool = pools.get(split, [])
+        if k > len(pool):
+            raise ValueError(f"{rel}: {len(pool)} distinct instructions fall in the {split} split, but it asks for {k} "
+                             f"(raise tasks.webshop.products for more)")
         out[split] = [
             Task(env=ENV_NAME, split=split, task_id=f"{ENV_NAME}/{split}/{i:05d}", path=rel,
                  task_type=categories.get(asin) or "product", description=e["instruction"],
                  meta={"asin": asin, "goal_index": j, "max_steps": max_steps})
-            for i, (asin, j, e) in enumerate(refs[start:start + k])
+            for i, (asin, j, e) in enumerate(pool[:k])
         ]
-        start += k
     return out
-
 
 
 def read_official(folder: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
