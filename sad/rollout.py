@@ -71,9 +71,28 @@ def repeat_previous(previous: Step | None, action: str) -> bool:
             and previous.action.lower() != action.lower() and not _TERMINAL.match(previous.action))
 
 
-def perturb_action(rng: random.Random, action: str, admissible: list[str] | None) -> str:
-    """A realistic mistake the environment accepts: another admissible action (a wrong but valid
-    click or command), the intended command with a wrong number, or a misspelled search."""
+_NUMBERED = re.compile(r"[a-z]+ \d+")
+
+
+def skipped_step(action: str, plan: list[str] | None, seen: str) -> str | None:
+    """The planner's step after ``action`` when ``action`` is the plan's next one (ALFWorld) and every
+    numbered thing it names (``tomato 2``) is in ``seen`` (what the agent has read): doing it now skips a
+    step, the mistake a small agent makes most (``move fork 1 to drawer 2`` before ``open drawer 2``,
+    ``take … from`` a place it has not gone to); the environment answers ``Nothing happens`` and the
+    expert recovers with the skipped step."""
+    if not plan or len(plan) < 2 or plan[0].lower() != action.lower() or _TERMINAL.match(plan[1]):
+        return None
+    if not all(name in seen for name in _NUMBERED.findall(plan[1])):
+        return None  # the plan knows where a thing is before the agent has seen it
+    return plan[1]
+
+
+def perturb_action(rng: random.Random, action: str, admissible: list[str] | None, skip: str | None = None) -> str:
+    """A realistic mistake the environment accepts: half the time the plan's next step done too early
+    (``skip``, see :func:`skipped_step`) where there is one, else another admissible action (a wrong but
+    valid click or command), the intended command with a wrong number, or a misspelled search."""
+    if skip is not None and rng.random() < 0.5:
+        return skip
     search = _SEARCH.match(action)
     if search and not admissible:
         return f"search[{misspell(rng, search.group(1))}]"
@@ -124,8 +143,9 @@ def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False, per
     """The environment's expert plays each task; its thoughts and actions form the demos.
 
     With ``perturb`` > 0, each step after the first is, with that probability, replaced by a
-    mistake (:func:`perturb_action`) that is executed but marked ``imitate=False``: learners see
-    it as context and learn how the expert recovers from it (noise injection, as in DART).
+    mistake (:func:`perturb_action`: a plan step skipped, another valid action, a misspelled search)
+    that is executed but marked ``imitate=False``: learners see it as context and learn how the
+    expert recovers from it (noise injection, as in DART).
     A ``repeat_share`` of those mistakes repeats the previous step, thought and action alike
     (:func:`repeat_previous`), so learners see how to get out of a loop.
     """
@@ -155,7 +175,9 @@ def play_expert(tasks: list[Task], tasks_root: Path, progress: bool = False, per
                 if repeat_share > 0 and repeat_previous(previous, action) and rng.random() < repeat_share:
                     thought, action = previous.thought, previous.action
                 else:
-                    action = perturb_action(rng, action, obs.admissible)
+                    seen = episode.prompt + "".join(s.observation for s in episode.steps)
+                    skip = skipped_step(action, obs.info.get("expert_plan"), seen)
+                    action = perturb_action(rng, action, obs.admissible, skip)
                 imitate = False
             obs = env.step(action)
             episode.steps.append(Step(thought=thought, action=action, observation=obs.text, valid=obs.valid,

@@ -192,17 +192,38 @@ def test_step_accuracy_by_hand(trained_model, tokenizer, demos):
     assert action_kind("go to desk 1") == "go" and action_kind("search[Raul Elquin]") == "search"
 
 
-def test_the_loop_guard_redraws_a_block_that_would_repeat_a_failure(trained_model, tokenizer):
+@pytest.fixture(scope="module")
+def two_way_model(tiny_model_factory, tokenizer):
+    """A tiny model that learnt one context followed by either of two blocks (``go to cabinet 1`` or
+    ``go to drawer 1``): greedy gives one of them, sampling sometimes the other."""
+    from sad.config import TrainParams
+    from sad.react import Episode, Step
+    from sad.segment import segment_episodes
+    from sad.training import IMITATION, train_lm
+
+    prompt = "[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n"
+    episodes = [Episode(episode_id=f"e{i}", env="alfworld", split="train", task_id=f"t{i}", task_type="x", agent="expert",
+                        prompt=prompt, steps=[Step(thought=f"I will check {place}.", action=f"go to {place}",
+                                                   observation="Nothing happens.")])
+                for i, place in enumerate(["cabinet 1", "drawer 1"] * 4)]
+    model = tiny_model_factory(hidden=48, layers=2)
+    train_lm(model, segment_episodes(episodes, tokenizer, 512).windows, IMITATION,
+             TrainParams(epochs=200, batch_size=8, lr=3e-3), tokenizer.pad_token_id, progress=False)
+    return model.eval(), prompt
+
+
+def test_the_loop_guard_redraws_a_block_that_would_repeat_a_failure(two_way_model, tokenizer):
     """A greedy agent whose action just failed would send it again from the same context: the guard samples
     that row again until the action differs (or its draws run out); other rows stay as generated."""
     from sad.react import Step, parse_output
     from sad.rollout import needs_redraw, redraw_failures
 
-    agent = LMAgent(trained_model, tokenizer, max_new_tokens=32, seed=0)
-    contexts = [tokenizer.encode("[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n")] * 2
+    model, prompt = two_way_model
+    agent = LMAgent(model, tokenizer, max_new_tokens=32, seed=0)
+    contexts = [tokenizer.encode(prompt)] * 2
     greedy = agent.generate(contexts)
     action = parse_output(greedy[0].text).action
-    assert parse_output(greedy[0].text).has_action
+    assert action in ("go to cabinet 1", "go to drawer 1"), greedy[0].text
     failed = [Step(thought="", action=action, observation="Nothing happens.")]
     succeeded = [Step(thought="", action=action, observation="You arrive at cabinet 1.")]
     assert needs_redraw(failed, parse_output(greedy[0].text)) and not needs_redraw(succeeded, parse_output(greedy[1].text))
@@ -213,7 +234,7 @@ def test_the_loop_guard_redraws_a_block_that_would_repeat_a_failure(trained_mode
     assert 1 <= draws[0] <= 4 and not needs_redraw(failed, redrawn) and redrawn.action.lower() != action.lower()
     assert final[0].n_tokens > greedy[0].n_tokens  # the step's cost counts every draw
     # the same seed reproduces the same redraws
-    again = LMAgent(trained_model, tokenizer, max_new_tokens=32, seed=0)
+    again = LMAgent(model, tokenizer, max_new_tokens=32, seed=0)
     assert [g.text for g in redraw_failures(again, contexts, [failed, succeeded], greedy, 4, 1.0)[0]] == [g.text for g in final]
 
 

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 
@@ -148,3 +149,63 @@ def test_official_folder_errors_name_the_missing_part(tmp_path):
     (trial / "traj_data.json").write_text("{not json")
     with pytest.raises(ValueError, match="traj_data.json: unreadable ALFWorld traj_data"):
         alfworld.copy_official_game(trial, tmp_path / "out", "train", 0)
+
+
+def _expert_transcript(tmp_path, task_type: str, seed: int):
+    try:
+        game = alfworld.sample_game(random.Random(seed), task_type)
+    except alfworld.GenerationError:
+        return None, []
+    task = alfworld.write_game(game, tmp_path / "alfworld", "test", seed)
+    env, expert = AlfworldEnv(expert_plan=True), AlfworldExpert()
+    obs = env.reset(task, tmp_path)
+    expert.reset(task, obs)
+    steps = []
+    while not obs.done:
+        thought, action = expert.act(obs)
+        steps.append((thought, action, obs.text))
+        obs = env.step(action)
+    assert obs.success
+    return game, steps
+
+
+def test_pick_two_thoughts_say_the_first_object_is_placed_before_the_second_search(tmp_path):
+    """The search for the second object is told apart from the first from the latest thought alone."""
+    searched_second = 0
+    for seed in range(6):
+        game, steps = _expert_transcript(tmp_path, "pick_two_obj_and_place", seed)
+        if game is None:
+            continue
+        obj = game.object_target.lower()
+        first_move = next(i for i, (_, a, _) in enumerate(steps) if a.startswith("move "))
+        placed = steps[first_move][1][len("move "):].split(" to ")
+        for thought, _, _ in steps[first_move + 1:]:
+            if "Places to check" in thought:
+                searched_second += 1
+                assert thought.startswith(f"The {placed[0]} is in {placed[1]}. I need to find the second {obj}."), thought
+        assert not any("I need to find the second" in thought for thought, _, _ in steps[:first_move])
+    assert searched_second > 0
+
+
+def test_look_at_tasks_note_where_the_lamp_is_when_the_object_is_taken(tmp_path):
+    notes = set()
+    for seed in range(20):
+        game, steps = _expert_transcript(tmp_path, "look_at_obj_in_light", seed)
+        if game is None:
+            continue
+        take = next(i for i, (_, a, _) in enumerate(steps) if a.startswith("take "))
+        thought, action, _ = steps[take]
+        here = action.split(" from ")[1]
+        seen = " ".join(text for _, _, text in steps[1:take + 1])  # what the agent read after the task
+        here_too = re.search(r"The (desklamp \d+) is here too\.$", thought)
+        saw = re.search(r"I saw the (desklamp \d+) on ([a-z]+ \d+)\.$", thought)
+        if here_too:
+            assert re.search(rf"On the {here}, you see [^.]*{here_too.group(1)}", seen), (thought, seen)
+            notes.add("here")
+        elif saw:
+            assert re.search(rf"On the {saw.group(2)}, you see [^.]*{saw.group(1)}", seen), (thought, seen)
+            notes.add("seen")
+        else:
+            assert thought.endswith("I have not seen a desklamp yet.") and not re.search(r"desklamp \d+", seen)
+            notes.add("unseen")
+    assert len(notes) >= 2, notes

@@ -3,6 +3,8 @@ mistakes are realistic (valid actions, misspelled searches) and recovered from."
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from sad.config import parse_params
@@ -110,3 +112,28 @@ def test_the_loop_guard_by_hand():
     # a HotPotQA search that found nothing fails again, whatever happened since
     history = [step("search[Garden of]", "Could not find Garden of. Similar: []"), step("search[The Garden]")]
     assert repeats_a_failure(history, "search[Garden of]") == 0
+
+
+def test_a_skipped_plan_step_is_a_mistake_only_with_what_the_agent_has_seen():
+    """ALFWorld's mistake of doing the plan's next step too early (moving into a closed drawer), never
+    one that names a thing the agent has not seen yet."""
+    from sad.rollout import perturb_action, skipped_step
+
+    plan = ["open drawer 2", "move fork 1 to drawer 2"]
+    seen = "You pick up the fork 1 from the countertop 1. You arrive at drawer 2. The drawer 2 is closed."
+    assert skipped_step("open drawer 2", plan, seen) == "move fork 1 to drawer 2"
+    assert skipped_step("open drawer 2", plan, "You arrive at drawer 2.") is None  # fork 1 never read
+    assert skipped_step("go to drawer 1", plan, seen) is None  # not the plan's next step (exploring)
+    assert skipped_step("open drawer 2", plan[:1], seen) is None
+    draws = [perturb_action(random.Random(i), "open drawer 2", ["open drawer 2", "go to drawer 1"],
+                            "move fork 1 to drawer 2") for i in range(200)]
+    assert 70 < draws.count("move fork 1 to drawer 2") < 130  # half the time, where there is one
+    assert "open drawer 2" not in draws
+
+
+def test_alfworld_demos_hold_skipped_steps_the_expert_recovers_from(generated):
+    skipped = [(e, i) for e in generated if e.env == "alfworld" for i, s in enumerate(e.steps)
+               if not s.imitate and s.observation == "Nothing happens." and s.action.startswith(("move ", "take "))]
+    assert skipped
+    for episode, i in skipped:
+        assert episode.success and episode.steps[i + 1].imitate

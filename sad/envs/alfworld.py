@@ -610,6 +610,7 @@ class AlfworldExpert:
         self.checked: set[str] = set()
         self.location: str | None = None
         self.holding: str | None = None
+        self.placed: list[tuple[str, str]] = []  # (object, receptacle) of every move so far
         self.first_thought = True
 
     # -- knowledge --------------------------------------------------------------------
@@ -632,6 +633,7 @@ class AlfworldExpert:
         if m := _MOVE_RE.match(text):
             self.holding = None
             self.known[m.group(1)] = m.group(2)
+            self.placed.append((m.group(1), m.group(2)))
 
     def _is_known(self, obj: str) -> bool:
         return obj in self.known or obj == self.holding
@@ -674,11 +676,30 @@ class AlfworldExpert:
             # Arrived at a closed receptacle on the list: open it.
             return self._thought(f"The {here} is closed. I will open it to look for {_article(target_type)} {target_type}."), f"open {here}"
         places = ", ".join(candidates)
-        thought = (
-            f"I need to find {_article(target_type)} {target_type}. "
-            f"Places to check: {places}. I will check {candidates[0]}."
-        )
+        thought = f"{self._wanted(target_type)} Places to check: {places}. I will check {candidates[0]}."
         return self._thought(thought), f"go to {candidates[0]}"
+
+    def _wanted(self, target_type: str) -> str:
+        """What the search is for. In ``pick_two_obj_and_place``, once the first object is placed, the thought
+        says so (``"The newspaper 2 is in armchair 1. I need to find the second newspaper."``): the search
+        for the second one is told apart from the first from the latest thought alone."""
+        done = [(obj, where) for obj, where in self.placed if entity_type(obj) == target_type]
+        if self.task.task_type == "pick_two_obj_and_place" and done:
+            return f"The {done[-1][0]} is in {done[-1][1]}. I need to find the second {target_type}."
+        return f"I need to find {_article(target_type)} {target_type}."
+
+    def _lamp_note(self, here: str) -> str:
+        """In ``look_at_obj_in_light``, where the lamp is as far as seen, said when the object is taken (the
+        next step goes to it, uses it, or searches for it): ``" The desklamp 1 is here too."``, ``" I saw the
+        desklamp 1 on sidetable 1."`` or ``" I have not seen a desklamp yet."``."""
+        if self.task.task_type != "look_at_obj_in_light":
+            return ""
+        lamp_type = str(self.task.meta.get("toggle", "")).lower()
+        seen = [(obj, where) for obj, where in self.known.items() if entity_type(obj) == lamp_type]
+        if not seen:
+            return f" I have not seen {_article(lamp_type)} {lamp_type} yet."
+        lamp, where = seen[0]
+        return f" The {lamp} is here too." if where == here else f" I saw the {lamp} on {where}."
 
     def _follow(self, plan: list[str]) -> tuple[str, str]:
         cmd = plan[0]
@@ -698,7 +719,7 @@ class AlfworldExpert:
         elif cmd.startswith("open "):
             thought = f"The {cmd[len('open '):]} is closed. I will open it."
         elif m := re.match(r"^take (.+) from (.+)$", cmd):
-            thought = f"Now I find the {m.group(1)}. I will take it from {m.group(2)}."
+            thought = f"Now I find the {m.group(1)}. I will take it from {m.group(2)}.{self._lamp_note(m.group(2))}"
         elif m := re.match(r"^(heat|cool|clean) (.+) with (.+)$", cmd):
             thought = f"I will {m.group(1)} the {m.group(2)} with the {m.group(3)}."
         elif m := re.match(r"^move (.+) to (.+)$", cmd):
