@@ -141,6 +141,10 @@ class TrainParams(_Strict):
     dev_fraction: float = Field(0.1, ge=0, le=0.5, description="share of episodes held out for dev-set loss")
     eval_every: int = Field(0, ge=0, description="dev evaluation every N optimizer steps (0 = at the end only)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; a rerun resumes from it (0 = off)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16: bf16 autocast (weights, optimizer and losses stay fp32); also on CPUs with "
+                            "avx512_bf16/AMX, ~1.7x faster than fp32 for SmolLM2 on the 2-core box. "
+                            "auto: bf16 on a GPU, fp32 on CPU")
 
 
 class ContextParams(_Strict):

@@ -2,7 +2,7 @@
 
 It runs on accelerate: plain ``python`` is one process (CPU or one GPU); ``accelerate launch``
 (configs in ``configs/accelerate/``) spreads it over processes with DDP or FSDP. bf16
-autocast on GPU.
+autocast on GPU, and on CPU where ``train.precision: bf16`` asks for it.
 
 Exactness across process counts: every process draws the same global batch plan (a function
 of the seed only) and takes its shard; each loss is normalised by the token counts of the
@@ -67,6 +67,28 @@ class CachedTeacher:
 
 
 # --------------------------------------------------------------------------- data
+def mixed_precision(precision: str, use_gpu: bool) -> str:
+    """accelerate's ``mixed_precision`` for a ``train.precision`` setting: "bf16" autocast or "no".
+
+    ``auto`` keeps fp32 on CPU: bf16 pays there only on CPUs with avx512_bf16 or AMX (measured 1.7x
+    for a SmolLM2 LoRA step on the 2-core box), so a recipe asks for it by name."""
+    if precision == "bf16" or (precision == "auto" and use_gpu):
+        return "bf16"
+    return "no"
+
+
+def _accelerator(precision: str, use_gpu: bool):
+    """An ``Accelerator`` with this precision, also when an earlier training in the same process (one
+    Prefect flow runs several stages) used another: accelerate keeps one precision per process, so its
+    precision state is reset (the distributed state is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, precision):
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=not use_gpu)
+
+
 def split_dev(windows: pd.DataFrame, dev_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Hold out whole episodes (a stable hash of the id) as the dev set: (train, dev)."""
     if dev_fraction <= 0:
@@ -353,12 +375,11 @@ def train_lm(
     ``curriculum_order`` (positions into ``windows``, easy → hard) switches the curriculum on.
     ``stop_after`` ends after that many steps (as a crash would; for resume tests).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
     use_gpu = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if use_gpu else "no", cpu=not use_gpu)
+    accelerator = _accelerator(mixed_precision(train.precision, use_gpu), use_gpu)
     set_seed(train.seed)
     columns = ["input_ids", "reason_mask", "act_mask"] + (["cache_row"] if "cache_row" in windows else [])
     rows = windows[columns].to_dict("records")
@@ -456,7 +477,8 @@ def train_lm(
         if on_log and accelerator.is_main_process:
             on_log(total_steps, {f"dev_{k}": v for k, v in dev_metrics.items()})
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    # keep_fp32_wrapper=False: the trained model leaves without accelerate's autocast hook (plays in fp32)
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     unwrapped.eval()
     finished = stop_after is None or stop_after >= total_steps
     if ckpt is not None and finished and accelerator.is_main_process and ckpt.exists():

@@ -3,7 +3,7 @@ import torch
 
 from sad.config import MethodParams, TrainParams
 from sad.segment import segment_episodes
-from sad.training import collate, length_grouped_batches, method_loss, train_lm
+from sad.training import collate, length_grouped_batches, method_loss, mixed_precision, train_lm
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,32 @@ def test_each_method_trains_a_student_and_lowers_its_loss(loss, windows, tokeniz
     assert after.item() < before.item()
     if loss == "sad":
         assert set(parts) == {"d_reason", "d_act"}
+
+
+def test_precision_setting_maps_to_autocast():
+    assert [mixed_precision(p, gpu) for p in ("auto", "fp32", "bf16") for gpu in (False, True)] == \
+        ["no", "bf16", "no", "no", "bf16", "bf16"]
+
+
+def test_bf16_autocast_trains_on_cpu_with_fp32_weights(windows, tokenizer, tiny_model_factory):
+    """train.precision: bf16 on CPU: matmuls in bf16, weights and the loss in fp32, the loss goes down."""
+    student = tiny_model_factory(hidden=16, layers=1, seed=2)
+    method = MethodParams(loss="sft")
+    batch = collate(windows[["input_ids", "reason_mask", "act_mask"]].head(4).to_dict("records"), tokenizer.pad_token_id)
+
+    def loss_now() -> float:
+        with torch.no_grad():
+            return method_loss(method, student(input_ids=batch["input_ids"]).logits, batch)[0].item()
+
+    before = loss_now()
+    train_lm(student, windows, method, TrainParams(epochs=3, batch_size=4, lr=1e-2, precision="bf16"), tokenizer.pad_token_id,
+             progress=False)
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert loss_now() < before
+    plain = tiny_model_factory(hidden=16, layers=1, seed=2)  # the trained weights in a model never under autocast
+    plain.load_state_dict(student.state_dict())
+    with torch.no_grad():  # the trained model leaves without the autocast hook: it computes in fp32 afterwards
+        assert torch.equal(student(input_ids=batch["input_ids"]).logits, plain(input_ids=batch["input_ids"]).logits)
 
 
 def test_kd_methods_require_teacher_logits(windows, tokenizer, tiny_model_factory):
