@@ -149,7 +149,7 @@ class TrainParams(_Strict):
 
 class ContextParams(_Strict):
     max_tokens: int = Field(768, ge=64, le=32_768, description="context window of models and agents")
-    max_new_tokens: int = Field(144, ge=8, le=2048, description="token budget for one thought+action")
+    max_new_tokens: int = Field(192, ge=8, le=2048, description="token budget for one thought+action")
     history_steps: int = Field(0, ge=0, le=1000, description="past steps an agent sees after the prompt (0 = as many as fit)")
 
 

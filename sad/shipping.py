@@ -63,7 +63,7 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         if split == "step_accuracy":
             lines.append("- step accuracy (dev expert states): " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.items()))
         else:
-            envs = ", ".join(f"{env} {100 * e['success_rate']:.1f}% of {e['episodes']}" for env, e in m["envs"].items())
+            envs = ", ".join(f"{env} {100 * e['success_rate']:.1f}% of {e['episodes']:g}" for env, e in m["envs"].items())
             lines.append(f"- {split} success: {100 * m['success_rate']:.1f}% ({envs})")
     return "\n".join(lines) + "\n"
 
