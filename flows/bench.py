@@ -117,6 +117,8 @@ def run_suite(p: Params, project: Path, quick: bool = False, log=print) -> dict[
     out["targets"] = verdicts({
         "rollout_batched_speedup": out["rollout"]["speedup_episodes_per_s"],
         "prefill_tokens_cut": out["rollout"]["prefill_tokens_cut"],
+        "admissible_cost_per_step": out["rollout"]["admissible_cost_per_step"],
+        "repair_cost_per_step": out["rollout"]["repair_cost_per_step"],
         "training_mfu_sft": tr["mfu"]["sft"],
         "training_mfu_teacher_sft": tr["mfu"]["teacher_sft"],
         "sad_overhead_vs_token_kd": tr["sad_overhead_vs_token_kd"],

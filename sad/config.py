@@ -215,9 +215,11 @@ class TeacherParams(_Strict):
 
 
 class AgentParams(_Strict):
-    action_choice: Literal["free", "admissible"] = Field(
-        "free", description="every agent alike: free = send the generated action; admissible = keep the generated "
-                            "thought and send the environment's valid action the model finds most likely after it")
+    action_choice: Literal["free", "admissible", "repair"] = Field(
+        "repair", description="every agent alike: free = send the generated action; admissible = keep the generated "
+                            "thought and send the environment's valid action the model finds most likely after it; "
+                            "repair = send the generated action when the environment lists it as valid, else the "
+                            "listed one the model finds most likely after the thought")
     redraws: int = Field(0, ge=0, le=20, description="the loop guard: a block with no action, or whose action would repeat "
                          "a failed step with nothing changed since (ALFWorld's 'Nothing happens', HotPotQA's 'Could not "
                          "find'), is sampled again up to this many times (0 = off; a greedy agent would repeat it)")

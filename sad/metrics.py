@@ -65,6 +65,8 @@ def summarize(episodes: list[Episode], tokenizer) -> dict[str, float]:
     * ``avg_reward`` - the benchmark's own score (ALFWorld: won; HotPotQA: exact match;
       WebShop: its reward in [0, 1]); ``f1`` - HotPotQA's answer F1, where episodes report it;
     * ``redrawn_step_rate`` - share of steps the loop guard sampled again, where it was on;
+    * ``repaired_step_rate`` - share of steps whose generated action was not a listed valid one and was
+      replaced (``agent.action_choice: repair``): the invalid-action rate free choice would have had there;
     * ``stuck_stop_rate`` - share of episodes ended early after failed steps in a row, where that stop was on.
     """
     thoughts = [len(tokenizer.encode(s.thought)) if s.thought else 0 for ep in episodes for s in ep.steps]
@@ -90,6 +92,8 @@ def summarize(episodes: list[Episode], tokenizer) -> dict[str, float]:
         summary["f1"] = _safe_mean(f1s)
     if any("redrawn_steps" in ep.meta for ep in episodes):  # the loop guard was on
         summary["redrawn_step_rate"] = sum(ep.meta.get("redrawn_steps", 0) for ep in episodes) / max(len(steps), 1)
+    if any("repaired_steps" in ep.meta for ep in episodes):  # agent.action_choice: repair
+        summary["repaired_step_rate"] = sum(ep.meta.get("repaired_steps", 0) for ep in episodes) / max(len(steps), 1)
     if any("stopped_stuck" in ep.meta for ep in episodes):  # agent.stop_after_failures was on
         summary["stuck_stop_rate"] = _safe_mean([1.0 if ep.meta.get("stopped_stuck") else 0.0 for ep in episodes])
     return summary

@@ -64,10 +64,12 @@ def success_table(results: dict[str, dict[str, Any]], split: str, n_boot: int, c
 
 def behaviour_table(results: dict[str, dict[str, Any]], split: str = "test") -> str:
     """Rows: agents; columns: size, CoT match, action agreement, steps, reasoning length, invalid
-    actions, episodes stopped stuck (``agent.stop_after_failures``), latency and throughput (means over seeds)."""
+    actions, actions repaired (``agent.action_choice: repair``), episodes stopped stuck
+    (``agent.stop_after_failures``), latency and throughput (means over seeds)."""
     teacher_params = results.get("teacher", {}).get("parameters")
     header = ["agent", "objective", "params", "compression", "CoT match", "action agreement", "avg steps",
-              "tokens / thought", "reasoning tokens / episode", "invalid actions", "stopped stuck", "latency / step (s)",
+              "tokens / thought", "reasoning tokens / episode", "invalid actions", "repaired actions", "stopped stuck",
+              "latency / step (s)",
               "generated tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for agent in order_agents(list(results)):
@@ -82,6 +84,7 @@ def behaviour_table(results: dict[str, dict[str, Any]], split: str = "test") -> 
             f"{100 * agreement['action_agreement']:.1f}%" if agreement else "-",
             f"{o.get('avg_steps', 0):.1f}", f"{o.get('avg_thought_tokens', 0):.1f}",
             f"{o.get('avg_reasoning_tokens', 0):.1f}", f"{100 * o.get('invalid_action_rate', 0):.1f}%",
+            f"{100 * o['repaired_step_rate']:.1f}%" if "repaired_step_rate" in o else "-",
             f"{100 * o['stuck_stop_rate']:.1f}%" if "stuck_stop_rate" in o else "-",
             f"{o.get('latency_per_step_s', 0):.3f}", f"{o.get('generated_tokens_per_s', 0):.0f}",
         ]

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from sad.agent import Generation, LMAgent, fit_context
 from sad.environments import get_benchmark
 from sad.envs.base import Environment, ExpertGaveUp, Observation, Task
+from sad.metrics import action_agrees
 from sad.react import Episode, ParsedOutput, Step, act_piece, parse_output, prompt_piece, reason_piece, step_pieces
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class _Slot:
     step_ids: list[list[int]] = field(default_factory=list)
 
 
-ACTION_CHOICES = ("free", "admissible")
+ACTION_CHOICES = ("free", "admissible", "repair")
 
 
 def choose_admissible(agent: LMAgent, context: list[int], parsed: ParsedOutput, admissible: list[str],
@@ -237,6 +238,12 @@ def choose_admissible(agent: LMAgent, context: list[int], parsed: ParsedOutput, 
     allowed = [i for i in range(len(admissible)) if avoid is None or not avoid(admissible[i])] or list(range(len(admissible)))
     best = max(allowed, key=scores.__getitem__)
     return ParsedOutput(thought=parsed.thought, action=admissible[best], has_action=True)
+
+
+def listed_action(parsed: ParsedOutput, admissible: list[str]) -> bool:
+    """Whether the generated action is one of the environment's listed valid actions (case and spaces aside):
+    ``repair`` sends it as generated, and scores the listed ones only when it is not."""
+    return parsed.has_action and any(action_agrees(parsed.action, a) for a in admissible)
 
 
 def needs_redraw(steps: list[Step], parsed: ParsedOutput) -> bool:
@@ -292,7 +299,9 @@ def play_agent(
 
     ``action_choice``: ``free`` sends the generated action; ``admissible`` keeps the generated thought
     and, where the environment lists its valid actions (ALFWorld's commands, WebShop's clickables),
-    sends the one the model finds most likely after that thought (:meth:`LMAgent.score_continuations`).
+    sends the one the model finds most likely after that thought (:meth:`LMAgent.score_continuations`);
+    ``repair`` sends the generated action when it is listed there, and the most likely listed one only
+    when it is not (so it costs free generation's time except on the steps it repairs).
 
     ``redraws`` > 0 turns on the loop guard (:func:`redraw_failures`): a block with no action, or whose
     action would repeat a failure with nothing changed since, is sampled again (at ``redraw_temperature``)
@@ -340,10 +349,16 @@ def play_agent(
         for index, context, gen, draws in zip(order, contexts, generations, redrawn):
             slot = slots[index]
             parsed = parse_output(gen.text)
-            if action_choice == "admissible" and slot.admissible:
+            if action_choice == "repair":
+                slot.episode.meta.setdefault("repaired_steps", 0)
+            if action_choice != "free" and slot.admissible and \
+                    not (action_choice == "repair" and listed_action(parsed, slot.admissible)):
                 history = slot.episode.steps
                 avoid = (lambda action, steps=history: repeats_a_failure(steps, action) is not None) if redraws else None
-                parsed = choose_admissible(agent, context, parsed, slot.admissible, avoid)
+                chosen = choose_admissible(agent, context, parsed, slot.admissible, avoid)
+                if action_choice == "repair":  # steps whose generated action was not a listed one
+                    slot.episode.meta["repaired_steps"] += 1
+                parsed = chosen
             if redraws:
                 slot.episode.meta["redrawn_steps"] = slot.episode.meta.get("redrawn_steps", 0) + (draws > 0)
             obs = slot.env.step(parsed.action)

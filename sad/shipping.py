@@ -58,7 +58,7 @@ def model_card_markdown(card: dict[str, Any]) -> str:
              f"- architecture: `{json.dumps(card.get('arch'))}`; context {card['context']}",
              f"- training: `{json.dumps(card.get('train'))}`; final loss {card.get('final_loss')}; dev {card.get('dev')}",
              *([f"- provenance: {card['provenance']}"] if card.get("provenance") else []),
-             "", "## Measured (greedy, `agent.action_choice: free`)", ""]
+             "", f"## Measured (greedy, `agent.action_choice: {card.get('action_choice', 'free')}`)", ""]
     for split, m in card.get("measured", {}).items():
         if split == "step_accuracy":
             lines.append("- step accuracy (dev expert states): " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in m.items()))
@@ -81,7 +81,8 @@ def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any]
     card = {**trained, "role": "teacher", "parameters": count_parameters(model), "recipe": RECIPE,
             "profile": params_dump["project"]["profile"], "commit": _git_commit(),
             "context": params_dump["context"], "train": params_dump["teacher"]["train"],
-            "measured": measured_success(json.loads(eval_file.read_text()))}
+            "measured": measured_success(json.loads(eval_file.read_text())),
+            "action_choice": params_dump.get("agent", {}).get("action_choice", "free")}
     adapter = teacher_dir / "adapter"
     if adapter.is_dir():  # a LoRA teacher ships its adapter alone; loading merges it into the base
         from sad.io import atomic_dir

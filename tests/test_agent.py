@@ -155,12 +155,23 @@ def test_admissible_scoring_equals_the_likelihood_of_a_full_forward_pass(trained
     assert len({round(s, 4) for s in scored}) == 3  # the candidates are told apart
 
 
-def test_admissible_choice_sends_only_valid_actions(trained_model, tokenizer, task_root):
+def test_admissible_and_repair_choices_send_only_valid_actions(trained_model, tokenizer, task_root):
     tasks = _capped(load_tasks(task_root, "alfworld", "test")[:2], max_steps=4)
     agent = LMAgent(trained_model, tokenizer, max_new_tokens=24)
     episodes = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=2, action_choice="admissible")
     steps = [s for e in episodes for s in e.steps]
     assert steps and all(s.valid for s in steps)  # every action was one of the engine's admissible commands
+    free = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=2)
+    repaired = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=2, action_choice="repair")
+    for f_ep, r_ep in zip(free, repaired):
+        assert all(s.valid for s in r_ep.steps)  # a rejected action was swapped for a listed one
+        assert r_ep.meta.get("repaired_steps", 0) >= (not f_ep.steps[0].valid)  # and counted
+        for f_step, r_step in zip(f_ep.steps, r_ep.steps):  # the same thoughts until the first repair
+            assert r_step.thought == f_step.thought
+            if not f_step.valid:
+                break
+            assert r_step.action == f_step.action  # a listed action is sent as generated
+    assert any(not s.valid for e in free for s in e.steps)  # there was something to repair
     with pytest.raises(ValueError, match="action_choice"):
         play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=2, action_choice="best")
 

@@ -50,7 +50,8 @@ class DemoAgent:
 
 def _params():
     return parse_params({"tasks": {"envs": ["alfworld"], "alfworld": {"max_steps": 8}},
-                         "context": {"max_tokens": 32_768, "history_steps": 0}, "rollout": {"batch_size": 3}})
+                         "context": {"max_tokens": 32_768, "history_steps": 0}, "rollout": {"batch_size": 3},
+                         "agent": {"action_choice": "free"}})  # the scripted student's blocks are sent as written
 
 
 def test_a_student_that_writes_the_teachers_tokens_gets_the_off_policy_windows_and_loss(task_root, tokenizer, demos,

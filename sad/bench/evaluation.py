@@ -56,18 +56,22 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
         # Warm-up (untimed): the first play pays one-off costs (environment caches, allocator, kernels).
         play_agent(tasks, root, agent, "warm-up", p.context.max_tokens, batch_size, history_steps=p.context.history_steps)
         capacity = agent.prefix_store.capacity if agent.prefix_store is not None else 64
-        runs = [("batched", batch_size, True, True), ("one_at_a_time", 1, True, True),
-                ("batched_no_prefix_reuse", batch_size, True, False)]
+        runs = [("batched", batch_size, True, True, "free"), ("one_at_a_time", 1, True, True, "free"),
+                ("batched_no_prefix_reuse", batch_size, True, False, "free"),
+                # choosing among the environment's valid actions: every step (admissible) or only the
+                # steps whose generated action is not listed (repair)
+                ("batched_admissible", batch_size, True, True, "admissible"),
+                ("batched_repair", batch_size, True, True, "repair")]
         if compare_cache:  # the path before: one padded prefill with a mask, a growing (re-copied) KV cache
-            runs.append(("batched_growing_cache", batch_size, False, False))
-        for label, size, new_path, reuse in runs:
+            runs.append(("batched_growing_cache", batch_size, False, False, "free"))
+        for label, size, new_path, reuse, choice in runs:
             agent.static_cache = agent.row_prefill = new_path
             agent.prefix_store = PrefixStore(capacity) if reuse else None  # empty: no run reuses another's contexts
             agent.prefill_computed = agent.prefill_reused = 0
             stats = PlayStats()
             started = time.perf_counter()
             episodes = play_agent(tasks, root, agent, "bench", p.context.max_tokens, size, stats=stats,
-                                  history_steps=p.context.history_steps)
+                                  history_steps=p.context.history_steps, action_choice=choice)
             seconds = time.perf_counter() - started
             steps = sum(e.n_steps for e in episodes)
             out["runs"][label] = {"batch_size": size, "seconds": seconds, "episodes_per_s": len(episodes) / seconds,
@@ -82,6 +86,10 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
     out["prefix_reuse_speedup"] = b["episodes_per_s"] / fresh["episodes_per_s"]
     out["prefill_tokens_cut"] = fresh["prefill_tokens_per_generated_token"] / max(b["prefill_tokens_per_generated_token"], 1e-9)
     out["same_steps"] = out["same_steps"] and fresh["steps"] == b["steps"]
+    per_step = b["seconds"] / max(b["steps"], 1)  # other choices play other steps: cost per step, not per run
+    for choice in ("admissible", "repair"):
+        run = out["runs"][f"batched_{choice}"]
+        out[f"{choice}_cost_per_step"] = run["seconds"] / max(run["steps"], 1) / per_step
     if compare_cache:
         grow = out["runs"]["batched_growing_cache"]
         out["cache_path_speedup"] = b["episodes_per_s"] / grow["episodes_per_s"]

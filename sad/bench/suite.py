@@ -11,6 +11,8 @@ from sad.config import Params
 TARGETS = {
     "rollout_batched_speedup": (8.0, "ge"),
     "prefill_tokens_cut": (4.0, "ge"),
+    "admissible_cost_per_step": (2.0, "le"),  # seconds per step against free generation, same tasks and model
+    "repair_cost_per_step": (2.0, "le"),
     "training_mfu_sft": (0.5, "ge"),  # the default student's training (sft: no teacher in the step)
     "training_mfu_teacher_sft": (0.5, "ge"),  # the teacher's architecture, trained the same way
     "sad_overhead_vs_token_kd": (0.03, "le"),
