@@ -66,6 +66,7 @@ class Stage(str, Enum):
     rollout = "rollout"
     segment = "segment"
     teacher_logits = "teacher_logits"
+    student_init = "student_init"
     distill = "distill"
     evaluate = "evaluate"
     scale = "scale"
@@ -251,6 +252,7 @@ def stage(
         Stage.rollout: lambda: f.on_workers_flow(f.rollout_flow, p)(path),
         Stage.segment: lambda: f.segment_flow(path),
         Stage.teacher_logits: lambda: f.teacher_logits_flow(path),
+        Stage.student_init: lambda: f.student_init_flow(path),
         Stage.distill: lambda: f.distill_flow(method, path),
         Stage.evaluate: lambda: f.on_workers_flow(f.evaluate_flow, p)(agent, path),
         Stage.scale: lambda: f.scale_flow(size, path),

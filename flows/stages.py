@@ -160,6 +160,14 @@ def teacher_logits_flow(params_path: str = "params.yaml") -> dict[str, Any]:
                     lambda run: t.STAGE_TASKS["teacher_logits"](p))
 
 
+@flow(name="student_init", log_prints=False)
+def student_init_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    """The student every method starts from: the teacher's layer cut, healed on the expert's demos."""
+    p = load_params(params_path)
+    logged = {"student_layers": p.distill.student_layers, "heal": p.distill.heal.model_dump()}
+    return _tracked(p, "student_init", {"student_init": logged}, lambda run: t.STAGE_TASKS["student_init"](p))
+
+
 @flow(name="distill", log_prints=False)
 def distill_flow(method: str, params_path: str = "params.yaml") -> dict[str, Any]:
     p = load_params(params_path)

@@ -230,6 +230,8 @@ class AgentParams(_Strict):
 
 
 class RolloutParams(_Strict):
+    tasks: int = Field(0, ge=0, description="train tasks per env the teacher plays, the first of the split (0 = all); "
+                                            "the expert's demos cover every train task")
     batch_size: int = Field(40, ge=1, description="episodes generated together")
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     seed: int = 0
@@ -344,6 +346,16 @@ class ScalingParams(_Strict):
                                                                          "student (distill.student) is one more point")
 
 
+class HealParams(_Strict):
+    """Healing (issue #18): the layer-cut student learns the expert's train demos (CE on thoughts and actions)
+    once, in the ``student_init`` stage, before any method distils it."""
+
+    epochs: float = Field(0.0, ge=0, le=100, description="passes over the expert's train demos (0 = off: every "
+                                                         "method starts from the bare cut)")
+    lr: float = Field(5e-4, gt=0, lt=1, description="peak learning rate (the rest of distill.train applies)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="as distill.train.precision")
+
+
 class DistillParams(_Strict):
     student: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192))
     student_layers: list[int] | int | None = Field(default_factory=lambda: [0, 4, 8, 12, 16, 20, 24, 29],
@@ -352,6 +364,7 @@ class DistillParams(_Strict):
                                                                      "influence on the training windows (the first and last "
                                                                      "always stay); a list keeps these layers (teacher indices, "
                                                                      "increasing); null: a fresh model shaped by distill.student")
+    heal: HealParams = Field(default_factory=HealParams)
     train: TrainParams = Field(default_factory=lambda: TrainParams(batch_size=4, lr=5e-4, eval_every=100, checkpoint_every=100))
     seeds: list[int] = Field(default_factory=lambda: [0], description="one student per method and seed "
                                                                              "(the seed of init, batches and curriculum)")

@@ -31,6 +31,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "rollout": ("sad.stages.rollout", "sad.evaluation"),
     "segment": ("sad.stages.segment",),
     "teacher_logits": ("sad.stages.teacher_logits",),
+    "student_init": ("sad.stages.student_init",),
     "distill": ("sad.stages.distill",),
     "evaluate_teacher": ("sad.stages.evaluate", "sad.evaluation"),
     "evaluate": ("sad.stages.evaluate", "sad.evaluation"),

@@ -60,6 +60,7 @@ STAGE_BODIES: dict[str, tuple[str, Callable[..., dict[str, Any]], str]] = {
     "rollout": ("teacher-rollouts", stages.run_rollout, "once"),
     "segment": ("segment-trajectories", stages.run_segment, "quick"),
     "teacher_logits": ("cache-teacher-logits", stages.run_teacher_logits, "once"),
+    "student_init": ("init-student", stages.run_student_init, "never"),
     "distill": ("distill-student", stages.run_distill, "never"),
     "evaluate": ("evaluate-agent", stages.run_evaluate, "once"),
     "scale": ("scale-student", stages.run_scale, "never"),

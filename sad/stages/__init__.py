@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sad.modeling import read_pretrained_arch
 from sad.stages.demos import ExpertBelowFloor, check_expert_success, demos_metrics, write_demos
-from sad.stages.distill import INFLUENCE_WINDOWS, _train_student, distill_inputs, resolve_student_layers, run_distill
+from sad.stages.distill import _train_student, distill_inputs, load_student_init, run_distill
 from sad.stages.evaluate import _agreement, _mean_step_accuracy, _step_accuracy, aggregate_seeds, run_evaluate
 
 # Re-exports: `from sad.stages import run_distill` keeps working.
@@ -35,6 +35,7 @@ from sad.stages.layout import (
     scaling_dir,
     segments_dir,
     student_dir,
+    student_init_dir,
     tasks_root,
     teacher_dir,
     teacher_logits_dir,
@@ -46,6 +47,7 @@ from sad.stages.rollout import run_rollout
 from sad.stages.scale import run_scale
 from sad.stages.segment import run_segment
 from sad.stages.select import _seed_gate_values, best_student, replay_per_task, run_select
+from sad.stages.student_init import INFLUENCE_WINDOWS, heal, resolve_student_layers, run_student_init
 from sad.stages.tasks import run_tasks
 from sad.stages.teacher import (
     dagger_rounds,

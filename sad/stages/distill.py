@@ -18,6 +18,7 @@ from sad.stages.layout import (
     read_episodes,
     segments_dir,
     student_dir,
+    student_init_dir,
     tasks_root,
     teacher_dir,
     teacher_logits_dir,
@@ -66,51 +67,53 @@ def distill_inputs(p: Params, method: str):
     return spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash
 
 
-INFLUENCE_WINDOWS = 16  # training windows on which block influence picks a student's layers
+def load_student_init(p: Params):
+    """The student every method starts from (``student_init`` stage output) and its card, or (None, None) for
+    from-scratch students (``distill.student_layers: null``)."""
+    import json
 
+    from sad.modeling import load_model
 
-def resolve_student_layers(p: Params, teacher, train_windows) -> list[int] | None:
-    """The teacher layers each student keeps: ``distill.student_layers`` as listed, or, when it is a
-    number, that many layers of highest block influence on the first training windows (deterministic:
-    the windows' order is seeded)."""
-    from sad.pretrained import block_influence, most_influential_layers
-
-    keep = p.distill.student_layers
-    if keep is None or isinstance(keep, list):
-        return keep
-    n = teacher.config.num_hidden_layers
-    if keep > n:
-        raise ValueError(f"distill.student_layers keeps {keep} layers, but the teacher has {n}")
-    sequences = [list(ids) for ids in train_windows["input_ids"].head(INFLUENCE_WINDOWS)]
-    influence = block_influence(teacher, sequences)
-    chosen = most_influential_layers(influence, keep)
-    log.info("students keep %d of the teacher's %d layers, by block influence: %s (dropped %s)", keep, n, chosen,
-             [i for i in range(n) if i not in chosen])
-    return chosen
+    if p.distill.student_layers is None:
+        return None, None
+    folder = student_init_dir(p)
+    card_file = folder / "card.json"
+    if not card_file.is_file():
+        raise FileNotFoundError(f"{folder}: no initial student (distill.student_layers is set): run `sad stage "
+                                "student_init` (or `dvc repro`) first")
+    card = json.loads(card_file.read_text())
+    if card.get("from_scratch") or card.get("layers_from_teacher") is None:
+        raise ValueError(f"{folder}: written for from-scratch students, but distill.student_layers is "
+                         f"{p.distill.student_layers}: rerun `sad stage student_init`")
+    return load_model(folder), card
 
 
 def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: str, on_log=None,
                    progress: bool = True, checkpoint_for: Path | None = None,
-                   keep_layers: list[int] | None = None) -> tuple[dict[str, Any], list[dict]]:
-    """Train and save one student into ``out_dir``; returns (metrics, loss history). Checkpoints
-    live under the final model path ``checkpoint_for`` (default ``out_dir``) so a rerun finds them."""
+                   init: tuple[Any, dict] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Train and save one student into ``out_dir``; returns (metrics, loss history). The student starts as
+    a copy of ``init`` (the ``student_init`` stage's (model, card)) or, without it, from scratch shaped by
+    ``arch``. Checkpoints live under the final model path ``checkpoint_for`` (default ``out_dir``) so a
+    rerun finds them."""
     from sad.modeling import build_llama, count_parameters, save_model
     from sad.training import train_lm
 
     spec, tokenizer, teacher, train_w, dev_w, cached, order, data_hash = inputs
     train = p.distill.train.model_copy(update={"seed": seed})
-    if keep_layers is not None:  # the teacher's embeddings, head and these layers
-        from sad.pretrained import layer_subset
+    if init is not None:  # the teacher's cut (healed): a copy per seed
+        import copy
 
-        student = layer_subset(teacher, keep_layers)
-        shape = {"layers_from_teacher": list(keep_layers), **read_pretrained_arch(student)}
+        student = copy.deepcopy(init[0])
+        student.train()
+        shape = {"layers_from_teacher": list(init[1]["layers_from_teacher"]), "healed": bool(init[1].get("healed")),
+                 **read_pretrained_arch(student)}
     else:
         student = build_llama(arch, tokenizer, p.context.max_tokens, seed=seed)
         shape = arch.model_dump()
     online = spec.needs_teacher and cached is None
     ckpt = checkpoint_dir(checkpoint_for or out_dir)
     key = fingerprint(method, seed, shape, spec.model_dump(), p.distill.model_dump(exclude={"methods", "seeds", "scaling", "student"}),
-                      p.context.model_dump(), data_hash)
+                      p.context.model_dump(), data_hash, init[1].get("heal") if init is not None else None)
 
     def off_policy():
         return train_lm(student, train_w, spec, train, tokenizer.pad_token_id,
@@ -236,7 +239,9 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
 
     inputs = distill_inputs(p, method)
     spec = inputs[0]
-    keep_layers = resolve_student_layers(p, inputs[2], inputs[3])
+    init_model, init_card = load_student_init(p)
+    init = (init_model, init_card) if init_model is not None else None
+    keep_layers = None if init is None else list(init[1]["layers_from_teacher"])
     per_seed: dict[str, dict[str, Any]] = {}
     curves: list[dict[str, Any]] = []
     with atomic_dir(student_dir(p, method)) as tmp:
@@ -244,7 +249,7 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
             log_seed = (lambda step, record, s=seed: on_log(step, {f"seed{s}/{k}": v for k, v in record.items()})) if on_log else None
             metrics, history = _train_student(p, inputs, p.distill.student, seed, tmp / f"seed{seed}", method,
                                               log_seed, progress, checkpoint_for=student_dir(p, method, seed),
-                                              keep_layers=keep_layers)
+                                              init=init)
             per_seed[str(seed)] = metrics
             curves += [{"step": h["step"], "seed": seed, "loss": h["loss"], "phase": h["phase"]} for h in history]
     if not is_main_process():
@@ -252,7 +257,8 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
     mean = mean_over_seeds(per_seed)
     out = {**mean, "objective": spec.describe(), "normalisation": spec.normalisation if spec.loss == "sad" else "-",
            "teacher_logits": p.distill.teacher_logits.mode if spec.needs_teacher else "-",
-           "curriculum": inputs[6] is not None, "layers_from_teacher": keep_layers, "seeds": per_seed}
+           "curriculum": inputs[6] is not None, "layers_from_teacher": keep_layers,
+           "healed": bool(init and init[1].get("healed")), "seeds": per_seed}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["step", "seed", "loss", "phase"])
     writer.writeheader()

@@ -36,6 +36,11 @@ def teacher_dir(p: Params) -> Path:
     return p.path("models", "teacher")
 
 
+def student_init_dir(p: Params) -> Path:
+    """The student every method starts from (the teacher's cut, healed): the ``student_init`` stage's output."""
+    return p.path("models", "student_init")
+
+
 def rollouts_file(p: Params) -> Path:
     return p.path("data", "rollouts", "rollouts.jsonl")
 

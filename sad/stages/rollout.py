@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from sad.rollout import Player
 
 
+def rollout_tasks(train_tasks: list, per_env: int) -> list:
+    """The train tasks of one env the teacher plays: the first ``per_env`` (``rollout.tasks``; 0 = all)."""
+    return list(train_tasks[:per_env]) if per_env else list(train_tasks)
+
+
 def run_rollout(p: Params, progress: bool = True, player: Player | None = None) -> dict[str, Any]:
     """The teacher plays the train tasks; its trajectories are the students' data.
 
@@ -22,7 +27,7 @@ def run_rollout(p: Params, progress: bool = True, player: Player | None = None) 
     from sad.metrics import success_by, summarize
     from sad.tokenizer import load_tokenizer
 
-    tasks = [t for env in p.tasks.envs for t in load_tasks(tasks_root(p), env, "train")]
+    tasks = [t for env in p.tasks.envs for t in rollout_tasks(load_tasks(tasks_root(p), env, "train"), p.rollout.tasks)]
     if player is not None:
         episodes, stats = player(tasks, "teacher")
     else:
