@@ -258,6 +258,13 @@ class OnPolicyParams(_Strict):
     takeover_start: float = Field(0.0, ge=0, le=1, description="share of the played tasks where the expert takes over "
                                                                "at the student's first mistake, first round")
     takeover_end: float = Field(0.0, ge=0, le=1, description="that share in the last round (the help decays to it)")
+    loss: Literal["method", "imitation"] = Field(
+        "method", description="method: the method's loss against the teacher on the round's windows; imitation: CE "
+                              "on their targets (the student's own steps before a takeover, the expert's after it): "
+                              "DAgger with expert takeover")
+    mix: Literal["rollouts", "demos"] = Field(
+        "rollouts", description="where the rest of a round's windows come from: the teacher's rollouts, or the "
+                                "expert's train demos")
     expert_labels: int = Field(0, ge=0, description="DAgger: per own episode, up to this many states where the "
                                                     "expert's action differs from the student's become CE targets "
                                                     "(the student's thought, the expert's action); 0 = off")
@@ -308,8 +315,11 @@ class MethodParams(_Strict):
         text += "" if self.curriculum else ", no curriculum"
         if self.onpolicy is not None:
             o = self.onpolicy
-            text += (f"; then {o.rounds} on-policy round(s) ({o.divergence or self.divergence} on the student's own "
-                     f"tokens" + (f", expert takeover {o.takeover_start:g}->{o.takeover_end:g}" if o.takeover_start else "")
+            how = "CE on the student's own steps and the expert's" if o.loss == "imitation" else \
+                f"{o.divergence or self.divergence} on the student's own tokens"
+            text += (f"; then {o.rounds} on-policy round(s) ({how}"
+                     + (", mixed with the expert's demos" if o.mix == "demos" else "")
+                     + (f", expert takeover {o.takeover_start:g}->{o.takeover_end:g}" if o.takeover_start else "")
                      + (f", expert labels x{o.expert_labels}" if o.expert_labels else "") + ")")
         return text
 

@@ -152,7 +152,11 @@ def test_the_distill_stage_runs_on_policy_rounds_and_a_rerun_reproduces_their_da
                        "teacher_logits": {"mode": "online"}, "train": {"epochs": 1, "batch_size": 4},
                        "scaling": {"method": "onp"}, "curriculum": {"gamma": 0},
                        "methods": {"onp": {"loss": "sad", "onpolicy": {
-                           "rounds": 2, "tasks": 4, "takeover_start": 0.5, "expert_labels": 1}}}}}
+                           "rounds": 2, "tasks": 4, "takeover_start": 0.5, "expert_labels": 1}},
+                                   # DAgger with expert takeover: CE on the taken-over episodes, mixed with demos
+                                   "dag": {"loss": "sad", "onpolicy": {
+                                       "tasks": 2, "loss": "imitation", "mix": "demos", "fraction_start": 0.5,
+                                       "takeover_start": 1.0, "takeover_end": 1.0}}}}}
     p = parse_params(raw)
     cwd = os.getcwd()
     os.chdir(project)
@@ -182,6 +186,21 @@ def test_the_distill_stage_runs_on_policy_rounds_and_a_rerun_reproduces_their_da
         assert (tmp_path / "curves.png").stat().st_size > 1000
         run_distill(p, "onp", progress=False)  # from scratch again: the same student data, round by round
         assert [r.read_bytes() for r in rounds] == first
+        from sad.environments import load_tasks
+        from sad.io import write_jsonl_atomic
+        from sad.rollout import play_expert
+        from sad.stages import demos_file, tasks_root
+
+        train_tasks = [t for env in p.tasks.envs for t in load_tasks(tasks_root(p), env, "train")]
+        demos = play_expert(train_tasks, tasks_root(p))  # the expert's demos the DAgger round mixes in
+        write_jsonl_atomic(demos_file(p), (e.to_dict() for e in demos))  # (cut at 6 ALFWorld steps: most lost)
+        run_distill(p, "dag", progress=False)
+        dag = json.loads(Path("models/students/dag/seed0/card.json").read_text())
+        (summary,) = dag["onpolicy_rounds"]
+        played = Path("models/students/dag/seed0/onpolicy/round-0.jsonl").read_text().splitlines()
+        assert [json.loads(line)["agent"] for line in played] == ["takeover-r0"] * 2 and summary["episodes"] == 2
+        assert summary["windows"] == 2 * summary["own_windows"]  # as many windows of the expert's demos
+        assert "CE on the student's own steps and the expert's, mixed with the expert's demos" in dag["objective"]
     finally:
         os.chdir(cwd)
 
@@ -197,6 +216,14 @@ def test_onpolicy_settings_are_checked_with_clear_messages():
     spec = parse_params({"distill": {"methods": {"x": {"loss": "sad", "onpolicy": {"rounds": 2, "expert_labels": 3}}},
                                      "scaling": {"method": "x"}}}).distill.methods["x"]
     assert spec.describe().endswith("then 2 on-policy round(s) (reverse_kl on the student's own tokens, expert labels x3)")
+    dagger = parse_params({"distill": {"methods": {"x": {"loss": "sad", "onpolicy": {
+        "loss": "imitation", "mix": "demos", "takeover_start": 1.0, "takeover_end": 1.0}}},
+        "scaling": {"method": "x"}}}).distill.methods["x"]
+    assert dagger.describe().endswith("then 1 on-policy round(s) (CE on the student's own steps and the expert's, "
+                                      "mixed with the expert's demos, expert takeover 1->1)")
+    with pytest.raises(ConfigError, match="mix"):
+        parse_params({"distill": {"methods": {"x": {"loss": "sad", "onpolicy": {"mix": "teacher"}}},
+                                  "scaling": {"method": "x"}}})
 
 
 def test_the_report_compares_each_on_policy_method_and_tabulates_its_rounds():

@@ -11,6 +11,7 @@ from sad.io import atomic_dir, write_json_atomic, write_text_atomic
 from sad.modeling import read_pretrained_arch
 from sad.stages.layout import (
     checkpoint_dir,
+    demos_file,
     file_hash,
     fingerprint,
     is_main_process,
@@ -184,11 +185,16 @@ def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_window
     o = spec.onpolicy
     by_env = {env: load_tasks(tasks_root(p), env, "train") for env in p.tasks.envs}
     task_of = {t.task_id: t for tasks in by_env.values() for t in tasks}
-    round_spec = spec.model_copy(update={"divergence": o.divergence or spec.divergence, "onpolicy": None})
+    round_spec = IMITATION if o.loss == "imitation" else \
+        spec.model_copy(update={"divergence": o.divergence or spec.divergence, "onpolicy": None})
+    other_windows = teacher_windows if o.mix == "rollouts" else segment_episodes(
+        read_episodes(demos_file(p)), tokenizer, p.context.max_tokens, p.context.history_steps,
+        what=str(demos_file(p))).windows
+    mixed_from = [file_hash(demos_file(p))] if o.mix == "demos" else []  # in the rounds' keys
     train = p.distill.train.model_copy(update={"seed": seed, "epochs": o.epochs})
     summaries, histories = [], []
     for r in range(o.rounds):
-        key = fingerprint(key, o.model_dump(), r)
+        key = fingerprint(key, o.model_dump(), r, *mixed_from)
         tasks = round_tasks(by_env, o.tasks, r)
         played = work / "episodes" / f"round-{r}.jsonl"
         key_file = work / "episodes" / f"round-{r}.key"
@@ -206,7 +212,7 @@ def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_window
         fraction = o.at_round(o.fraction_start, o.fraction_end, r)
         own = segment_episodes(episodes, tokenizer, p.context.max_tokens, p.context.history_steps,
                                what=f"on-policy round {r}").windows
-        mixed = mix_windows(own, teacher_windows, fraction, seed, r)
+        mixed = mix_windows(own, other_windows, fraction, seed, r)
         labelled = [lab for e in episodes if e.agent.startswith("student")
                     for lab in expert_labelled_episodes(e, task_of[e.task_id], tasks_root(p), o.expert_labels)] \
             if o.expert_labels else []
@@ -215,7 +221,8 @@ def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_window
         done = load_phase(work / f"round-{r}", student, key)
         if done is None:
             student.train()
-            done = train_lm(student, mixed, round_spec, train, tokenizer.pad_token_id, teacher=teacher,
+            done = train_lm(student, mixed, round_spec, train, tokenizer.pad_token_id,
+                            teacher=None if o.loss == "imitation" else teacher,
                             dev_windows=dev_windows, checkpoint_dir=work / f"round-{r}-checkpoint",
                             fingerprint=fingerprint(key, file_hash(played)), on_log=on_log, progress=progress,
                             desc=f"on-policy round {r} seed {seed}")
