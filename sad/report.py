@@ -43,17 +43,20 @@ def success_interval(result: dict[str, Any], split: str, env: str | None, n_boot
 
 
 def success_table(results: dict[str, dict[str, Any]], split: str, n_boot: int, confidence: float) -> str:
-    """Rows: agents; columns: success per env (and overall) with CIs, + each benchmark's own score."""
+    """Rows: agents; columns: success per env (and overall) with CIs, the share of the teacher's overall
+    success (point estimates), + each benchmark's own score."""
     envs = envs_of(results, split)
-    header = ["agent", "seeds", *[f"{env} success %" for env in envs], "all envs success %"]
+    header = ["agent", "seeds", *[f"{env} success %" for env in envs], "all envs success %", "share of teacher"]
     header += [f"{env} {label}" for env, (_, label) in ENV_SCORE.items() if env in envs]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    teacher = success_interval(results["teacher"], split, None, n_boot, confidence) if "teacher" in results else None
     for agent in order_agents(list(results)):
         r = results[agent]
         row = [agent, str(len(r["seeds"]))]
         for env in [*envs, None]:
             ci = success_interval(r, split, env, n_boot, confidence)
             row.append(ci.fmt() if ci else "-")
+        row.append(f"{100 * ci.mean / teacher.mean:.0f}%" if ci and teacher and teacher.mean > 0 else "-")
         for env, (key, _) in ENV_SCORE.items():
             if env in envs:
                 m = r["splits"][split]["envs"].get(env, {})

@@ -240,3 +240,20 @@ def test_the_report_compares_each_on_policy_method_and_tabulates_its_rounds():
     assert rows[0] == "| `onp` | 0 | 0 | 25.0% | 50.0% | - | 20.0% | 2 | 7 / 9 | 3 | 0.5000 |"
     assert rows[1] == "| `onp` | 0 | 1 | 50.0% | - | - | - | 0 | 5 / 5 | 0 | - |"
     assert onpolicy_table({}, ["alfworld"]).startswith("No on-policy method")
+
+
+def test_the_success_table_gives_each_agent_its_share_of_the_teachers_success():
+    from sad.report import success_table
+
+    def agent(per_task_by_seed):  # {seed: {env: [success per task]}}
+        return {"seeds": {str(k): {"splits": {"test": {"per_task": v}}} for k, v in per_task_by_seed.items()},
+                "splits": {"test": {"envs": {"alfworld": {}, "hotpotqa": {}}}}}
+
+    results = {"teacher": agent({0: {"alfworld": [1, 1, 0, 0], "hotpotqa": [1, 1, 1, 1]}}),  # 6/8
+               "sad": agent({0: {"alfworld": [1, 0, 0, 0], "hotpotqa": [1, 1, 0, 0]},          # 3/8
+                             1: {"alfworld": [0, 0, 0, 0], "hotpotqa": [1, 1, 1, 0]}})}        # 3/8
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in success_table(results, "test", 200, 0.95)
+            .splitlines()[2:]}
+    header = success_table(results, "test", 200, 0.95).splitlines()[0].split(" | ")
+    share = header.index("share of teacher")
+    assert rows["teacher"][share] == "100%" and rows["sad"][share] == "50%"
