@@ -5,7 +5,8 @@ A round plays, scores and trains. The student plays train tasks with the agent l
 are cut into REASON/ACT spans by the same marker rules (:mod:`sad.segment`; a block with no ``Action:`` is
 an invalid step of the episode, rendered as the agent saw it); the teacher scores the student's own tokens
 (an online forward per batch) and the method's loss, with ``onpolicy.divergence``, trains the student on
-them, mixed with the teacher's rollouts (a ``fraction`` of own windows). Two helps, scheduled over the
+them, mixed with the teacher's rollouts (a ``fraction`` of own windows; ``mix: demos``: the expert's demos;
+``loss: imitation``: CE on the windows' targets instead of the teacher's scores). Two helps, scheduled over the
 rounds: on a share of the tasks the expert takes over at the student's first mistake
 (:func:`sad.rollout.play_takeover`), and DAgger labels (``expert_labels``): the expert replays the
 student's episode and, at states where its action differs, the student's thought followed by the
