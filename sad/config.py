@@ -225,7 +225,8 @@ class AgentParams(_Strict):
                          "find'), is sampled again up to this many times (0 = off; a greedy agent would repeat it)")
     redraw_temperature: float = Field(0.7, gt=0, le=2, description="sampling temperature of the loop guard's redraws")
     stop_after_failures: int = Field(10, ge=0, description="an episode ends, lost, after this many failed steps in a row "
-                                     "(rejected, 'Nothing happens', 'Could not find'): a stuck agent stops instead of "
+                                     "(rejected, 'Nothing happens', 'Could not find', or an action that action_choice repair had to "
+                                     "replace): a stuck agent stops instead of "
                                      "playing to the step cap (0 = off; measured: no win ever followed 5 in a row)")
 
 

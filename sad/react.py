@@ -34,6 +34,12 @@ class Step:
     generated_tokens: int = 0
     latency_s: float = 0.0
     imitate: bool = True  # False for injected mistakes: context for learners, never a target
+    repaired_from: str | None = None  # action_choice repair: the generated action, not a listed one; ``action`` was sent
+
+    @property
+    def repaired(self) -> bool:
+        """Whether the agent's own action was not a listed valid one and a listed one was sent instead."""
+        return self.repaired_from is not None
 
 
 @dataclass
@@ -56,6 +62,9 @@ class Episode:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for step in d["steps"]:  # only repaired steps carry the key: other episodes' files are as before
+            if step["repaired_from"] is None:
+                del step["repaired_from"]
         d["n_steps"] = self.n_steps
         return d
 

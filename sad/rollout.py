@@ -130,10 +130,11 @@ def repeats_a_failure(steps: list[Step], action: str) -> int | None:
 
 
 def trailing_failures(steps: list[Step]) -> int:
-    """How many of the latest steps failed in a row (:func:`failed`)."""
+    """How many of the latest steps failed in a row: the environment refused them (:func:`failed`) or the
+    agent's own action was not a valid one and had to be repaired (``Step.repaired``)."""
     count = 0
     for step in reversed(steps):
-        if not failed(step):
+        if not (failed(step) or step.repaired):
             break
         count += 1
     return count
@@ -308,8 +309,8 @@ def play_agent(
     up to that many times; an admissible choice then skips actions that would repeat a failure.
     ``episode.meta["redrawn_steps"]`` counts the steps that needed it.
 
-    ``stop_after_failures`` > 0 ends an episode, lost, once that many steps in a row failed
-    (:func:`trailing_failures`): a stuck agent stops early instead of looping to the step cap, and
+    ``stop_after_failures`` > 0 ends an episode, lost, once that many steps in a row failed or needed
+    repair (:func:`trailing_failures`): a stuck agent stops early instead of looping to the step cap, and
     ``episode.meta["stopped_stuck"]`` says whether it did.
     """
     if action_choice not in ACTION_CHOICES:
@@ -351,6 +352,7 @@ def play_agent(
             parsed = parse_output(gen.text)
             if action_choice == "repair":
                 slot.episode.meta.setdefault("repaired_steps", 0)
+            repaired_from = None
             if action_choice != "free" and slot.admissible and \
                     not (action_choice == "repair" and listed_action(parsed, slot.admissible)):
                 history = slot.episode.steps
@@ -358,13 +360,15 @@ def play_agent(
                 chosen = choose_admissible(agent, context, parsed, slot.admissible, avoid)
                 if action_choice == "repair":  # steps whose generated action was not a listed one
                     slot.episode.meta["repaired_steps"] += 1
+                    repaired_from = parsed.action if parsed.has_action else ""
                 parsed = chosen
             if redraws:
                 slot.episode.meta["redrawn_steps"] = slot.episode.meta.get("redrawn_steps", 0) + (draws > 0)
             obs = slot.env.step(parsed.action)
             slot.admissible = obs.admissible
             step = Step(thought=parsed.thought, action=parsed.action, observation=obs.text,
-                        valid=obs.valid and parsed.has_action, generated_tokens=gen.n_tokens, latency_s=gen.seconds)
+                        valid=obs.valid and parsed.has_action, generated_tokens=gen.n_tokens, latency_s=gen.seconds,
+                        repaired_from=repaired_from)
             slot.episode.steps.append(step)
             slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
             stuck = bool(stop_after_failures) and not obs.done and \

@@ -26,6 +26,10 @@ class ReplayAgent:
             out.append(Generation(f"Thought: I think.\nAction: {action}\n", 5, 0.0))
         return out
 
+    def score_continuations(self, prefix: list[int], continuations: list[list[int]]) -> list[float]:
+        """A repair's choice among the listed actions: ``look`` (which changes nothing), else the first."""
+        return [float("look" in self.tokenizer.decode(c)) for c in continuations]
+
 
 @pytest.mark.slow
 def test_repeat_mistakes_replay_the_previous_step_and_are_recovered_from(task_root):
@@ -98,6 +102,19 @@ def test_a_stuck_agent_stops_after_failed_steps_in_a_row_and_the_rate_is_reporte
                      max_tokens=10**6, batch_size=2, stop_after_failures=4)
     assert all(e.success and e.meta["stopped_stuck"] is False for e in won)
     assert summarize(won, tokenizer)["stuck_stop_rate"] == 0.0
+    # with action_choice repair the wrong action is replaced by a listed one (valid), yet the agent is as stuck:
+    # steps it needed repaired count toward the stop
+    repaired = play_agent(tasks, task_root, agent, "m", max_tokens=10**6, batch_size=2, stop_after_failures=4,
+                          action_choice="repair")
+    assert [e.n_steps for e in repaired] == [6, 6] and all(e.meta["stopped_stuck"] for e in repaired)
+    assert all([s.repaired_from for s in e.steps] == [None] * 2 + ["go to nowhere 9"] * 4 and
+               e.meta["repaired_steps"] == 4 and e.steps[-1].action == "look" for e in repaired)
+    assert trailing_failures([ok, dataclasses.replace(ok, repaired_from="go to desk 9")]) == 1
+    # the file keeps what the agent generated where it was repaired, and nothing new where it was not
+    from sad.react import Episode
+    saved = repaired[0].to_dict()
+    assert ["repaired_from" in s for s in saved["steps"]] == [False] * 2 + [True] * 4
+    assert Episode.from_dict(saved).steps == repaired[0].steps
 
 
 def test_the_teacher_stage_runs_a_dagger_round_and_resumes_without_replaying(tmp_path, monkeypatch, demos):
