@@ -129,12 +129,14 @@ def repeats_a_failure(steps: list[Step], action: str) -> int | None:
                  if s.action.lower() == action.lower() and s.observation.startswith(_NOT_FOUND)), None)
 
 
-def trailing_failures(steps: list[Step]) -> int:
-    """How many of the latest steps failed in a row: the environment refused them (:func:`failed`) or the
-    agent's own action was not a valid one and had to be repaired (``Step.repaired``)."""
+def trailing_unproductive(steps: list[Step]) -> int:
+    """How many of the latest steps in a row brought nothing new: the environment refused them
+    (:func:`failed`), the agent's own action was not a valid one and had to be repaired (``Step.repaired``),
+    or the observation repeats one already seen in the episode (a loop: the same place, page or search again)."""
     count = 0
-    for step in reversed(steps):
-        if not (failed(step) or step.repaired):
+    for i in range(len(steps) - 1, -1, -1):
+        step = steps[i]
+        if not (failed(step) or step.repaired or any(s.observation == step.observation for s in steps[:i])):
             break
         count += 1
     return count
@@ -309,8 +311,9 @@ def play_agent(
     up to that many times; an admissible choice then skips actions that would repeat a failure.
     ``episode.meta["redrawn_steps"]`` counts the steps that needed it.
 
-    ``stop_after_failures`` > 0 ends an episode, lost, once that many steps in a row failed or needed
-    repair (:func:`trailing_failures`): a stuck agent stops early instead of looping to the step cap, and
+    ``stop_after_failures`` > 0 ends an episode, lost, once that many steps in a row brought nothing new
+    (failed, repaired, or an observation seen before: :func:`trailing_unproductive`): a stuck agent stops early
+    instead of looping to the step cap, and
     ``episode.meta["stopped_stuck"]`` says whether it did.
     """
     if action_choice not in ACTION_CHOICES:
@@ -372,7 +375,7 @@ def play_agent(
             slot.episode.steps.append(step)
             slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
             stuck = bool(stop_after_failures) and not obs.done and \
-                trailing_failures(slot.episode.steps) >= stop_after_failures
+                trailing_unproductive(slot.episode.steps) >= stop_after_failures
             if obs.done or stuck or slot.episode.n_steps >= slot.env.max_steps:
                 if stop_after_failures:
                     slot.episode.meta["stopped_stuck"] = stuck

@@ -77,22 +77,25 @@ def test_takeover_without_a_mistake_is_the_expert_demo(task_root, tokenizer, dem
 
 def test_a_stuck_agent_stops_after_failed_steps_in_a_row_and_the_rate_is_reported(task_root, tokenizer, demos):
     """``stop_after_failures``: an agent that keeps sending a rejected action ends, lost, after that many
-    failures in a row; the expert's first steps (valid) do not count; off (0), it plays to the step cap."""
+    unproductive steps in a row (failed, repaired, or an observation seen before); the expert's first steps
+    (valid) do not count; off (0), it plays to the step cap."""
     import dataclasses
 
     from sad.metrics import summarize
     from sad.react import Step
-    from sad.rollout import play_agent, trailing_failures
+    from sad.rollout import play_agent, trailing_unproductive
 
     ok, bad = Step("", "go to desk 1", "You arrive at desk 1."), Step("", "go to nowhere 9", "Nothing happens.")
-    assert [trailing_failures(s) for s in ([], [ok], [bad, ok], [ok, bad, bad], [bad, bad, bad])] == [0, 0, 0, 2, 3]
+    assert [trailing_unproductive(s) for s in ([], [ok], [bad, ok], [ok, bad, bad], [bad, bad, bad])] == [0, 0, 0, 2, 3]
+    moved = Step("", "go to desk 2", "You arrive at desk 2.")  # a ping-pong between two places sees nothing new
+    assert [trailing_unproductive(s) for s in ([ok, moved], [ok, moved, ok], [ok, moved, ok, moved])] == [0, 1, 2]
 
     uncapped = load_tasks(task_root, "alfworld", "test")[:2]
     tasks = [dataclasses.replace(t, meta={**t.meta, "max_steps": 12}) for t in uncapped]
     agent = ReplayAgent(tokenizer, play_expert(tasks, task_root), agree=2)
     stopped = play_agent(tasks, task_root, agent, "m", max_tokens=10**6, batch_size=2, stop_after_failures=4)
     assert [e.n_steps for e in stopped] == [6, 6] and all(e.meta["stopped_stuck"] and not e.success for e in stopped)
-    assert all(trailing_failures(e.steps) == 4 and all(s.valid for s in e.steps[:2]) for e in stopped)
+    assert all(trailing_unproductive(e.steps) == 4 and all(s.valid for s in e.steps[:2]) for e in stopped)
     assert summarize(stopped, tokenizer)["stuck_stop_rate"] == 1.0
     capped = play_agent(tasks, task_root, agent, "m", max_tokens=10**6, batch_size=2)
     assert [e.n_steps for e in capped] == [12, 12] and not any("stopped_stuck" in e.meta for e in capped)
@@ -109,7 +112,7 @@ def test_a_stuck_agent_stops_after_failed_steps_in_a_row_and_the_rate_is_reporte
     assert [e.n_steps for e in repaired] == [6, 6] and all(e.meta["stopped_stuck"] for e in repaired)
     assert all([s.repaired_from for s in e.steps] == [None] * 2 + ["go to nowhere 9"] * 4 and
                e.meta["repaired_steps"] == 4 and e.steps[-1].action == "look" for e in repaired)
-    assert trailing_failures([ok, dataclasses.replace(ok, repaired_from="go to desk 9")]) == 1
+    assert trailing_unproductive([ok, dataclasses.replace(ok, repaired_from="go to desk 9")]) == 1
     # the file keeps what the agent generated where it was repaired, and nothing new where it was not
     from sad.react import Episode
     saved = repaired[0].to_dict()
