@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,7 +136,7 @@ def pretrained_main(args, device: torch.device, dtype: torch.dtype, peak: float,
     if args.pretrained:
         teacher, _ = load_pretrained(model_source(args.pretrained))
     else:
-        config = json.loads(open(args.config).read())
+        config = json.loads(Path(args.config).read_text())
         torch.manual_seed(0)
         teacher = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"}))
     out["load_seconds"] = time.perf_counter() - started
