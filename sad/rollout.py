@@ -133,10 +133,13 @@ def trailing_unproductive(steps: list[Step]) -> int:
     """How many of the latest steps in a row brought nothing new: the environment refused them
     (:func:`failed`), the agent's own action was not a valid one and had to be repaired (``Step.repaired``),
     or the observation repeats one already seen in the episode (a loop: the same place, page or search again)."""
+    first_seen: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        first_seen.setdefault(step.observation, i)
     count = 0
     for i in range(len(steps) - 1, -1, -1):
         step = steps[i]
-        if not (failed(step) or step.repaired or any(s.observation == step.observation for s in steps[:i])):
+        if not (failed(step) or step.repaired or first_seen[step.observation] < i):
             break
         count += 1
     return count
