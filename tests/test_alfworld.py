@@ -19,6 +19,33 @@ def test_generator_covers_all_task_types_and_splits_are_disjoint():
     assert len(prints) == len(set(prints))
 
 
+def _prints(counts):
+    return {split: [g.fingerprint() for g in gs] for split, gs in alfworld.generate_games(seed=0, counts=counts).items()}
+
+
+def test_split_sizes_never_move_a_test_game_into_train():
+    """A teacher trained on a large task set (profiles/teacher.yaml: 1,200 train games) must never have seen
+    the default's dev or test games: a game's split follows from its fingerprint, each split draws from its
+    own stream, and a smaller split is the start of a larger one (before this, one stream served train, dev
+    and test in order, and 2 of the default's 20 test games were games the shipped teacher trained on)."""
+    small = _prints({"train": 20, "dev": 5, "test": 20})
+    large = _prints({"train": 1200, "dev": 30, "test": 50})
+    for prints in (small, large):
+        every = [f for split in prints.values() for f in split]
+        assert len(every) == len(set(every))
+        for split, fs in prints.items():
+            assert {alfworld.game_split(f) for f in fs} == {split}
+    assert not set(small["test"]) & set(large["train"]) and not set(large["test"]) & set(small["train"])
+    assert not set(small["dev"]) & set(large["train"]) and not set(large["dev"]) & set(small["train"])
+    assert large["test"][:20] == small["test"] and large["dev"][:5] == small["dev"]
+    assert large["train"][:20] == small["train"]
+
+
+def test_generated_games_come_in_train_dev_and_test_only():
+    with pytest.raises(ValueError, match="unknown split name"):
+        alfworld.generate_games(seed=0, counts={"train": 2, "valid_seen": 1})
+
+
 def test_generator_is_seeded():
     a = alfworld.generate_games(seed=5, counts={"train": 6})
     b = alfworld.generate_games(seed=5, counts={"train": 6})
@@ -109,8 +136,10 @@ def _official_layout(tmp_path):
     """An ALFWorld data folder in the published layout (train / valid_seen / valid_unseen, each
     <task dir>/<trial dir>/{game.tw-pddl, traj_data.json}), filled with generated games."""
     data = tmp_path / "json_2.1.1"
-    games = alfworld.generate_games(seed=11, counts={"train": 3, "valid_seen": 2, "valid_unseen": 2})
-    for folder, gs in games.items():
+    games = alfworld.generate_games(seed=11, counts={"train": 3, "dev": 2, "test": 2})
+    folders = {"train": "train", "dev": "valid_seen", "test": "valid_unseen"}
+    for split, gs in games.items():
+        folder = folders[split]
         for i, g in enumerate(gs):
             alfworld.write_game(g, data, folder, i)
     return data

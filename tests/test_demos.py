@@ -136,4 +136,4 @@ def test_alfworld_demos_hold_skipped_steps_the_expert_recovers_from(generated):
                if not s.imitate and s.observation == "Nothing happens." and s.action.startswith(("move ", "take "))]
     assert skipped
     for episode, i in skipped:
-        assert episode.success and episode.steps[i + 1].imitate
+        assert episode.success and any(s.imitate for s in episode.steps[i + 1:])  # recovered (maybe after another mistake)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sad.envs.base import Observation, Task, task_location
+from sad.envs.base import Observation, Task, content_split, task_location
 
 ENV_NAME = "alfworld"
 MAX_STEPS = 50
@@ -325,33 +325,49 @@ def task_dir_name(game: GeneratedGame) -> str:
     return f"{game.task_type}-{game.object_target or 'None'}-None-{game.parent_target or game.toggle_target or 'None'}-{game.room}"
 
 
+SPLIT_SHARES = {"test": 0.15, "dev": 0.10}  # of generated games, by fingerprint; the rest is train
+
+
+def game_split(fingerprint: str) -> str:
+    """The split a generated game belongs to, from its fingerprint alone (:func:`content_split`; WebShop's
+    instruction texts are split the same way)."""
+    return content_split(f"alfworld-split:{fingerprint}", SPLIT_SHARES)
+
+
 def generate_games(
     seed: int, counts: dict[str, int], task_types: tuple[str, ...] = TASK_TYPES,
     n_distractors: tuple[int, int] = (3, 8),
 ) -> dict[str, list[GeneratedGame]]:
-    """Sample disjoint splits: ``counts`` maps split name -> number of games.
+    """Sample disjoint splits: ``counts`` maps split name (train, dev, test) -> number of games.
 
-    Task types are spread evenly (round robin) so every split covers all of them; a game whose
-    fingerprint already appeared in any split is redrawn, so splits never share a game.
+    Each split draws from its own seeded stream and keeps only the games :func:`game_split` assigns to it,
+    so a split's first ``k`` games are the same whatever the sizes of the others (a profile with more train
+    games tests on the default's test games), and splits never share a game. Task types are spread evenly
+    (round robin) so every split covers all of them.
     """
-    rng = random.Random(seed)
-    seen: set[str] = set()
+    unknown = sorted(set(counts) - {"train", *SPLIT_SHARES})
+    if unknown:
+        raise ValueError(f"alfworld: unknown split name(s) {unknown}; generated games come in train, dev and test")
+    shares = {**SPLIT_SHARES, "train": 1.0 - sum(SPLIT_SHARES.values())}
     out: dict[str, list[GeneratedGame]] = {}
     for split, n in counts.items():
+        rng = random.Random(f"alfworld:{seed}:{split}")
+        seen: set[str] = set()
         games: list[GeneratedGame] = []
         attempts = 0
         while len(games) < n:
             attempts += 1
-            if attempts > 50 * n + 100:
+            if attempts > (50 * n + 100) / shares[split]:
                 raise GenerationError(f"could not draw {n} distinct {split} games")
             task_type = task_types[len(games) % len(task_types)]
             try:
                 game = sample_game(rng, task_type, n_distractors)
             except GenerationError:
                 continue
-            if game.fingerprint() in seen:
+            fingerprint = game.fingerprint()
+            if fingerprint in seen or game_split(fingerprint) != split:
                 continue
-            seen.add(game.fingerprint())
+            seen.add(fingerprint)
             games.append(game)
         out[split] = games
     return out

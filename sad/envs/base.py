@@ -7,9 +7,24 @@ benchmark's own response and ``Observation.valid`` is False, so the caller can c
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+
+def content_split(key: str, shares: Mapping[str, float], rest: str = "train") -> str:
+    """The split a task belongs to from a hash of ``key`` (its content) alone: ``shares`` maps held-out
+    splits to their share of all keys, the rest go to ``rest``. The same content lands in the same split
+    whatever the split sizes, so no profile's train tasks are another profile's dev or test tasks."""
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
+    edge = 0.0
+    for split, share in shares.items():
+        edge += share
+        if bucket < edge:
+            return split
+    return rest
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ WebShop's own Lucene BM25 index, top 50 results, 10 per page.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -30,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sad.envs.base import ExpertGaveUp, Observation, Task, task_location
+from sad.envs.base import ExpertGaveUp, Observation, Task, content_split, task_location
 from sad.envs.text import BM25Index
 from sad.envs.text import words as _tokens
 
@@ -751,13 +750,7 @@ def instruction_split(instruction: str) -> str:
     """The split an instruction text belongs to, from a hash of the text alone: the same text lands in the
     same split whatever the split sizes or seed, so no profile's train instructions hold another profile's
     test instructions (a teacher trained on ``profiles/teacher.yaml`` never saw the default's test tasks)."""
-    bucket = int(hashlib.sha256(f"webshop-split:{instruction}".encode()).hexdigest()[:8], 16) / 16**8
-    edge = 0.0
-    for split, share in SPLIT_SHARES.items():
-        edge += share
-        if bucket < edge:
-            return split
-    return "train"
+    return content_split(f"webshop-split:{instruction}", SPLIT_SHARES)
 
 
 def generate_catalogue(seed: int, n_products: int,
