@@ -143,7 +143,8 @@ class TrainParams(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; a rerun resumes from it (0 = off)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16: bf16 autocast (weights, optimizer and losses stay fp32); also on CPUs with "
-                            "avx512_bf16/AMX, ~1.7x faster than fp32 for SmolLM2 on the 2-core box. "
+                            "avx512_bf16/AMX, ~1.7x faster than fp32 for SmolLM2 on the 2-core box (a CPU without them "
+                            "runs fp32, with a warning: emulated bf16 is ~28x slower). "
                             "auto: bf16 on a GPU, fp32 on CPU")
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,13 +50,27 @@ def test_each_method_trains_a_student_and_lowers_its_loss(loss, windows, tokeniz
         assert set(parts) == {"d_reason", "d_act"}
 
 
-def test_precision_setting_maps_to_autocast():
-    assert [mixed_precision(p, gpu) for p in ("auto", "fp32", "bf16") for gpu in (False, True)] == \
+def test_precision_setting_maps_to_autocast(caplog):
+    settings = [(p, gpu) for p in ("auto", "fp32", "bf16") for gpu in (False, True)]
+    assert [mixed_precision(p, gpu, native_cpu_bf16=True) for p, gpu in settings] == \
         ["no", "bf16", "no", "no", "bf16", "bf16"]
+    # a CPU without bf16 instructions would emulate it (~28x slower): a recipe's bf16 runs in fp32, said in the log
+    assert [mixed_precision(p, gpu, native_cpu_bf16=False) for p, gpu in settings] == \
+        ["no", "bf16", "no", "no", "no", "bf16"]
+    assert "without bf16 instructions" in caplog.text and "runs in fp32" in caplog.text
 
 
-def test_bf16_autocast_trains_on_cpu_with_fp32_weights(windows, tokenizer, tiny_model_factory):
-    """train.precision: bf16 on CPU: matmuls in bf16, weights and the loss in fp32, the loss goes down."""
+def test_cpu_bf16_detection_reads_the_cpu_flags():
+    from sad.training import cpu_has_native_bf16
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    assert cpu_has_native_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def test_bf16_autocast_trains_on_cpu_with_fp32_weights(windows, tokenizer, tiny_model_factory, monkeypatch):
+    """train.precision: bf16 on CPU: matmuls in bf16, weights and the loss in fp32, the loss goes down
+    (autocast forced on CPUs without bf16 instructions too: the tiny model is fast even emulated)."""
+    monkeypatch.setattr("sad.training.cpu_has_native_bf16", lambda: True)
     student = tiny_model_factory(hidden=16, layers=1, seed=2)
     method = MethodParams(loss="sft")
     batch = collate(windows[["input_ids", "reason_mask", "act_mask"]].head(4).to_dict("records"), tokenizer.pad_token_id)
