@@ -485,21 +485,27 @@ def profile(
     params: Path = typer.Option(Path("params.yaml"), help="parameter file to rewrite"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the merged params instead of writing them"),
 ) -> None:
-    """Merge profiles/NAME.yaml into params.yaml (validated; DVC then sees the changed params)."""
+    """Merge profiles/NAME.yaml into params.yaml: mappings merge key by key, except those listed under the
+    profile's `replace:` (e.g. distill.methods: its methods are then the whole set). Validated; DVC then sees
+    the changed params."""
     import io
 
     from ruamel.yaml import YAML
 
-    from sad.config import ConfigError, deep_merge, parse_params, read_yaml
+    from sad.config import ConfigError, apply_profile, parse_params, profile_replaced_paths, read_yaml
     from sad.io import write_text_atomic
 
+    source = f"profiles/{name}.yaml"
     try:
-        override = read_yaml(Path("profiles") / f"{name}.yaml")
-        merged = deep_merge(read_yaml(params), override)
+        override = read_yaml(Path(source))
+        base = read_yaml(params)
+        replaced = profile_replaced_paths(base, override, source)
+        merged = apply_profile(base, override, source)
         merged.setdefault("project", {})["profile"] = name
-        parse_params(merged, f"{params} + profiles/{name}.yaml")
+        parse_params(merged, f"{params} + {source}")
     except ConfigError as exc:
         _fail(str(exc))
+    override = {k: v for k, v in override.items() if k != "replace"}
     # Round-trip YAML: the comments in params.yaml survive the rewrite.
     yaml = YAML()
     doc = yaml.load(params.read_text())
@@ -511,6 +517,11 @@ def profile(
             else:
                 node[key] = value
 
+    for keys in replaced:  # the profile's mapping replaces these whole (their comments go with them)
+        parent = doc
+        for key in keys[:-1]:
+            parent = parent[key]
+        del parent[keys[-1]]
     merge_into(doc, {**override, "project": {**override.get("project", {}), "profile": name}})
     buffer = io.StringIO()
     yaml.dump(doc, buffer)

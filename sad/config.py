@@ -530,6 +530,41 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def profile_replaced_paths(base: dict[str, Any], profile: dict[str, Any], source: str) -> list[tuple[str, ...]]:
+    """The mappings a profile replaces whole: its ``replace:`` list of dotted paths (e.g. ``distill.methods``).
+
+    Each must name a mapping of ``base`` that the profile sets, so a typo fails with the path named."""
+    paths = profile.get("replace", [])
+    if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
+        raise ConfigError(f"{source}: replace: expected a list of dotted paths such as distill.methods, got {paths!r}")
+    out = []
+    for dotted in paths:
+        keys = tuple(dotted.split("."))
+        node_base, node_profile = base, profile
+        for key in keys:
+            node_base = node_base.get(key) if isinstance(node_base, dict) else None
+            node_profile = node_profile.get(key) if isinstance(node_profile, dict) else None
+        if not isinstance(node_base, dict) or not isinstance(node_profile, dict):
+            raise ConfigError(f"{source}: replace: {dotted} must name a mapping that both params.yaml and the "
+                              "profile set")
+        out.append(keys)
+    return out
+
+
+def apply_profile(base: dict[str, Any], profile: dict[str, Any], source: str = "profile") -> dict[str, Any]:
+    """``base`` with ``profile`` merged in: mappings merge key by key (the profile's keys win), except the ones
+    listed under the profile's ``replace:``, which the profile's mapping replaces whole (its set of methods is
+    then the whole set, not added to the default's three)."""
+    replaced = profile_replaced_paths(base, profile, source)
+    out = copy.deepcopy(base)
+    for keys in replaced:
+        parent = out
+        for key in keys[:-1]:
+            parent = parent[key]
+        del parent[keys[-1]]
+    return deep_merge(out, {k: v for k, v in profile.items() if k != "replace"})
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from sad.config import ConfigError, deep_merge, load_params, parse_params
+from sad.config import ConfigError, apply_profile, deep_merge, load_params, parse_params
 
 from .conftest import REPO
 
@@ -11,7 +11,7 @@ def test_repository_params_and_profiles_are_valid():
     assert p.tasks.envs == ["alfworld", "hotpotqa", "webshop"]
     assert set(p.distill.methods) == {"sad", "token_kd", "sft"}
     for profile in (REPO / "profiles").glob("*.yaml"):
-        merged = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), yaml.safe_load(profile.read_text()))
+        merged = apply_profile(yaml.safe_load((REPO / "params.yaml").read_text()), yaml.safe_load(profile.read_text()))
         parse_params(merged, str(profile))
 
 
@@ -46,6 +46,39 @@ def test_params_yaml_is_the_default_key_by_key():
 
 def test_deep_merge_merges_dicts_and_replaces_leaves():
     assert deep_merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": 5}, "d": [2]}) == {"a": {"b": 5, "c": 2}, "d": [2]}
+
+
+def test_a_profile_replaces_the_mappings_it_lists_and_merges_the_rest():
+    base = {"distill": {"methods": {"sad": {"loss": "sad"}, "sft": {"loss": "sft"}}, "seeds": [0]}, "tasks": {"train": 20}}
+    profile = {"distill": {"methods": {"sad_takeover": {"loss": "sad"}}}, "tasks": {"train": 150},
+               "replace": ["distill.methods"]}
+    assert apply_profile(base, profile) == {"distill": {"methods": {"sad_takeover": {"loss": "sad"}}, "seeds": [0]},
+                                            "tasks": {"train": 150}}
+    assert apply_profile(base, {"distill": {"methods": {"x": {}}}})["distill"]["methods"].keys() == {"sad", "sft", "x"}
+    with pytest.raises(ConfigError, match=r"profiles/p.yaml: replace: distill.method must name a mapping"):
+        apply_profile(base, {"distill": {"method": {}}, "replace": ["distill.method"]}, "profiles/p.yaml")
+    with pytest.raises(ConfigError, match="expected a list of dotted paths"):
+        apply_profile(base, {"replace": "distill.methods"})
+
+
+def test_sad_profile_writes_the_profiles_methods_as_the_whole_set(tmp_path, monkeypatch):
+    """`sad profile takeover` (replace: [distill.methods]) leaves exactly the profile's methods, and the
+    comments of params.yaml elsewhere."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["profile", "takeover"])
+    assert result.exit_code == 0, result.output
+    written = (tmp_path / "params.yaml").read_text()
+    p = load_params(tmp_path / "params.yaml")
+    assert list(p.distill.methods) == ["sad", "token_kd", "sad_takeover"] and p.project.profile == "takeover"
+    assert "# Every knob of the SAD pipeline" in written and "replace:" not in written
 
 
 def test_envs_are_checked_with_the_key_named():

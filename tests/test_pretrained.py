@@ -147,7 +147,7 @@ def test_the_paper_profile_offline_stops_at_once_naming_what_to_download(tmp_pat
 
     import yaml
 
-    from sad.config import deep_merge, parse_params
+    from sad.config import apply_profile, parse_params
     from sad.stages import run_pretrained
 
     from .conftest import REPO
@@ -155,7 +155,7 @@ def test_the_paper_profile_offline_stops_at_once_naming_what_to_download(tmp_pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.chdir(tmp_path)
-    merged = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+    merged = apply_profile(yaml.safe_load((REPO / "params.yaml").read_text()),
                         yaml.safe_load((REPO / "profiles" / "paper.yaml").read_text()))
     started = time.perf_counter()
     with pytest.raises(ModelUnavailable, match=r"huggingface-cli download openai-community/gpt2-xl"):
