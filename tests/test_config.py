@@ -77,7 +77,7 @@ def test_sad_profile_writes_the_profiles_methods_as_the_whole_set(tmp_path, monk
     assert result.exit_code == 0, result.output
     written = (tmp_path / "params.yaml").read_text()
     p = load_params(tmp_path / "params.yaml")
-    assert list(p.distill.methods) == ["sad", "token_kd", "sad_takeover"] and p.project.profile == "takeover"
+    assert list(p.distill.methods) == ["sad", "token_kd", "sft", "sad_takeover"] and p.project.profile == "takeover"
     assert "# Every knob of the SAD pipeline" in written and "replace:" not in written
 
 
