@@ -492,7 +492,7 @@ def profile(
 
     from ruamel.yaml import YAML
 
-    from sad.config import ConfigError, apply_profile, parse_params, profile_replaced_paths, read_yaml
+    from sad.config import ConfigError, apply_profile, delete_path, parse_params, profile_replaced_paths, read_yaml
     from sad.io import write_text_atomic
 
     source = f"profiles/{name}.yaml"
@@ -518,10 +518,7 @@ def profile(
                 node[key] = value
 
     for keys in replaced:  # the profile's mapping replaces these whole (their comments go with them)
-        parent = doc
-        for key in keys[:-1]:
-            parent = parent[key]
-        del parent[keys[-1]]
+        delete_path(doc, keys)
     merge_into(doc, {**override, "project": {**override.get("project", {}), "profile": name}})
     buffer = io.StringIO()
     yaml.dump(doc, buffer)

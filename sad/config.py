@@ -551,6 +551,14 @@ def profile_replaced_paths(base: dict[str, Any], profile: dict[str, Any], source
     return out
 
 
+def delete_path(mapping: Any, keys: tuple[str, ...]) -> None:
+    """Remove ``mapping[k1][k2]...[kn]`` in place (a dict or ruamel's round-trip map)."""
+    parent = mapping
+    for key in keys[:-1]:
+        parent = parent[key]
+    del parent[keys[-1]]
+
+
 def apply_profile(base: dict[str, Any], profile: dict[str, Any], source: str = "profile") -> dict[str, Any]:
     """``base`` with ``profile`` merged in: mappings merge key by key (the profile's keys win), except the ones
     listed under the profile's ``replace:``, which the profile's mapping replaces whole (its set of methods is
@@ -558,10 +566,7 @@ def apply_profile(base: dict[str, Any], profile: dict[str, Any], source: str = "
     replaced = profile_replaced_paths(base, profile, source)
     out = copy.deepcopy(base)
     for keys in replaced:
-        parent = out
-        for key in keys[:-1]:
-            parent = parent[key]
-        del parent[keys[-1]]
+        delete_path(out, keys)
     return deep_merge(out, {k: v for k, v in profile.items() if k != "replace"})
 
 
