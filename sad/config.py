@@ -342,6 +342,15 @@ class TeacherLogitsParams(_Strict):
                                                                     "forward inside the training loop")
     top_k: int = Field(16, ge=1, le=4096, description="teacher log-probs kept per generated position")
     batch_size: int = Field(8, ge=1, description="windows per teacher forward (batched in order of length)")
+    temperatures: list[float] = Field(default_factory=lambda: [1.0], min_length=1,
+                                      description="temperatures the cache keeps a log-softmax at; every KD method's "
+                                                  "temperature must be one of them")
+
+    @model_validator(mode="after")
+    def _positive_temperatures(self) -> TeacherLogitsParams:
+        if any(t <= 0 for t in self.temperatures) or len(set(self.temperatures)) != len(self.temperatures):
+            raise ValueError(f"temperatures must be distinct and > 0, got {self.temperatures}")
+        return self
 
 
 def _default_methods() -> dict[str, MethodParams]:
@@ -405,11 +414,17 @@ class DistillParams(_Strict):
             raise ValueError("scaling.sizes needs at least one extra student size (the sweep is a pipeline stage)")
         if self.scaling.method not in self.methods:
             raise ValueError(f"scaling.method {self.scaling.method!r} is not a key of distill.methods {sorted(self.methods)}")
+        cached = set(self.teacher_logits.temperatures)
+        missing = {name: m.temperature for name, m in self.methods.items() if m.needs_teacher and m.temperature not in cached}
+        if self.teacher_logits.mode == "cached" and missing:
+            raise ValueError(f"distill.methods {missing}: temperature not in distill.teacher_logits.temperatures "
+                             f"{self.teacher_logits.temperatures}; add it there (the teacher_logits stage caches one "
+                             f"log-softmax per listed temperature, so adding a method never reruns it)")
         return self
 
     def temperatures(self) -> list[float]:
-        """Temperatures the KD methods distil at (the cache keeps each)."""
-        return sorted({m.temperature for m in self.methods.values() if m.needs_teacher}) or [1.0]
+        """Temperatures the teacher_logits stage caches (``teacher_logits.temperatures``, sorted)."""
+        return sorted(self.teacher_logits.temperatures)
 
 
 class EvaluateParams(_Strict):

@@ -90,3 +90,20 @@ def test_envs_are_checked_with_the_key_named():
         parse_params({"tasks": {"envs": ["webshop", "webshop"]}})
     with pytest.raises(ConfigError, match="tasks.hotpotqa.max_steps"):
         parse_params({"tasks": {"hotpotqa": {"max_steps": 0}}})
+
+
+def test_kd_temperatures_must_be_cached_so_a_new_method_never_reruns_teacher_logits():
+    """teacher_logits caches the listed temperatures, not those of the methods: dvc.yaml gives it no method params."""
+    p = parse_params({"distill": {"teacher_logits": {"temperatures": [2.0, 1.0]},
+                                  "methods": {"sad": {"loss": "sad"}, "hot": {"loss": "token_kd", "temperature": 2.0}}}})
+    assert p.distill.temperatures() == [1.0, 2.0]
+    with pytest.raises(ConfigError, match=r"'hot': 2\.0.*distill\.teacher_logits\.temperatures \[1\.0\]; add it there"):
+        parse_params({"distill": {"methods": {"sad": {"loss": "sad"}, "hot": {"loss": "token_kd", "temperature": 2.0}}}})
+    # SFT needs no teacher, and a teacher run online computes any temperature
+    parse_params({"distill": {"methods": {"sad": {"loss": "sad"}, "sft": {"loss": "sft", "temperature": 3.0}}}})
+    parse_params({"distill": {"teacher_logits": {"mode": "online"},
+                              "methods": {"sad": {"loss": "sad"}, "hot": {"loss": "token_kd", "temperature": 2.0}}}})
+    with pytest.raises(ConfigError, match="distinct and > 0"):
+        parse_params({"distill": {"teacher_logits": {"temperatures": [1.0, 1.0]}}})
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["teacher_logits"]
+    assert stage["params"] == ["distill.teacher_logits"]
