@@ -176,6 +176,9 @@ class DaggerParams(_Strict):
     rounds: int = Field(1, ge=1, le=20)
     tasks: dict[str, int] = Field(default_factory=lambda: {"alfworld": 160, "hotpotqa": 100, "webshop": 240},
                                   description="train tasks per env played each round (round r takes the r-th block)")
+    first_block: int = Field(0, ge=0, description="the block of train tasks round 0 plays (round r plays block "
+                                                  "first_block + r), so a teacher trained further (teacher.init) "
+                                                  "plays tasks its earlier rounds did not")
     demos: int = Field(300, ge=0, description="demo episodes mixed into each round's training (a seeded sample)")
     train: TrainParams = Field(default_factory=lambda: TrainParams(epochs=1.0, batch_size=4, lr=3e-4, dev_fraction=0.02))
 
@@ -199,6 +202,10 @@ class TeacherParams(_Strict):
     lora: LoraParams | None = Field(None, description="with a source and finetune: train a LoRA adapter instead of "
                                                       "every weight (null = full fine-tuning); the teacher folder then "
                                                       "holds the merged model and the adapter that sad ship-teacher ships")
+    init: str | None = Field(None, description="with lora: a LoRA adapter folder whose training goes on (e.g. "
+                                               "assets/teacher, the shipped teacher) instead of fresh adapters; it "
+                                               "must adapt teacher.source with the rank, alpha and modules of "
+                                               "teacher.lora (null = fresh adapters)")
     arch: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=192, num_layers=4, num_heads=4, intermediate_size=512))
     train: TrainParams = Field(default_factory=lambda: TrainParams(epochs=4.0, eval_every=100, checkpoint_every=100))
     dagger: DaggerParams | None = Field(None, description="after imitation, rounds of DAgger with expert takeover "
@@ -209,6 +216,9 @@ class TeacherParams(_Strict):
         if self.lora is not None and (self.source is None or not self.finetune):
             raise ValueError("lora needs a pretrained teacher.source to adapt and teacher.finetune: true "
                              "(set teacher.lora: null to train teacher.arch from scratch)")
+        if self.init is not None and self.lora is None:
+            raise ValueError(f"init: {self.init!r} is a LoRA adapter to train further: it needs teacher.lora "
+                             "(its rank, alpha and modules) and teacher.finetune: true")
         if self.dagger is not None and self.source is not None and not self.finetune:
             raise ValueError("dagger trains the teacher further: it needs teacher.finetune: true "
                              "(or teacher.dagger: null to use the source as it is)")

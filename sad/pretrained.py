@@ -282,6 +282,37 @@ def add_lora(model, lora):
     return get_peft_model(model, config)
 
 
+def continue_lora(model, folder: str | Path, source: str, lora):
+    """``model`` (``source``'s weights) wrapped with the trained LoRA adapter in ``folder``, trainable, so
+    its training goes on from where it stopped (the adapter's logits, not a no-op start).
+
+    ``lora`` (:class:`sad.config.LoraParams`) must match the adapter's rank, alpha and target modules,
+    and the adapter's card must name ``source`` as its base; else a ValueError says which differs."""
+    import json
+
+    from peft import PeftModel
+
+    folder = Path(folder)
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise ModelUnavailable(f"teacher.init: {folder} is not a LoRA adapter folder (no {ADAPTER_CONFIG}); "
+                               "point it at a shipped adapter such as assets/teacher")
+    base = adapter_base(folder)
+    if base != source:
+        raise ValueError(f"teacher.init: {folder} adapts {base!r}, but teacher.source is {source!r}; "
+                         f"set teacher.source: {base}")
+    saved = json.loads(config_file.read_text())
+    wanted = {"r": lora.r, "lora_alpha": float(lora.alpha), "target_modules": sorted(lora.target_modules)}
+    found = {"r": saved.get("r"), "lora_alpha": float(saved.get("lora_alpha", 0)),
+             "target_modules": sorted(saved.get("target_modules") or [])}
+    differ = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
+    if differ:
+        raise ValueError(f"teacher.init: {folder}'s adapter differs from teacher.lora in "
+                         + ", ".join(f"{k} (adapter {a}, teacher.lora {b})" for k, (a, b) in differ.items())
+                         + "; set teacher.lora to the adapter's values")
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+
+
 def save_adapter(peft_model, folder: Path, base: str, card: dict | None = None) -> None:
     """Write only the adapter weights (safetensors) and a card naming ``base`` (a source spec) into
     ``folder``, which must be a fresh temporary directory (the caller renames it into place)."""

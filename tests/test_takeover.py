@@ -176,3 +176,24 @@ def test_the_teacher_stage_runs_a_dagger_round_and_resumes_without_replaying(tmp
         k = e["meta"]["takeover_step"]
         assert not e["steps"][k]["imitate"] and all(s["imitate"] for s in e["steps"][k + 1:])
     assert read_card(teacher_dir(p))["dagger"]["rounds"][0]["episodes"] == 2
+
+
+def test_dagger_rounds_play_consecutive_blocks_of_train_tasks_from_first_block(tmp_path, monkeypatch):
+    """Round r plays block first_block + r of each env's train tasks, wrapping around the split, so a
+    teacher trained further (teacher.init) can play tasks its earlier rounds did not."""
+    from sad.config import parse_params
+    from sad.environments import write_tasks
+    from sad.stages import tasks_root
+    from sad.stages.teacher import dagger_tasks
+
+    monkeypatch.chdir(tmp_path)
+    dagger = {"tasks": {"hotpotqa": 2, "webshop": 0}}
+    p = parse_params({"tasks": {"train": 5, "dev": 1, "test": 1, "envs": ["hotpotqa", "webshop"]},
+                      "distill": {"student_layers": None}, "teacher": {"source": None, "finetune": True, "dagger": dagger}})
+    write_tasks(p, tasks_root(p))
+    ids = [[t.task_id for t in dagger_tasks(p, r)] for r in range(3)]
+    assert ids == [["hotpotqa/train/00000", "hotpotqa/train/00001"], ["hotpotqa/train/00002", "hotpotqa/train/00003"],
+                   ["hotpotqa/train/00004", "hotpotqa/train/00000"]]
+    q = parse_params({"tasks": p.tasks.model_dump(), "distill": {"student_layers": None},
+                      "teacher": {"source": None, "finetune": True, "dagger": {**dagger, "first_block": 1}}})
+    assert [t.task_id for t in dagger_tasks(q, 0)] == ids[1]

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -189,9 +190,22 @@ def test_bad_catalogue_names_the_file_and_product(tmp_path):
     folder.mkdir()
     (folder / w.PRODUCTS_FILE).write_text(json.dumps([{"asin": "B1", "name": "x"}]))
     (folder / w.INSTRUCTIONS_FILE).write_text("{}")
-    w.load_catalogue.cache_clear()
     with pytest.raises(ValueError, match=r"items_shuffle.json product #0: product lacks field\(s\) \['pricing'\]"):
         w.load_catalogue(str(folder))
+
+
+def test_a_catalogue_is_read_afresh_when_rewritten_or_seen_from_another_directory(tmp_path, monkeypatch):
+    """The in-memory copy follows the files: the same relative folder in another working directory, or a
+    catalogue rewritten in place (a retrain in a long-lived worker), is read again, never served stale."""
+    shops = []
+    for seed in (1, 2):
+        (tmp_path / str(seed)).mkdir()
+        monkeypatch.chdir(tmp_path / str(seed))
+        w.write_catalogue(*w.generate_catalogue(seed=seed, n_products=4, counts={"train": 2}), Path("cat"))
+        shops.append(set(w.load_catalogue("cat").products))
+    assert shops[0] != shops[1]
+    w.write_catalogue(*w.generate_catalogue(seed=3, n_products=5, counts={"train": 2}), Path("cat"))
+    assert set(w.load_catalogue("cat").products) not in shops
 
 
 def _official_shop(tmp_path, products, attributes, instructions, counts=(1, 1, 1)):
@@ -205,7 +219,6 @@ def _official_shop(tmp_path, products, attributes, instructions, counts=(1, 1, 1
     params = parse_params({"tasks": {"envs": ["webshop"], "train": train, "dev": dev, "test": test,
                                      "webshop": {"official": str(data)}}})
     root = tmp_path / "tasks"
-    w.load_catalogue.cache_clear()
     write_tasks(params, root)
     return root, [t for s in ("train", "dev", "test") for t in load_tasks(root, "webshop", s)]
 

@@ -118,14 +118,24 @@ def _product_from_record(rec: dict[str, Any], where: str) -> Product:
     )
 
 
-@lru_cache(maxsize=8)
 def load_catalogue(folder: str) -> Catalogue:
-    """Read WebShop's product and human-instruction files from ``folder``."""
-    root = Path(folder)
+    """Read WebShop's product and human-instruction files from ``folder``; kept in memory while the
+    files are unchanged (keyed by their absolute path, size and modification time, so a rewritten
+    catalogue or another working directory's is read afresh)."""
+    root = Path(folder).resolve()
     products_file, ins_file = root / PRODUCTS_FILE, root / INSTRUCTIONS_FILE
     for f in (products_file, ins_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: WebShop file not found")
+            raise FileNotFoundError(f"{Path(folder) / f.name}: WebShop file not found")
+    stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in (products_file, ins_file))
+    return _read_catalogue(str(root), stamp)
+
+
+@lru_cache(maxsize=8)
+def _read_catalogue(folder: str, stamp: tuple) -> Catalogue:
+    """The catalogue in ``folder`` (an absolute path) as its files were when they had ``stamp``."""
+    root = Path(folder)
+    products_file, ins_file = root / PRODUCTS_FILE, root / INSTRUCTIONS_FILE
     try:
         records = json.loads(products_file.read_text())
         instructions = json.loads(ins_file.read_text())

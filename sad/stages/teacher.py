@@ -49,13 +49,20 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
         model = load_source_model(p, tokenizer)  # fine-tuned on the demos below
     else:
         model = build_llama(p.teacher.arch, tokenizer, p.context.max_tokens, seed=p.teacher.train.seed)
-    if p.teacher.lora is not None:
+    init_hash = None
+    if p.teacher.init is not None:
+        from sad.pretrained import continue_lora
+
+        model = continue_lora(model, p.teacher.init, p.teacher.source, p.teacher.lora)
+        init_hash = dir_hash(p.teacher.init)
+        log.info("teacher: training goes on from the adapter in %s", p.teacher.init)
+    elif p.teacher.lora is not None:
         from sad.pretrained import add_lora
 
         model = add_lora(model, p.teacher.lora)
     data_hash = file_hash(demos_file(p))
     base_fingerprint = fingerprint(p.teacher.model_dump(exclude={"dagger"}), p.context.model_dump(), data_hash,
-                                   file_hash(pretrained_dir(p) / "card.json"))
+                                   file_hash(pretrained_dir(p) / "card.json"), init_hash)
 
     def imitation():
         return train_lm(model, train_w, IMITATION, p.teacher.train, tokenizer.pad_token_id, dev_windows=dev_w,
@@ -76,6 +83,9 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
         "train_windows": len(train_w), "dev_windows": len(dev_w),
         "final_loss": result.final_loss, "dev": result.dev, "data_hash": data_hash,
     }
+    if p.teacher.init is not None:
+        card["objective"] = f"{p.teacher.init} (an adapter over {p.teacher.source}) trained further on the expert demos"
+        card["init"] = init_card(p.teacher.init, init_hash)
     if dagger:
         card["dagger"] = {"params": p.teacher.dagger.model_dump(), "rounds": dagger}
     if p.teacher.lora is not None:
@@ -98,15 +108,39 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     return metrics
 
 
+def dir_hash(folder: str) -> str:
+    """sha256[:16] over a folder's files (names and contents, in name order)."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for path in sorted(q for q in Path(folder).rglob("*") if q.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def init_card(folder: str, content_hash: str) -> dict[str, Any]:
+    """Where a continued teacher started: the folder, its content hash and its own card's provenance
+    (recipe commit, demos hash, measured success), so the chain of recipes stays readable."""
+    import json
+    from pathlib import Path
+
+    card_file = Path(folder) / "card.json"
+    started = json.loads(card_file.read_text()) if card_file.is_file() else {}
+    keep = ("commit", "data_hash", "profile", "measured", "test_success", "recipe")
+    return {"folder": folder, "hash": content_hash, **{k: started[k] for k in keep if k in started}}
+
+
 def dagger_tasks(p: Params, round_index: int) -> list[Task]:
-    """Round ``round_index``'s train tasks: per env, the round's block of ``teacher.dagger.tasks[env]``
-    tasks (wrapping around when the blocks run past the train split)."""
+    """Round ``round_index``'s train tasks: per env, block ``dagger.first_block + round_index`` of
+    ``teacher.dagger.tasks[env]`` tasks (wrapping around when the blocks run past the train split)."""
     tasks = []
+    block = p.teacher.dagger.first_block + round_index
     for env in p.tasks.envs:
         n = p.teacher.dagger.tasks.get(env, 0)
         pool = load_tasks(tasks_root(p), env, "train")
         if n and pool:
-            tasks += [pool[(round_index * n + i) % len(pool)] for i in range(min(n, len(pool)))]
+            tasks += [pool[(block * n + i) % len(pool)] for i in range(min(n, len(pool)))]
     return tasks
 
 
