@@ -114,6 +114,17 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def dir_hash(folder: str | Path) -> str:
+    """sha256[:16] over a folder's files: their relative names and contents, in name order."""
+    root, h = Path(folder), hashlib.sha256()
+    for path in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def dev_demos_file(p: Params) -> Path:
     """The expert's episodes on the dev tasks (no injected mistakes): the held-out states of step accuracy."""
     return p.path("data", "demos", "dev.jsonl")

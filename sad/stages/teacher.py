@@ -16,6 +16,7 @@ from sad.stages.layout import (
     checkpoint_dir,
     dagger_dir,
     demos_file,
+    dir_hash,
     file_hash,
     fingerprint,
     is_main_process,
@@ -106,17 +107,6 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
         metrics.update({f"dagger{r}_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     write_json_atomic(p.path("metrics", "teacher.json"), metrics)
     return metrics
-
-
-def dir_hash(folder: str) -> str:
-    """sha256[:16] over a folder's files (names and contents, in name order)."""
-    import hashlib
-    from pathlib import Path
-
-    digest = hashlib.sha256()
-    for path in sorted(q for q in Path(folder).rglob("*") if q.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def init_card(folder: str, content_hash: str) -> dict[str, Any]:
