@@ -27,17 +27,41 @@ class Generation:
     seconds: float  # wall time of the batch this row was generated in
 
 
-def fit_context(prompt_ids: list[int], step_ids: list[list[int]], budget: int) -> list[int]:
+def history_start(step_lengths: list[int], room: int, evict_to: float = 1.0) -> int:
+    """Index of the oldest step an agent still sees after playing every step of ``step_lengths``
+    (token counts) with ``room`` tokens for history after the prompt.
+
+    The history grows by appending; when the next step no longer fits, the oldest steps go until the
+    history fills at most ``evict_to`` of the room (1.0: only as many as needed, so a full context
+    slides, and re-encodes, at every step; 0.5: down to half, so the next steps append to a context
+    whose KV cache is reused). Always keeps the latest step. Computed from the episode's start, so play
+    and the step-accuracy contexts of the same step agree (training windows keep as many steps as fit).
+    """
+    start, total = 0, 0
+    for i, n in enumerate(step_lengths):
+        total += n
+        if total > room:
+            limit = room * evict_to
+            while start < i and total > limit:
+                total -= step_lengths[start]
+                start += 1
+    return start
+
+
+def fit_context(prompt_ids: list[int], step_ids: list[list[int]], budget: int, evict_to: float = 1.0) -> list[int]:
     """The prompt plus the latest steps that fit in ``budget`` tokens; history is never dropped wholesale.
 
-    Older steps go first. When even the latest step alone does not fit, it is kept cut from its end
-    (its thought and action stay, the tail of its observation goes), so the agent still sees what it
-    just did. Training windows are cut the same way (:func:`sad.segment.episode_windows`).
+    Older steps go first (``evict_to`` < 1 drops them in blocks, see :func:`history_start`). When even
+    the latest step alone does not fit, it is kept cut from its end (its thought and action stay, the
+    tail of its observation goes), so the agent still sees what it just did. Training windows are cut
+    the same way (:func:`sad.segment.episode_windows`, which always keeps as many steps as fit).
     A prompt longer than the budget is cut from the left (its end holds the task).
     """
     if len(prompt_ids) >= budget:
         return prompt_ids[-budget:]
     room = budget - len(prompt_ids)
+    if evict_to < 1.0:
+        step_ids = step_ids[history_start([len(ids) for ids in step_ids], room, evict_to):]
     kept: list[list[int]] = []
     for ids in reversed(step_ids):
         if len(ids) > room:
@@ -303,7 +327,7 @@ class LMAgent:
 
 
 def forced_items(tokenizer, episodes: list[Episode], budget: int, history_steps: int,
-                 imitated_only: bool = False) -> list[dict[str, Any]]:
+                 imitated_only: bool = False, evict_to: float = 1.0) -> list[dict[str, Any]]:
     """One item per step of ``episodes``: the context an agent sees at play time before that step
     (prompt + latest ``history_steps`` steps, fitted to ``budget`` tokens by :func:`sad.agent.fit_context`)
     and the step's thought and action. ``imitated_only`` skips injected mistakes as targets (they
@@ -319,6 +343,6 @@ def forced_items(tokenizer, episodes: list[Episode], budget: int, history_steps:
                 history = step_ids[-history_steps:] if history_steps else step_ids
                 items.append({"env": ep.env, "episode_id": ep.episode_id, "task_id": ep.task_id, "step": i,
                               "thought": step.thought, "action": step.action,
-                              "context": fit_context(prompt_ids, history, budget)})
+                              "context": fit_context(prompt_ids, history, budget, evict_to)})
             step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
     return items

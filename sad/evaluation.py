@@ -35,7 +35,8 @@ def play_model(model_dir: Path, params: Params, tasks_root: Path, tasks: list[Ta
                           progress=progress, stats=stats, history_steps=params.context.history_steps,
                           action_choice=params.agent.action_choice, redraws=params.agent.redraws,
                           redraw_temperature=params.agent.redraw_temperature,
-                          stop_after_failures=params.agent.stop_after_failures)
+                          stop_after_failures=params.agent.stop_after_failures,
+                          evict_to=params.context.evict_to)
     return episodes, stats
 
 
@@ -108,6 +109,7 @@ def teacher_forced_agreement(
     max_items: int = 0,
     seed: int = 0,
     progress: bool = False,
+    evict_to: float = 1.0,
 ) -> dict[str, Any]:
     """CoT match and action agreement, teacher-forced on the teacher's trajectories.
 
@@ -124,8 +126,8 @@ def teacher_forced_agreement(
     """
     from sad.metrics import action_agrees, cot_match
 
-    items = _sample(forced_items(agent.tokenizer, teacher_episodes, max_tokens - agent.max_new_tokens, history_steps),
-                    max_items, seed)
+    items = _sample(forced_items(agent.tokenizer, teacher_episodes, max_tokens - agent.max_new_tokens, history_steps,
+                                 evict_to=evict_to), max_items, seed)
     outcomes = [{"env": item["env"], "task_id": item["task_id"], "step": item["step"],
                  "cot_match": cot_match(parsed.thought, item["thought"], threshold),
                  "action_agrees": action_agrees(parsed.action, item["action"])}
@@ -159,6 +161,7 @@ def step_accuracy(
     max_items: int = 0,
     seed: int = 0,
     progress: bool = False,
+    evict_to: float = 1.0,
 ) -> dict[str, Any]:
     """Step accuracy on held-out expert states: the share of the expert's steps where the agent, given
     exactly its play-time context (the prompt and the expert's earlier steps, fitted as at play), freely
@@ -171,7 +174,7 @@ def step_accuracy(
     from sad.metrics import action_agrees
 
     items = _sample(forced_items(agent.tokenizer, expert_episodes, max_tokens - agent.max_new_tokens, history_steps,
-                                 imitated_only=True), max_items, seed)
+                                 imitated_only=True, evict_to=evict_to), max_items, seed)
     outcomes = [{"env": item["env"], "task_id": item["task_id"], "step": item["step"], "kind": action_kind(item["action"]),
                  "expert_action": item["action"], "action": parsed.action, "parsed": parsed.has_action,
                  "correct": parsed.has_action and action_agrees(parsed.action, item["action"])}

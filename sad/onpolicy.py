@@ -61,10 +61,10 @@ def play_round(agent, tasks: list[Task], tasks_root: Path, p: Params, takeover_s
     episodes = play_agent(alone, tasks_root, agent, name, p.context.max_tokens, p.rollout.batch_size, progress=progress,
                           history_steps=p.context.history_steps, action_choice=p.agent.action_choice,
                           redraws=p.agent.redraws, redraw_temperature=p.agent.redraw_temperature,
-                          stop_after_failures=p.agent.stop_after_failures)
+                          stop_after_failures=p.agent.stop_after_failures, evict_to=p.context.evict_to)
     if guided:
         helped = play_takeover(guided, tasks_root, agent, p.context.max_tokens, p.rollout.batch_size,
-                               p.context.history_steps, progress=progress)
+                               p.context.history_steps, progress=progress, evict_to=p.context.evict_to)
         episodes += [replace(e, episode_id=f"takeover-r{round_index}:{e.task_id}", agent=f"takeover-r{round_index}")
                      for e in helped]
     order = {t.task_id: i for i, t in enumerate(tasks)}

@@ -296,11 +296,13 @@ def play_agent(
     redraws: int = 0,
     redraw_temperature: float = 0.7,
     stop_after_failures: int = 0,
+    evict_to: float = 1.0,
 ) -> list[Episode]:
     """Play ``tasks`` with ``agent``, keeping up to ``batch_size`` episodes in flight.
 
     The agent sees the prompt and the latest ``history_steps`` steps (0: as many as fit in
-    ``max_tokens``). Finished episodes free their slot for the next task at once (continuous
+    ``max_tokens``; when they stop fitting, the oldest go until the history fills ``evict_to`` of the
+    room, :func:`sad.agent.history_start`). Finished episodes free their slot for the next task at once (continuous
     batching). Results come back in the order of ``tasks``.
 
     ``action_choice``: ``free`` sends the generated action; ``admissible`` keeps the generated thought
@@ -342,7 +344,7 @@ def play_agent(
             open_slot(*queue.pop(0))
         order = list(slots)
         contexts = [fit_context(slots[i].prompt_ids, slots[i].step_ids[-history_steps:] if history_steps else slots[i].step_ids,
-                                budget) for i in order]
+                                budget, evict_to) for i in order]
         generations = agent.generate(contexts)
         if stats is not None:
             stats.batches += 1
@@ -429,7 +431,7 @@ def _expert_finishes(slot: _Shadowed) -> Episode:
 
 
 def play_takeover(tasks: list[Task], tasks_root: Path, agent: LMAgent, max_tokens: int, batch_size: int,
-                  history_steps: int = 0, progress: bool = False) -> list[Episode]:
+                  history_steps: int = 0, progress: bool = False, evict_to: float = 1.0) -> list[Episode]:
     """Demos from the agent's own mistakes (DAgger with expert takeover).
 
     The agent plays each task while the expert shadows it, labelling every state it reaches. While the
@@ -476,7 +478,7 @@ def play_takeover(tasks: list[Task], tasks_root: Path, agent: LMAgent, max_token
         if not order:
             continue
         contexts = [fit_context(slots[i].prompt_ids, slots[i].step_ids[-history_steps:] if history_steps else slots[i].step_ids,
-                                budget) for i in order]
+                                budget, evict_to) for i in order]
         for index, gen in zip(order, agent.generate(contexts)):
             slot, (thought, action) = slots[index], labels[index]
             parsed = parse_output(gen.text)

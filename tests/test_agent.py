@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from sad.agent import LMAgent, PrefixStore, common_prefix_length, fit_context
+from sad.agent import LMAgent, PrefixStore, common_prefix_length, fit_context, history_start
 from sad.environments import load_tasks
 from sad.rollout import PlayStats, play_agent
 
@@ -23,6 +23,22 @@ def test_fit_context_never_drops_history_when_the_latest_step_is_long():
     assert fit_context(prompt, steps, budget=4) == [1, 2, 4, 4]
     assert fit_context(prompt, [[5] * 50], budget=10) == [1, 2] + [5] * 8
     assert fit_context(prompt, [], budget=10) == [1, 2]
+
+
+def test_block_eviction_drops_old_steps_down_to_a_share_of_the_room_then_appends():
+    prompt = [1, 2]
+    steps = [[3, 3, 3], [4, 4], [5, 5, 5], [6, 6]]
+    # room 7: steps 0-1 fit (5 tokens); step 2 makes 8 > 7, so the oldest go until at most 3.5 remain
+    assert history_start([3, 2, 3], 7, 0.5) == 2 and history_start([3, 2, 3, 2], 7, 0.5) == 2
+    assert fit_context(prompt, steps[:3], budget=9, evict_to=0.5) == [1, 2, 5, 5, 5]
+    assert fit_context(prompt, steps, budget=9, evict_to=0.5) == [1, 2, 5, 5, 5, 6, 6]  # appended: the cache is reused
+    # evict_to 1.0 drops only what is needed, so every step moves the whole history
+    assert fit_context(prompt, steps[:3], budget=9) == [1, 2, 4, 4, 5, 5, 5]
+    assert fit_context(prompt, steps, budget=9) == [1, 2, 4, 4, 5, 5, 5, 6, 6]
+    assert history_start([3, 2, 3, 2], 7, 1.0) == 1
+    # the latest step is always kept (cut to its head when alone it is too long)
+    assert history_start([3, 20], 7, 0.5) == 1
+    assert fit_context(prompt, [[3, 3, 3], [7] * 20], budget=9, evict_to=0.5) == [1, 2] + [7] * 7
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +131,13 @@ def test_prefix_store_finds_the_longest_shared_prefix_and_evicts_the_oldest():
 @pytest.mark.parametrize("env", ["alfworld", "hotpotqa", "webshop"])
 def test_prefix_reuse_generates_exactly_what_full_prefill_does(trained_model, tokenizer, task_root, env):
     """Greedy episodes are identical with and without the prefix store, also when old steps are dropped
-    (a 256-token budget), while far fewer context tokens are encoded."""
+    (a 256-token budget, one step at a time or in blocks), while far fewer context tokens are encoded."""
     tasks = _capped(load_tasks(task_root, env, "test")[:3], max_steps=6)
-    for budget in (512, 256):
+    for budget, evict_to in ((512, 1.0), (256, 1.0), (256, 0.5)):
         reuse = LMAgent(trained_model, tokenizer, max_new_tokens=32)
         fresh = LMAgent(trained_model, tokenizer, max_new_tokens=32, prefix_cache=0)
-        a = play_agent(tasks, task_root, reuse, "m", max_tokens=budget, batch_size=3)
-        b = play_agent(tasks, task_root, fresh, "m", max_tokens=budget, batch_size=3)
+        a = play_agent(tasks, task_root, reuse, "m", max_tokens=budget, batch_size=3, evict_to=evict_to)
+        b = play_agent(tasks, task_root, fresh, "m", max_tokens=budget, batch_size=3, evict_to=evict_to)
         assert [[(s.thought, s.action) for s in e.steps] for e in a] == [[(s.thought, s.action) for s in e.steps] for e in b]
         assert fresh.prefill_reused == 0 and reuse.prefill_reused > 0
         assert reuse.prefill_computed + reuse.prefill_reused == fresh.prefill_computed

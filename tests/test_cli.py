@@ -72,6 +72,7 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     assert set(out) >= {"rollout", "training", "student_vs_teacher", "pipeline", "targets", "machine"}
     assert out["rollout"]["speedup_episodes_per_s"] > 0 and out["rollout"]["same_steps"] is True
     assert out["rollout"]["prefill_tokens_cut"] > 1  # the prefix store reused earlier contexts
+    assert out["rollout"]["prefill_tokens_cut_block_eviction"] > 1 and out["rollout"]["block_eviction_step_speedup"] > 0
     assert out["rollout"]["admissible_cost_per_step"] > 0 and out["rollout"]["repair_cost_per_step"] > 0
     assert out["targets"]["admissible_cost_per_step"]["target"] == "<= 2.0"
     assert 0 < out["training"]["mfu"]["sft"] < 1.5 and out["training"]["mfu"]["matmul_peak_flops_per_s"] > 1e8

@@ -22,7 +22,9 @@ def test_the_default_plays_the_shipped_teacher_as_it_was_trained():
     p = load_params(REPO / "params.yaml")
     card = json.loads((REPO / "assets" / "teacher" / "card.json").read_text())
     assert p.teacher.source == "assets/teacher" and p.teacher.finetune is False and p.teacher.dagger is None
-    assert p.context.model_dump() == card["context"]
+    context = p.context.model_dump()
+    assert {k: context[k] for k in card["context"]} == card["context"]
+    assert context["evict_to"] == card["context"].get("evict_to", 1.0)  # cards before evict_to: measured at 1.0
     keep = p.distill.student_layers
     assert keep is not None and keep[-1] < card["arch"]["num_layers"] and len(keep) * 3 < card["arch"]["num_layers"]
 

@@ -54,24 +54,28 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
         for env in p.tasks.envs:  # each env writes under root/<env>/, as the tasks stage does
             tasks += generate_fresh(capped, env, "test", per_env, root)
         # Warm-up (untimed): the first play pays one-off costs (environment caches, allocator, kernels).
-        play_agent(tasks, root, agent, "warm-up", p.context.max_tokens, batch_size, history_steps=p.context.history_steps)
+        play_agent(tasks, root, agent, "warm-up", p.context.max_tokens, batch_size, history_steps=p.context.history_steps,
+                   evict_to=p.context.evict_to)
         capacity = agent.prefix_store.capacity if agent.prefix_store is not None else 64
-        runs = [("batched", batch_size, True, True, "free"), ("one_at_a_time", 1, True, True, "free"),
-                ("batched_no_prefix_reuse", batch_size, True, False, "free"),
+        evict = p.context.evict_to
+        runs = [("batched", batch_size, True, True, "free", evict), ("one_at_a_time", 1, True, True, "free", evict),
+                ("batched_no_prefix_reuse", batch_size, True, False, "free", evict),
                 # choosing among the environment's valid actions: every step (admissible) or only the
                 # steps whose generated action is not listed (repair)
-                ("batched_admissible", batch_size, True, True, "admissible"),
-                ("batched_repair", batch_size, True, True, "repair")]
+                ("batched_admissible", batch_size, True, True, "admissible", evict),
+                ("batched_repair", batch_size, True, True, "repair", evict)]
+        if evict == 1.0:  # a full context dropping its oldest steps in blocks (context.evict_to 0.5) instead
+            runs.append(("batched_block_eviction", batch_size, True, True, "free", 0.5))
         if compare_cache:  # the path before: one padded prefill with a mask, a growing (re-copied) KV cache
-            runs.append(("batched_growing_cache", batch_size, False, False, "free"))
-        for label, size, new_path, reuse, choice in runs:
+            runs.append(("batched_growing_cache", batch_size, False, False, "free", evict))
+        for label, size, new_path, reuse, choice, evict_to in runs:
             agent.static_cache = agent.row_prefill = new_path
             agent.prefix_store = PrefixStore(capacity) if reuse else None  # empty: no run reuses another's contexts
             agent.prefill_computed = agent.prefill_reused = 0
             stats = PlayStats()
             started = time.perf_counter()
             episodes = play_agent(tasks, root, agent, "bench", p.context.max_tokens, size, stats=stats,
-                                  history_steps=p.context.history_steps, action_choice=choice)
+                                  history_steps=p.context.history_steps, action_choice=choice, evict_to=evict_to)
             seconds = time.perf_counter() - started
             steps = sum(e.n_steps for e in episodes)
             out["runs"][label] = {"batch_size": size, "seconds": seconds, "episodes_per_s": len(episodes) / seconds,
@@ -86,6 +90,11 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
     out["prefix_reuse_speedup"] = b["episodes_per_s"] / fresh["episodes_per_s"]
     out["prefill_tokens_cut"] = fresh["prefill_tokens_per_generated_token"] / max(b["prefill_tokens_per_generated_token"], 1e-9)
     out["same_steps"] = out["same_steps"] and fresh["steps"] == b["steps"]
+    if "batched_block_eviction" in out["runs"]:  # against the same no-reuse baseline (the agent sees less history)
+        block = out["runs"]["batched_block_eviction"]
+        out["prefill_tokens_cut_block_eviction"] = (fresh["prefill_tokens_per_generated_token"]
+                                                    / max(block["prefill_tokens_per_generated_token"], 1e-9))
+        out["block_eviction_step_speedup"] = block["steps_per_s"] / b["steps_per_s"]  # other contexts, other steps
     per_step = b["seconds"] / max(b["steps"], 1)  # other choices play other steps: cost per step, not per run
     for choice in ("admissible", "repair"):
         run = out["runs"][f"batched_{choice}"]
@@ -130,7 +139,7 @@ def benchmark_student_vs_teacher(p: Params, teacher_dir: Path, student_dir: Path
         for name, (agent, source) in agents.items():
             stats = PlayStats()
             episodes = play_agent(tasks, root, agent, name, p.context.max_tokens, batch_size, stats=stats,
-                                  history_steps=p.context.history_steps)
+                                  history_steps=p.context.history_steps, evict_to=p.context.evict_to)
             steps = sum(e.n_steps for e in episodes)
             out[name] = {"model": source, "parameters": count_parameters(agent.model),
                          "latency_per_step_s": stats.generation_seconds / max(stats.batches, 1),  # one batched step

@@ -11,7 +11,7 @@ from __future__ import annotations
 from sad.modeling import read_pretrained_arch
 from sad.stages.demos import ExpertBelowFloor, check_expert_success, demos_metrics, write_demos
 from sad.stages.distill import _train_student, distill_inputs, load_student_init, run_distill
-from sad.stages.evaluate import _agreement, _mean_step_accuracy, _step_accuracy, aggregate_seeds, run_evaluate
+from sad.stages.evaluate import _agreement, _step_accuracy, aggregate_seeds, mean_step_accuracy, run_evaluate
 
 # Re-exports: `from sad.stages import run_distill` keeps working.
 # ruff: noqa: F401

@@ -24,7 +24,7 @@ def _agreement(p: Params, agent, progress: bool) -> dict[str, Any] | None:
         return None
     return teacher_forced_agreement(agent, read_episodes(path), p.context.max_tokens, p.context.history_steps,
                                     p.evaluate.cot_threshold, p.evaluate.batch_size, p.evaluate.agreement_steps,
-                                    seed=p.project.seed, progress=progress)
+                                    seed=p.project.seed, progress=progress, evict_to=p.context.evict_to)
 
 
 def _step_accuracy(p: Params, agent, progress: bool) -> dict[str, Any] | None:
@@ -36,10 +36,11 @@ def _step_accuracy(p: Params, agent, progress: bool) -> dict[str, Any] | None:
         log.warning("%s not found: no step accuracy (rerun the demos stage)", path)
         return None
     return step_accuracy(agent, read_episodes(path), p.context.max_tokens, p.context.history_steps,
-                         p.evaluate.batch_size, p.evaluate.step_accuracy_steps, seed=p.project.seed, progress=progress)
+                         p.evaluate.batch_size, p.evaluate.step_accuracy_steps, seed=p.project.seed, progress=progress,
+                         evict_to=p.context.evict_to)
 
 
-def _mean_step_accuracy(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def mean_step_accuracy(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Step accuracy averaged over seeds, overall and per env (per-kind numbers stay per seed)."""
     n = len(per_seed)
     envs = sorted({env for r in per_seed.values() for env in r["envs"]})
@@ -107,7 +108,7 @@ def run_evaluate(p: Params, agent: str, progress: bool = True, players=None) -> 
         "seeds": {s: {"splits": r} for s, r in per_seed.items()},
     })
     if accuracy:
-        results["step_accuracy"] = _mean_step_accuracy(accuracy)
+        results["step_accuracy"] = mean_step_accuracy(accuracy)
     if agreement:
         results["agreement"] = {
             "cot_match_rate": sum(a["cot_match_rate"] for a in agreement.values()) / len(agreement),

@@ -178,7 +178,7 @@ def dagger_rounds(p: Params, model, tokenizer, demos: list[Episode], imitation, 
             model.eval()
             agent = LMAgent(model, tokenizer, p.context.max_new_tokens)
             takeover = play_takeover(tasks, tasks_root(p), agent, p.context.max_tokens, p.rollout.batch_size,
-                                     p.context.history_steps, progress=progress)
+                                     p.context.history_steps, progress=progress, evict_to=p.context.evict_to)
             round_dir.mkdir(parents=True, exist_ok=True)
             write_jsonl_atomic(played, (e.to_dict() for e in takeover))
             write_text_atomic(round_dir / "key", key)
