@@ -316,6 +316,12 @@ class MethodParams(_Strict):
         return self
 
     @property
+    def is_sad_ablation(self) -> bool:
+        """Off-policy SAD with a part switched off: reason-only, act-only or no curriculum."""
+        return (self.loss == "sad" and self.onpolicy is None
+                and (self.lambda_reason == 0 or self.lambda_act == 0 or not self.curriculum))
+
+    @property
     def needs_teacher(self) -> bool:
         return self.loss != "sft"
 

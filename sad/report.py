@@ -303,10 +303,12 @@ def curves_plot(curves: dict[str, dict[int, list[tuple[int, float, str]]]], path
     _save(fig, path)
 
 
-def comparison_pairs(onpolicy_methods: list[str]) -> list[tuple[str, str]]:
-    """The paired comparisons of the report: SAD against token-KD, and each on-policy method against
-    off-policy SAD and token-KD."""
-    return [("sad", "token_kd"), *[(m, b) for m in onpolicy_methods for b in ("sad", "token_kd")]]
+def comparison_pairs(onpolicy_methods: list[str], ablations: list[str] = ()) -> list[tuple[str, str]]:
+    """The paired comparisons of the report: SAD against token-KD, each on-policy method against
+    off-policy SAD and token-KD, and each SAD ablation against full SAD (a negative difference: the
+    part switched off helps)."""
+    return [("sad", "token_kd"), *[(m, b) for m in onpolicy_methods for b in ("sad", "token_kd")],
+            *[(m, "sad") for m in ablations if m != "sad"]]
 
 
 def onpolicy_table(distill_metrics: dict[str, dict[str, Any]], envs: list[str]) -> str:

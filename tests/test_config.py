@@ -109,3 +109,14 @@ def test_kd_temperatures_must_be_cached_so_a_new_method_never_reruns_teacher_log
         parse_params({"distill": {"teacher_logits": {"temperatures": [1.0, 1.0]}}})
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["teacher_logits"]
     assert stage["params"] == ["distill.teacher_logits"]
+
+
+def test_sad_ablations_are_recognised_for_their_paired_comparison_with_sad():
+    from sad.config import MethodParams
+
+    assert MethodParams(loss="sad", lambda_act=0.0).is_sad_ablation
+    assert MethodParams(loss="sad", lambda_reason=0.0).is_sad_ablation
+    assert MethodParams(loss="sad", curriculum=False).is_sad_ablation
+    assert not MethodParams(loss="sad").is_sad_ablation
+    assert not MethodParams(loss="token_kd", curriculum=False).is_sad_ablation
+    assert not MethodParams(loss="sad", lambda_act=0.0, onpolicy={"rounds": 1}).is_sad_ablation

@@ -231,6 +231,7 @@ def test_the_report_compares_each_on_policy_method_and_tabulates_its_rounds():
 
     assert comparison_pairs([]) == [("sad", "token_kd")]
     assert comparison_pairs(["onp"]) == [("sad", "token_kd"), ("onp", "sad"), ("onp", "token_kd")]
+    assert comparison_pairs([], ["sad_act_only"]) == [("sad", "token_kd"), ("sad_act_only", "sad")]
     seed = {"onpolicy_r0_episodes": 4, "onpolicy_r0_success": 0.25, "onpolicy_r0_alfworld_success": 0.5,
             "onpolicy_r0_alfworld_invalid": 0.2, "onpolicy_r0_taken_over": 2, "onpolicy_r0_own_windows": 7,
             "onpolicy_r0_windows": 9, "onpolicy_r0_expert_labels": 3, "onpolicy_r0_final_loss": 0.5,

@@ -12,7 +12,7 @@ from sad.stages.layout import candidate_file, load_eval_results, load_scaling_re
 
 def run_report(p: Params) -> dict[str, Any]:
     """results.md in the paper's layout, with CIs, the paired comparisons (SAD vs token-KD, each on-policy
-    method vs SAD and token-KD), the on-policy rounds and plots."""
+    method vs SAD and token-KD, each SAD ablation vs SAD), the on-policy rounds and plots."""
     from sad import report as r
 
     agents = ["teacher", *p.distill.methods]
@@ -23,8 +23,9 @@ def run_report(p: Params) -> dict[str, Any]:
     registry = json.loads(registry_file.read_text()) if registry_file.is_file() else None
     objectives = {m: s.describe() for m, s in p.distill.methods.items()}
     onpolicy = [m for m, spec in p.distill.methods.items() if spec.onpolicy is not None]
+    ablations = [m for m, spec in p.distill.methods.items() if spec.is_sad_ablation]
     paired, overall = [], {}
-    for a, b in r.comparison_pairs(onpolicy):
+    for a, b in r.comparison_pairs(onpolicy, ablations):
         table_md, comparison = r.paired_section(results, a, b, "test", n_boot, confidence)
         paired.append((a, b, r.verdict(comparison, a, b, confidence), table_md))
         overall[f"{a}_vs_{b}"] = comparison.get("all envs", {})
