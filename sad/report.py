@@ -368,7 +368,8 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
         step_accuracy_table(results),
         "",
         *[line for a, b, verdict_md, table_md in paired for line in (
-            f"## `{a}` against `{b}` (paired: same tasks, same seed index)", "", verdict_md, "", table_md, "")],
+            f"## `{a}` against `{b}` (paired: same tasks, same seed index)", "",
+            *([verdict_md, ""] if verdict_md else []), table_md, "")],
         "## Behaviour (test; means over seeds)",
         "",
         "CoT match: share of the teacher's test steps where the student's thought, teacher-forced on the same "

@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("folders", nargs="+", type=Path, help="project folders, one pipeline run per seed")
     ap.add_argument("--into", type=Path, required=True, help="a copy of the first folder, where the merge is written")
     ap.add_argument("--methods", nargs="+", required=True, help="methods to merge (each evaluated in every folder)")
+    ap.add_argument("--allow-missing", action="store_true",
+                    help="merge a method from the folders that have it (at least the first), e.g. a method whose "
+                         "later seeds have not run yet; its seed count then differs and the report skips its pairs")
     args = ap.parse_args()
     into = args.into
     teacher = [_read(f, "eval", "teacher")["seeds"] for f in args.folders]
@@ -73,20 +76,28 @@ def main() -> None:
         raise SystemExit("the folders' teacher evaluations differ: they are not runs of one project")
     all_seeds: set[int] = set()
     for method in args.methods:
-        evals = [_read(f, "eval", method) for f in args.folders]
-        distills = [_read(f, "distill", method) for f in args.folders]
+        folders = args.folders
+        if args.allow_missing:
+            folders = [f for f in args.folders if (f / "metrics" / "eval" / f"{method}.json").is_file()
+                       and (f / "metrics" / "distill" / f"{method}.json").is_file()]
+            if args.folders[0] not in folders:
+                raise SystemExit(f"{method}: not evaluated in {args.folders[0]}, the folder --into copies")
+            for skipped in sorted(set(args.folders) - set(folders)):
+                print(f"{method}: not evaluated in {skipped}, left out")
+        evals = [_read(f, "eval", method) for f in folders]
+        distills = [_read(f, "distill", method) for f in folders]
         merged = _merged_eval(evals)
         write_json_atomic(into / "metrics" / "eval" / f"{method}.json", merged)
         write_json_atomic(into / "metrics" / "distill" / f"{method}.json", _merged_distill(distills))
         rows: list[dict[str, str]] = []
-        for folder in args.folders:
+        for folder in folders:
             rows += list(csv.DictReader((folder / "metrics" / "curves" / f"{method}.csv").open()))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["step", "seed", "loss", "phase"])
         writer.writeheader()
         writer.writerows(rows)
         write_text_atomic(into / "metrics" / "curves" / f"{method}.csv", buf.getvalue())
-        for index, (folder, part) in enumerate(zip(args.folders, evals)):
+        for index, (folder, part) in enumerate(zip(folders, evals)):
             for seed in part["seeds"]:
                 link = into / "data" / "eval" / method / f"seed{seed}"
                 source = (folder / "data" / "eval" / method / f"seed{seed}").resolve()
