@@ -303,7 +303,7 @@ def curves_plot(curves: dict[str, dict[int, list[tuple[int, float, str]]]], path
     _save(fig, path)
 
 
-def comparison_pairs(onpolicy_methods: list[str], ablations: list[str] = ()) -> list[tuple[str, str]]:
+def comparison_pairs(onpolicy_methods: list[str], ablations: tuple[str, ...] | list[str] = ()) -> list[tuple[str, str]]:
     """The paired comparisons of the report: SAD against token-KD, each on-policy method against
     off-policy SAD and token-KD, and each SAD ablation against full SAD (a negative difference: the
     part switched off helps)."""
