@@ -24,7 +24,9 @@ def test_the_default_plays_the_shipped_teacher_as_it_was_trained():
     assert p.teacher.source == "assets/teacher" and p.teacher.finetune is False and p.teacher.dagger is None
     context = p.context.model_dump()
     assert {k: context[k] for k in card["context"]} == card["context"]
-    assert context["evict_to"] == card["context"].get("evict_to", 1.0)  # cards before evict_to: measured at 1.0
+    # evict_to is how play drops old steps, not how the teacher was trained (training windows keep as many steps as
+    # fit); the card measured it at 1.0, and the same 60 test tasks at 0.5 gave 37/60 against 35/60 (README "Performance")
+    assert context["evict_to"] in (card["context"].get("evict_to", 1.0), 0.5)
     keep = p.distill.student_layers
     assert keep is not None and keep[-1] < card["arch"]["num_layers"] and len(keep) * 3 < card["arch"]["num_layers"]
 
