@@ -92,9 +92,10 @@ class _Encoded:
 class PrefixStore:
     """KV caches of the most recently encoded contexts (LRU, ``capacity`` entries).
 
-    A new context reuses the longest prefix it shares with any entry: the next step of an episode
-    extends its previous context (append-only while the history fits), so only the new block and
-    observation are encoded; when old steps are dropped only the part whose positions moved is.
+    A new context reuses the longest prefix it shares with any entry: after a generation the store
+    holds each context with its generated block (:meth:`LMAgent.generate`), and the episode's next
+    context extends it (append-only while the history fits), so only the observation is encoded;
+    when old steps are dropped only the part whose positions moved is.
     Entries are never modified (a reuse slices them; the forward pass concatenates new tensors).
     """
 
@@ -119,14 +120,17 @@ class PrefixStore:
         self._entries.move_to_end(key)
         return self._entries[key]
 
-    def put(self, ids: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], replaces: int | None = None) -> None:
-        """Store ``ids``' cache; ``replaces`` drops an entry it extends (the same episode's last context)."""
+    def put(self, ids: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], replaces: int | None = None) -> int:
+        """Store ``ids``' cache and return its key; ``replaces`` drops an entry it extends (the same
+        episode's last context)."""
         if replaces is not None:
             self._entries.pop(replaces, None)
-        self._entries[self._next_key] = _Encoded(ids, layers)
+        key = self._next_key
+        self._entries[key] = _Encoded(ids, layers)
         self._next_key += 1
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
+        return key
 
 
 def _select_rows(cache, index: torch.Tensor) -> None:
@@ -143,13 +147,15 @@ class LMAgent:
 
     def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
                  static_cache: bool = True, row_prefill: bool = True, prefix_cache: int = 64,
-                 compact_rows: bool = True):
+                 compact_rows: bool = True, keep_blocks: bool = True):
         """``prefix_cache``: contexts whose KV caches are kept for reuse by later contexts sharing a prefix
         (0 = encode every context from scratch); about 35 MB each for SmolLM2-135M at 768 tokens.
         ``compact_rows``: rows whose block is finished leave the batch (once a quarter of it is idle), so
-        a decode forward computes only the rows still generating."""
+        a decode forward computes only the rows still generating. ``keep_blocks``: the prefix store also keeps
+        each context with its generated block (decoded keys/values), so the next step encodes only its observation."""
         self.model = model.eval()
         self.compact_rows = compact_rows
+        self.keep_blocks = keep_blocks
         self.rows_dropped = 0      # finished rows removed from a decode batch early
         self.prefix_store = PrefixStore(prefix_cache) if prefix_cache > 0 else None
         self.prefill_computed = 0  # context tokens run through the model at prefill
@@ -177,8 +183,9 @@ class LMAgent:
         return new_cache, out.logits[:, -1, :]
 
     def _encode(self, ctx: list[int]):
-        """KV cache of one context (a DynamicCache [1, heads, len(ctx), head_dim]) and its last logits [V],
-        reusing the longest prefix in the prefix store (at least the last token is always encoded)."""
+        """KV cache of one context (a DynamicCache [1, heads, len(ctx), head_dim]), its last logits [V] and
+        its key in the prefix store (None without one), reusing the longest prefix in the store (at least
+        the last token is always encoded)."""
         from transformers import DynamicCache
 
         config = self.model.config
@@ -193,17 +200,33 @@ class LMAgent:
         cache, logits = self._forward(cache, input_ids=ids[None, reuse:].to(self.device))
         self.prefill_computed += len(ctx) - reuse
         self.prefill_reused += reuse
+        stored = None
         if self.prefix_store is not None:
             extends = key is not None and reuse == len(self.prefix_store.get(key).ids)
-            self.prefix_store.put(ids, [(layer.keys, layer.values) for layer in cache.layers], replaces=key if extends else None)
-        return cache, logits[0]
+            stored = self.prefix_store.put(ids, [(layer.keys, layer.values) for layer in cache.layers],
+                                           replaces=key if extends else None)
+        return cache, logits[0], stored
+
+    def _store_generated(self, cache, row: int, ctx: list[int], generated: list[int], width: int,
+                         replaces: int | None) -> None:
+        """Keep batch row ``row`` of a decode cache (left-aligned to ``width``) in the prefix store: the
+        context and the generated block but its last token (fed as padding once the row finished, so its
+        keys/values were never computed). The episode's next context starts with this block, so only the
+        observation after it is encoded then. ``replaces``: the context's own entry, which this extends."""
+        keep = len(generated) - 1
+        if self.prefix_store is None or keep <= 0:
+            return
+        start, end = width - len(ctx), width + keep
+        layers = [(layer.keys[row:row + 1, :, start:end].clone(), layer.values[row:row + 1, :, start:end].clone())
+                  for layer in cache.layers]
+        self.prefix_store.put(torch.tensor(ctx + generated[:keep], dtype=torch.long), layers, replaces=replaces)
 
     def _prefill_rows(self, contexts: list[list[int]], width: int):
         """Prefill each context on its own (no padding, causal attention without a mask: the fast SDPA
         path) and copy its keys/values into one batch cache, left-aligned to ``width``: a preallocated
         static cache [B, heads, width + max_new_tokens, head_dim] or a growing one [B, heads, width, head_dim].
 
-        Returns (cache, last-position logits [B, V]).
+        Returns (cache, last-position logits [B, V], each context's key in the prefix store or None).
         """
         from transformers import DynamicCache, StaticCache
 
@@ -219,9 +242,10 @@ class LMAgent:
             shape = (len(contexts), heads, width, head_dim)
             targets = [(torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
                        for _ in range(config.num_hidden_layers)]
-        last_logits = []
+        last_logits, keys_stored = [], []
         for row, ctx in enumerate(contexts):
-            own, logits = self._encode(ctx)
+            own, logits, stored = self._encode(ctx)
+            keys_stored.append(stored)
             for (keys, values), source in zip(targets, own.layers):
                 keys[row, :, width - len(ctx):width] = source.keys[0]
                 values[row, :, width - len(ctx):width] = source.values[0]
@@ -231,7 +255,7 @@ class LMAgent:
                 layer.cumulative_length.fill_(width)
         else:
             cache = DynamicCache(ddp_cache_data=targets, config=config)
-        return cache, torch.stack(last_logits)
+        return cache, torch.stack(last_logits), keys_stored
 
     def _pick(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         """logits [B, V] -> next token ids [B] (greedy at ``temperature`` 0)."""
@@ -250,7 +274,7 @@ class LMAgent:
             return []
         if not prefix or any(not c for c in continuations):
             raise ValueError("score_continuations needs a non-empty prefix and non-empty continuations")
-        cache, last = self._encode(prefix)
+        cache, last, _ = self._encode(prefix)
         first = torch.log_softmax(last.float(), dim=-1)  # [V]: the first continuation token
         n, width = len(continuations), max(len(c) for c in continuations)
         cache.batch_repeat_interleave(n)
@@ -282,12 +306,12 @@ class LMAgent:
             attention[i, width - len(ctx):] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        if self.row_prefill and batch > 1:
-            past, logits = self._prefill_rows(contexts, width)
-        elif self.static_cache:
-            past, logits = self._prefill_rows(contexts, width)
+        stored: list[int | None] | None = None  # each context's prefix-store key, when rows were prefilled one by one
+        if (self.row_prefill and batch > 1) or self.static_cache:
+            past, logits, stored = self._prefill_rows(contexts, width)
         else:
             past, logits = self._forward(None, input_ids=input_ids, attention_mask=attention, position_ids=positions)
+        keep_blocks = self.keep_blocks and stored is not None and self.prefix_store is not None
         next_pos = positions[:, -1:] + 1
 
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -307,6 +331,10 @@ class LMAgent:
                 break
             finished = sum(done[i] for i in rows)
             if self.compact_rows and finished * 4 >= len(rows):  # a quarter of the rows idle: drop them
+                if keep_blocks:
+                    for j, i in enumerate(rows):
+                        if done[i]:
+                            self._store_generated(past, j, contexts[i], generated[i], width, stored[i])
                 keep = [j for j, i in enumerate(rows) if not done[i]]
                 self.rows_dropped += len(rows) - len(keep)
                 index = torch.tensor(keep, device=self.device)
@@ -317,6 +345,9 @@ class LMAgent:
             attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=attention.dtype, device=self.device)], dim=1)
             past, logits = self._forward(past, input_ids=step_ids[:, None], attention_mask=attention, position_ids=next_pos)
             next_pos = next_pos + 1
+        if keep_blocks:
+            for j, i in enumerate(rows):
+                self._store_generated(past, j, contexts[i], generated[i], width, stored[i])
         seconds = time.perf_counter() - start
         results = []
         for ids in generated:

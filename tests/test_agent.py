@@ -79,6 +79,34 @@ def test_batched_generation_matches_one_at_a_time(trained_model, tokenizer):
         assert len({g.n_tokens for g in compacted}) > 1
 
 
+def test_generated_blocks_stay_in_the_prefix_store_as_a_prefill_would_encode_them(trained_model, tokenizer):
+    """After a batch, each context extended by its generated block (but the block's last token, whose keys
+    were never computed) is in the prefix store with the keys and values a prefill of those tokens gives,
+    also for rows that left the batch early, so an episode's next step encodes only what follows the block."""
+    contexts = [tokenizer.encode("[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n"),
+                tokenizer.encode("[alfworld] Your task is to: put a hot apple in countertop.\nThought: I need an apple.\n"
+                                 "Action: go to"),
+                tokenizer.encode("[webshop] Instruction: find a red shirt.\nThought: I search.\nAction: search[")]
+    fresh = LMAgent(trained_model, tokenizer, max_new_tokens=48, prefix_cache=0)
+    observation = tokenizer.encode("\nObservation: Nothing happens.\n")
+    for static in (True, False):
+        agent = LMAgent(trained_model, tokenizer, max_new_tokens=48, static_cache=static, row_prefill=True)
+        agent.eos_id = tokenizer.encode(" 1")[-1]  # a token the tiny model often emits: rows stop at different steps
+        generations = agent.generate(contexts)
+        assert agent.rows_dropped > 0 and len(agent.prefix_store) == len(contexts)  # the blocks replaced their contexts
+        for ctx, gen in zip(contexts, generations):
+            (entry,) = [e for e in agent.prefix_store._entries.values() if e.ids[:len(ctx)].tolist() == ctx]
+            block = entry.ids[len(ctx):].tolist()
+            assert 0 < len(block) <= gen.n_tokens and gen.text.startswith(tokenizer.decode(block))
+            expected, _, _ = fresh._encode(entry.ids.tolist())
+            for (keys, values), layer in zip(entry.layers, expected.layers):
+                torch.testing.assert_close(keys, layer.keys, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(values, layer.values, atol=1e-5, rtol=1e-4)
+            before = agent.prefill_computed
+            agent._encode(entry.ids.tolist() + observation)
+            assert agent.prefill_computed - before == len(observation)
+
+
 def test_generation_stops_after_the_action_line(trained_model, tokenizer):
     agent = LMAgent(trained_model, tokenizer, max_new_tokens=64)
     gen = agent.generate([tokenizer.encode("[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n")])[0]

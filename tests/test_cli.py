@@ -72,6 +72,8 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     assert set(out) >= {"rollout", "training", "student_vs_teacher", "pipeline", "targets", "machine"}
     assert out["rollout"]["speedup_episodes_per_s"] > 0 and out["rollout"]["same_steps"] is True
     assert out["rollout"]["prefill_tokens_cut"] > 1  # the prefix store reused earlier contexts
+    # keeping the generated blocks never encodes more than keeping the contexts alone (same greedy steps)
+    assert out["rollout"]["prefill_tokens_cut"] >= out["rollout"]["prefill_tokens_cut_contexts_only"] > 1
     assert out["rollout"]["prefill_tokens_cut_block_eviction"] > 1 and out["rollout"]["block_eviction_step_speedup"] > 0
     assert out["rollout"]["admissible_cost_per_step"] > 0 and out["rollout"]["repair_cost_per_step"] > 0
     assert out["targets"]["admissible_cost_per_step"]["target"] == "<= 2.0"

@@ -58,8 +58,11 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
                    evict_to=p.context.evict_to)
         capacity = agent.prefix_store.capacity if agent.prefix_store is not None else 64
         evict = p.context.evict_to
+        # (label, batch size, static cache with row prefill, prefix reuse: True = contexts and generated blocks,
+        #  "contexts" = contexts only, False = none, action choice, evict_to)
         runs = [("batched", batch_size, True, True, "free", evict), ("one_at_a_time", 1, True, True, "free", evict),
                 ("batched_no_prefix_reuse", batch_size, True, False, "free", evict),
+                ("batched_context_reuse_only", batch_size, True, "contexts", "free", evict),  # generated blocks not kept
                 # choosing among the environment's valid actions: every step (admissible) or only the
                 # steps whose generated action is not listed (repair)
                 ("batched_admissible", batch_size, True, True, "admissible", evict),
@@ -72,6 +75,7 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
         for label, size, new_path, reuse, choice, evict_to in runs:
             agent.static_cache = agent.row_prefill = new_path
             agent.prefix_store = PrefixStore(capacity) if reuse else None  # empty: no run reuses another's contexts
+            agent.keep_blocks = reuse is True
             agent.prefill_computed = agent.prefill_reused = 0
             stats = PlayStats()
             started = time.perf_counter()
@@ -91,6 +95,11 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
     out["prefix_reuse_speedup"] = b["episodes_per_s"] / fresh["episodes_per_s"]
     out["prefill_tokens_cut"] = fresh["prefill_tokens_per_generated_token"] / max(b["prefill_tokens_per_generated_token"], 1e-9)
     out["same_steps"] = out["same_steps"] and fresh["steps"] == b["steps"]
+    contexts_only = out["runs"]["batched_context_reuse_only"]
+    out["prefill_tokens_cut_contexts_only"] = (fresh["prefill_tokens_per_generated_token"]
+                                               / max(contexts_only["prefill_tokens_per_generated_token"], 1e-9))
+    out["kept_blocks_speedup"] = b["episodes_per_s"] / contexts_only["episodes_per_s"]
+    out["same_steps"] = out["same_steps"] and contexts_only["steps"] == b["steps"]
     # block eviction (the agent sees less history, so other contexts and other steps) against the same no-reuse
     # baseline, and its speed per step against the sliding context
     block, sliding = ((out["runs"]["batched_block_eviction"], b) if "batched_block_eviction" in out["runs"]
@@ -106,7 +115,7 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
         grow = out["runs"]["batched_growing_cache"]
         out["cache_path_speedup"] = b["episodes_per_s"] / grow["episodes_per_s"]
         out["same_steps"] = out["same_steps"] and grow["steps"] == b["steps"]
-    agent.static_cache = agent.row_prefill = True
+    agent.static_cache = agent.row_prefill = agent.keep_blocks = True
     agent.prefix_store = PrefixStore(capacity)
     return out
 
