@@ -133,6 +133,31 @@ class PrefixStore:
         return key
 
 
+SLICED_SDPA = "sad_sliced_sdpa"
+
+
+def _sliced_sdpa(module, query, key, value, attention_mask, kv_length: int | None = None, **kwargs):
+    """transformers' SDPA attention over only the first ``kv_length`` key/value positions [B, heads, kv_length,
+    head_dim]. A static KV cache is preallocated for the context and the whole generation budget; the tail not
+    yet written is masked out, but plain SDPA would still read it at every decoded token (decoding is bound by
+    those reads on CPU)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if kv_length is not None and key.shape[2] > kv_length:
+        key, value = key[:, :, :kv_length], value[:, :, :kv_length]
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., :kv_length]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_sliced_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SLICED_SDPA, _sliced_sdpa)
+    AttentionMaskInterface.register(SLICED_SDPA, sdpa_mask)
+
+
 def _select_rows(cache, index: torch.Tensor) -> None:
     """Keep only the batch rows ``index`` [R] of a static or growing KV cache, in place."""
     for layer in cache.layers:
@@ -147,13 +172,16 @@ class LMAgent:
 
     def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
                  static_cache: bool = True, row_prefill: bool = True, prefix_cache: int = 64,
-                 compact_rows: bool = True, keep_blocks: bool = True):
+                 compact_rows: bool = True, keep_blocks: bool = True, sliced_attention: bool = True):
         """``prefix_cache``: contexts whose KV caches are kept for reuse by later contexts sharing a prefix
         (0 = encode every context from scratch); about 35 MB each for SmolLM2-135M at 768 tokens.
         ``compact_rows``: rows whose block is finished leave the batch (once a quarter of it is idle), so
         a decode forward computes only the rows still generating. ``keep_blocks``: the prefix store also keeps
-        each context with its generated block (decoded keys/values), so the next step encodes only its observation."""
+        each context with its generated block (decoded keys/values), so the next step encodes only its observation.
+        ``sliced_attention``: with the static cache, each decoded token attends over the cache positions written
+        so far only, not the preallocated tail (a model using transformers' ``sdpa`` attention)."""
         self.model = model.eval()
+        self.sliced_attention = sliced_attention
         self.compact_rows = compact_rows
         self.keep_blocks = keep_blocks
         self.rows_dropped = 0      # finished rows removed from a decode batch early
@@ -297,6 +325,17 @@ class LMAgent:
         temperature = self.temperature if temperature is None else temperature
         if not contexts:
             return []
+        config = self.model.config
+        if not (self.static_cache and self.sliced_attention and config._attn_implementation == "sdpa"):
+            return self._generate(contexts, temperature, sliced=False)
+        _register_sliced_sdpa()
+        config._attn_implementation = SLICED_SDPA  # for this call only: a model in training keeps plain sdpa
+        try:
+            return self._generate(contexts, temperature, sliced=True)
+        finally:
+            config._attn_implementation = "sdpa"
+
+    def _generate(self, contexts: list[list[int]], temperature: float, sliced: bool) -> list[Generation]:
         start = time.perf_counter()
         batch, width = len(contexts), max(len(c) for c in contexts)
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
@@ -343,7 +382,8 @@ class LMAgent:
                 rows, token_list = [rows[j] for j in keep], [token_list[j] for j in keep]
             step_ids = torch.tensor([self.pad_id if done[i] else t for i, t in zip(rows, token_list)], device=self.device)
             attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=attention.dtype, device=self.device)], dim=1)
-            past, logits = self._forward(past, input_ids=step_ids[:, None], attention_mask=attention, position_ids=next_pos)
+            past, logits = self._forward(past, input_ids=step_ids[:, None], attention_mask=attention, position_ids=next_pos,
+                                         **({"kv_length": attention.shape[1]} if sliced else {}))
             next_pos = next_pos + 1
         if keep_blocks:
             for j, i in enumerate(rows):

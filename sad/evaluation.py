@@ -11,7 +11,7 @@ from sad.config import Params
 from sad.environments import load_tasks
 from sad.envs.base import Task
 from sad.metrics import success_by, summarize
-from sad.modeling import count_parameters, load_model, read_card
+from sad.modeling import count_parameters, load_model, play_dtype, read_card
 from sad.react import Episode
 from sad.rollout import Player, PlayStats, play_agent
 from sad.tokenizer import load_tokenizer
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def load_agent(model_dir: Path, params: Params, temperature: float | None = None) -> LMAgent:
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=play_dtype(params.agent.precision))
     tokenizer = load_tokenizer(model_dir)
     temp = params.rollout.temperature if temperature is None else temperature
     return LMAgent(model, tokenizer, params.context.max_new_tokens, temperature=temp, seed=params.rollout.seed)
@@ -55,6 +55,7 @@ def evaluate_agent(
         "agent": agent_name,
         "method": card.get("method", agent_name),
         "parameters": count_parameters(agent.model),
+        "dtype": str(next(agent.model.parameters()).dtype).removeprefix("torch."),
         "splits": {},
     }
     episodes_by_split: dict[str, list[Episode]] = {}

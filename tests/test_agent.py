@@ -307,3 +307,62 @@ def test_play_agent_with_the_loop_guard_counts_redrawn_steps(trained_model, toke
     # off (the default): no count, no rate
     plain = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=3)
     assert not any("redrawn_steps" in e.meta for e in plain) and "redrawn_step_rate" not in summarize(plain, tokenizer)
+
+
+@pytest.mark.parametrize("precision,native,expected", [
+    ("fp32", True, torch.float32), ("bf16", True, torch.bfloat16), ("bf16", False, torch.float32),
+    ("auto", True, torch.bfloat16), ("auto", False, torch.float32)])
+def test_agents_play_in_bf16_only_where_the_cpu_has_bf16_instructions(precision, native, expected, caplog):
+    from sad.modeling import play_dtype
+
+    assert play_dtype(precision, native_cpu_bf16=native) == expected
+    asked_in_vain = precision == "bf16" and not native
+    assert ("plays in fp32" in caplog.text or "play in fp32" in caplog.text) == asked_in_vain
+
+
+def test_a_bf16_agent_loads_bf16_weights_decodes_into_a_bf16_cache_and_plays(trained_model, tokenizer, task_root,
+                                                                            tmp_path, monkeypatch):
+    """agent.precision bf16 (bf16 instructions assumed: a tiny model is fast even where they are emulated):
+    the weights and the KV cache are bfloat16, episodes play through, and the evaluation metrics say so."""
+    from sad.config import parse_params
+    from sad.evaluation import evaluate_agent, load_agent
+    from sad.modeling import save_model
+
+    monkeypatch.setattr("sad.modeling.cpu_has_native_bf16", lambda: True)
+    save_model(trained_model, tokenizer, tmp_path / "agent")
+    p = parse_params({"tasks": {"envs": ["alfworld"], "alfworld": {"max_steps": 3}}, "agent": {"precision": "bf16"},
+                      "context": {"max_tokens": 512, "max_new_tokens": 24}})
+    agent = load_agent(tmp_path / "agent", p)
+    assert {q.dtype for q in agent.model.parameters()} == {torch.bfloat16}
+    context = tokenizer.encode("[alfworld] Your task is to: put a mug in cabinet.\n")
+    cache, _, _ = agent._prefill_rows([context], width=len(context))
+    assert cache.layers[0].keys.dtype == torch.bfloat16
+    metrics, episodes = evaluate_agent(tmp_path / "agent", "bf16-agent", p, task_root, progress=False, agent=agent)
+    assert metrics["dtype"] == "bfloat16"
+    assert episodes["dev"] and all(ep.n_steps >= 1 for split in ("dev", "test") for ep in episodes[split])
+
+
+def test_sliced_attention_reads_only_the_written_cache_and_generates_the_same_tokens(trained_model, tokenizer,
+                                                                                     monkeypatch):
+    """Decoding into the preallocated static cache attends over the positions written so far only, with
+    exactly the tokens of attention over the whole (masked) cache; the model keeps plain sdpa afterwards."""
+    import sad.agent as agent_module
+
+    contexts = [tokenizer.encode("[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n"),
+                tokenizer.encode("[alfworld] Your task is to: heat some egg.\nThought: I need an egg.\nAction: go to fridge 1\n"
+                                 "Observation: The fridge 1 is closed.\n")]
+    plain = LMAgent(trained_model, tokenizer, max_new_tokens=24, sliced_attention=False).generate(contexts)
+    seen: list[tuple[int, int]] = []
+    real = agent_module._sliced_sdpa
+
+    def spy(module, query, key, value, attention_mask, kv_length=None, **kwargs):
+        if kv_length is not None:
+            seen.append((kv_length, key.shape[2]))
+        return real(module, query, key, value, attention_mask, kv_length=kv_length, **kwargs)
+
+    monkeypatch.setattr(agent_module, "_sliced_sdpa", spy)
+    sliced = LMAgent(trained_model, tokenizer, max_new_tokens=24).generate(contexts)
+    assert [g.text for g in sliced] == [g.text for g in plain]
+    width = max(len(c) for c in contexts)
+    assert seen and all(width < n <= full == width + 24 for n, full in seen) and seen[0][0] == width + 1
+    assert trained_model.config._attn_implementation == "sdpa"

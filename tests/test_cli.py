@@ -76,6 +76,13 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     assert out["rollout"]["prefill_tokens_cut"] >= out["rollout"]["prefill_tokens_cut_contexts_only"] > 1
     assert out["rollout"]["prefill_tokens_cut_block_eviction"] > 1 and out["rollout"]["block_eviction_step_speedup"] > 0
     assert out["rollout"]["admissible_cost_per_step"] > 0 and out["rollout"]["repair_cost_per_step"] > 0
+    # decoding over the written cache only plays the same greedy steps (an untrained fp32 model here); bf16 play is
+    # timed against it where the CPU has bf16 instructions
+    assert out["rollout"]["same_steps_sliced_attention"] is True and out["rollout"]["sliced_attention_speedup"] > 0
+    from sad.modeling import cpu_has_native_bf16
+
+    assert out["rollout"]["play_dtype"] == "fp32"
+    assert (out["rollout"]["bf16_play_speedup_per_step"] is None) == (not cpu_has_native_bf16())
     assert out["targets"]["admissible_cost_per_step"]["target"] == "<= 2.0"
     assert 0 < out["training"]["mfu"]["sft"] < 1.5 and out["training"]["mfu"]["matmul_peak_flops_per_s"] > 1e8
     assert set(out["training"]["tokens_per_s"]) == {"sad", "token_kd", "sft", "sad_online", "token_kd_online", "teacher_sft"}

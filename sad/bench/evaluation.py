@@ -29,11 +29,15 @@ def _capped(p: Params, max_steps: int) -> Params:
 def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, batch_size: int = 16,
                          max_steps: int = 5, compare_cache: bool = True) -> dict[str, Any]:
     """Play ``per_env`` test tasks per environment with ``batch_size`` episodes in flight, then one at a time."""
+    import torch
+
     from sad.agent import LMAgent, PrefixStore
     from sad.environments import generate_fresh
     from sad.evaluation import load_agent
+    from sad.modeling import cpu_has_native_bf16
     from sad.rollout import PlayStats, play_agent
 
+    dtype_names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
     capped = _capped(p, max_steps)
     if model_dir is not None and (model_dir / "config.json").is_file():
         agent = load_agent(model_dir, p)
@@ -72,7 +76,17 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
                     else ("batched_sliding_context", batch_size, True, True, "free", 1.0))
         if compare_cache:  # the path before: one padded prefill with a mask, a growing (re-copied) KV cache
             runs.append(("batched_growing_cache", batch_size, False, False, "free", evict))
+        # decoding attends over the whole preallocated static cache (its unwritten tail masked), as before
+        runs.append(("batched_full_cache_attention", batch_size, True, True, "free", evict))
+        played = next(agent.model.parameters()).dtype
+        other = torch.float32 if played == torch.bfloat16 else (torch.bfloat16 if cpu_has_native_bf16() else None)
+        if other is not None:  # the other dtype, for its time only (weights converted from the played ones)
+            runs.append((f"batched_{dtype_names[other]}", batch_size, True, True, "free", evict))
         for label, size, new_path, reuse, choice, evict_to in runs:
+            agent.sliced_attention = label != "batched_full_cache_attention"
+            if other is not None and label == f"batched_{dtype_names[other]}":  # the last run
+                saved = {k: v.clone() for k, v in agent.model.state_dict().items()}  # bf16 would round fp32 weights
+                agent.model.to(other)
             agent.static_cache = agent.row_prefill = new_path
             agent.prefix_store = PrefixStore(capacity) if reuse else None  # empty: no run reuses another's contexts
             agent.keep_blocks = reuse is True
@@ -88,6 +102,8 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
                                   "generated_tokens_per_s": stats.tokens_per_second,
                                   "prefill_tokens_per_generated_token": agent.prefill_computed / max(stats.generated_tokens, 1),
                                   "prefill_reused_share": agent.prefill_reused / max(agent.prefill_computed + agent.prefill_reused, 1)}
+    if other is not None:
+        agent.model.to(played).load_state_dict(saved)
     b, one = out["runs"]["batched"], out["runs"]["one_at_a_time"]
     out["speedup_episodes_per_s"] = b["episodes_per_s"] / one["episodes_per_s"]
     out["same_steps"] = b["steps"] == one["steps"]
@@ -115,7 +131,17 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
         grow = out["runs"]["batched_growing_cache"]
         out["cache_path_speedup"] = b["episodes_per_s"] / grow["episodes_per_s"]
         out["same_steps"] = out["same_steps"] and grow["steps"] == b["steps"]
-    agent.static_cache = agent.row_prefill = agent.keep_blocks = True
+    full = out["runs"]["batched_full_cache_attention"]
+    out["sliced_attention_speedup"] = b["episodes_per_s"] / full["episodes_per_s"]
+    out["same_steps_sliced_attention"] = full["steps"] == b["steps"]
+    out["play_dtype"] = dtype_names[played]
+    if other is not None:  # bf16 against fp32 play, whichever is the params' (agent.precision)
+        run = out["runs"][f"batched_{dtype_names[other]}"]
+        bf16, fp32 = (b, run) if played == torch.bfloat16 else (run, b)
+        out["bf16_play_speedup_per_step"] = bf16["steps_per_s"] / fp32["steps_per_s"]
+    else:
+        out["bf16_play_speedup_per_step"] = None  # no bf16 instructions on this CPU: not measured
+    agent.static_cache = agent.row_prefill = agent.keep_blocks = agent.sliced_attention = True
     agent.prefix_store = PrefixStore(capacity)
     return out
 
