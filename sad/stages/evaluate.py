@@ -85,7 +85,7 @@ def run_evaluate(p: Params, agent: str, progress: bool = True, players=None) -> 
             res, episodes = evaluate_agent(model_dir, agent, p, tasks_root(p), progress=progress, agent=lm,
                                            player=players(model_dir) if players else None)
             per_seed[seed] = res["splits"]
-            results.update({"method": res["method"], "parameters": res["parameters"]})
+            results.update({"method": res["method"], "parameters": res["parameters"], "dtype": res["dtype"]})
             folder = tmp if agent == "teacher" else tmp / f"seed{seed}"
             for split, eps in episodes.items():
                 write_jsonl_atomic(folder / f"{split}.jsonl", (e.to_dict() for e in eps))

@@ -82,6 +82,7 @@ def replay_per_task(p: Params, model, tokenizer, task_ids: list[str]) -> dict[st
     gate split's tasks ``task_ids`` with the pipeline's agent settings; {task id: gate metric value}."""
     from sad.agent import LMAgent
     from sad.evaluation import play_model
+    from sad.modeling import play_dtype
     from sad.registry import per_task_values
 
     split, wanted = p.registration.gate_split, set(task_ids)
@@ -90,6 +91,7 @@ def replay_per_task(p: Params, model, tokenizer, task_ids: list[str]) -> dict[st
     if missing:
         raise ValueError(f"cannot replay the champion on {len(missing)} {split} tasks that are not in "
                          f"{tasks_root(p)} (e.g. {missing[:3]}): run the tasks stage first")
+    model = model.to(play_dtype(p.agent.precision))  # as the candidate's evaluation played
     agent = LMAgent(model, tokenizer, p.context.max_new_tokens, temperature=p.rollout.temperature, seed=p.rollout.seed)
     episodes, _ = play_model(Path("."), p, tasks_root(p), tasks, "champion", p.evaluate.batch_size, agent=agent)
     return per_task_values(episodes, p.registration.gate_metric)
