@@ -142,10 +142,10 @@ class TrainParams(_Strict):
     eval_every: int = Field(0, ge=0, description="dev evaluation every N optimizer steps (0 = at the end only)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; a rerun resumes from it (0 = off)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16: bf16 autocast (weights, optimizer and losses stay fp32); also on CPUs with "
-                            "avx512_bf16/AMX, ~1.7x faster than fp32 for SmolLM2 on the 2-core box (a CPU without them "
-                            "runs fp32, with a warning: emulated bf16 is ~28x slower). "
-                            "auto: bf16 on a GPU, fp32 on CPU")
+        "auto", description="bf16: bf16 autocast (weights, optimizer and losses stay fp32); on a CPU it needs "
+                            "avx512_bf16/AMX (a CPU without them runs fp32, with a warning: emulated bf16 is ~28x "
+                            "slower). auto: bf16 on a GPU and on a CPU with those instructions (the default's "
+                            "distillation 2.14x faster than fp32 on the 2-core avx512_bf16 box), else fp32")
 
 
 class ContextParams(_Strict):
@@ -374,6 +374,10 @@ class TeacherLogitsParams(_Strict):
     temperatures: list[float] = Field(default_factory=lambda: [1.0], min_length=1,
                                       description="temperatures the cache keeps a log-softmax at; every KD method's "
                                                   "temperature must be one of them")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the dtype of the teacher's forward for the cache (its output head always runs in fp32): "
+                            "auto = bf16 where the CPU has avx512_bf16/AMX, else fp32; bf16 on a CPU without them runs "
+                            "fp32, with a warning")
 
     @model_validator(mode="after")
     def _positive_temperatures(self) -> TeacherLogitsParams:

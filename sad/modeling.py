@@ -28,8 +28,10 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def play_dtype(precision: str, native_cpu_bf16: bool | None = None) -> torch.dtype:
-    """The dtype an agent plays in (weights and KV cache) for ``agent.precision``.
+def play_dtype(precision: str, native_cpu_bf16: bool | None = None, setting: str = "agent.precision") -> torch.dtype:
+    """The dtype a model loaded to run without gradients uses (weights and KV cache) for ``precision``:
+    ``agent.precision`` for agents, ``distill.teacher_logits.precision`` for the top-k cache (``setting``
+    names it in the warning).
 
     ``fp32``: float32. ``bf16``: bfloat16 (decoding reads half the bytes per weight; on a CPU with
     avx512_bf16/AMX its matmuls also run ~2x faster); on a CPU without bf16 instructions it plays in
@@ -40,8 +42,8 @@ def play_dtype(precision: str, native_cpu_bf16: bool | None = None) -> torch.dty
     native = cpu_has_native_bf16() if native_cpu_bf16 is None else native_cpu_bf16
     if not native:
         if precision == "bf16":
-            log.warning("agent.precision bf16 asked on a CPU without bf16 instructions (avx512_bf16/AMX): agents "
-                        "play in fp32 (emulated bf16 is far slower); set agent.precision: auto or fp32 to silence this")
+            log.warning("%s bf16 asked on a CPU without bf16 instructions (avx512_bf16/AMX): the model runs in "
+                        "fp32 (emulated bf16 is far slower); set %s: auto or fp32 to silence this", setting, setting)
         return torch.float32
     return torch.bfloat16
 

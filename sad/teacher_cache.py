@@ -83,6 +83,18 @@ def generated_positions(reason_mask: list[int], act_mask: list[int]) -> list[int
 
 
 @torch.no_grad()
+def generated_logits(model, input_ids: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [n, V] at the ``generated`` positions [B, T-1] (row-major) of ``input_ids`` [B, T].
+
+    The decoder runs in the model's dtype; the output head runs in fp32 on the selected positions only,
+    so a bf16 teacher's log-probs are not rounded to bf16's 8-bit mantissa (a logit near 20 would move
+    in steps of 0.125) and no logits are computed where no loss reads them."""
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1][generated]  # [n, H]
+    head = model.get_output_embeddings()
+    bias = None if getattr(head, "bias", None) is None else head.bias.float()
+    return F.linear(hidden.float(), head.weight.float(), bias)
+
+
 def build_topk_cache(teacher, windows: pd.DataFrame, top_k: int, temperatures: list[float], pad_id: int,
                      windows_hash: str, batch_size: int = 8, progress: bool = True) -> TopkCache:
     """Run the teacher over every window (no grad) and keep top-k log-probs at generated positions.
@@ -105,9 +117,8 @@ def build_topk_cache(teacher, windows: pd.DataFrame, top_k: int, temperatures: l
     for start in tqdm(range(0, len(rows), batch_size), desc="teacher logits", disable=not progress, unit="batch"):
         members = by_length[start:start + batch_size]
         batch = collate([rows[i] for i in members], pad_id)
-        logits = teacher(input_ids=batch["input_ids"]).logits
         generated = (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0  # [B, T-1], next token generated
-        sel = logits[:, :-1][generated].float()  # [n, V], row-major: window by window, position by position
+        sel = generated_logits(teacher, batch["input_ids"], generated)  # [n, V] fp32, window by window
         counts = generated.sum(1).tolist()
         base = F.log_softmax(sel, dim=-1)
         token_entropy = -(base.exp() * base).sum(-1)  # [n]

@@ -56,7 +56,10 @@ def main() -> None:
     windows = synthetic_windows(40, vocab)
     student = tiny_llama(vocab, 16, seed=1)
     teacher = tiny_llama(vocab, 32, seed=2)
-    train = TrainParams(epochs=2, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=1e-2, seed=3, dev_fraction=0)
+    # fp32: the check is exactness up to float reduction order; bf16 autocast (train.precision auto on a CPU with
+    # bf16 instructions) rounds each shard's matmuls differently (lm_head 1.5e-3 apart after 2 epochs, measured)
+    train = TrainParams(epochs=2, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=1e-2, seed=3, dev_fraction=0,
+                        precision="fp32")
     result = train_lm(student, windows, MethodParams(loss=args.method, lambda_reason=0.7, lambda_act=1.3), train,
                       pad_id=0, teacher=teacher, progress=False)
     from accelerate import PartialState

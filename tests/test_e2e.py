@@ -140,11 +140,14 @@ def test_metrics_exist_and_lie_in_range(pipeline_run):
     from sad.modeling import cpu_has_native_bf16
 
     repo, _, _ = pipeline_run
+    # distill.teacher_logits.precision auto: the teacher's forward for the cache in bf16 there too
+    native_dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert json.loads((repo / "metrics" / "teacher_logits.json").read_text())["dtype"] == native_dtype
     for agent in ("teacher", "sad", "token_kd", "sft"):
         result = json.loads((repo / "metrics" / "eval" / f"{agent}.json").read_text())
         assert result["parameters"] > 0
         # agent.precision auto: agents play in bf16 where the CPU has bf16 instructions
-        assert result["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
+        assert result["dtype"] == native_dtype
         assert len(result["seeds"]) == (1 if agent == "teacher" else 2)
         if agent != "teacher":
             assert 0.0 <= result["agreement"]["cot_match_rate"] <= 1.0

@@ -3,7 +3,7 @@ import torch
 
 from sad.config import MethodParams
 from sad.segment import segment_episodes
-from sad.teacher_cache import StaleCacheError, build_topk_cache, generated_positions, load_cache, save_cache
+from sad.teacher_cache import StaleCacheError, build_topk_cache, generated_logits, generated_positions, load_cache, save_cache
 from sad.training import collate, method_loss
 
 
@@ -99,3 +99,21 @@ def test_windows_batched_by_length_keep_their_order_in_the_cache(windows, tokeni
     for key in single.tail:
         assert torch.allclose(batched.tail[key], single.tail[key], atol=1e-4)
     assert torch.allclose(batched.entropy_sum, single.entropy_sum, rtol=1e-4)
+
+
+def test_generated_logits_are_the_full_forward_at_generated_positions_with_an_fp32_head(windows, tokenizer,
+                                                                                        tiny_model_factory):
+    """The cache reads logits only where a loss reads them; a bf16 teacher's head runs in fp32."""
+    teacher = tiny_model_factory(hidden=32, seed=5).eval()
+    batch = collate(windows.iloc[:3][["input_ids", "reason_mask", "act_mask"]].to_dict("records"), tokenizer.pad_token_id)
+    generated = (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0
+    with torch.no_grad():
+        full = teacher(input_ids=batch["input_ids"]).logits[:, :-1][generated]
+        selected = generated_logits(teacher, batch["input_ids"], generated)
+        assert selected.shape == (int(generated.sum()), teacher.config.vocab_size)
+        assert torch.allclose(selected, full, atol=1e-5)
+        bf16 = generated_logits(teacher.to(torch.bfloat16), batch["input_ids"], generated)
+    assert bf16.dtype == torch.float32
+    # the bf16 body moves the logits a little; the same top-1 nearly everywhere
+    assert (bf16.argmax(-1) == full.argmax(-1)).float().mean() > 0.95
+    assert (bf16 - full).abs().max() < 0.5

@@ -155,6 +155,7 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
     metrics = {"parameters": n_student, "compression": card["compression"], "final_loss": result.final_loss,
                "steps": result.steps, "train_tokens_per_s": result.tokens_per_second,
                "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
+               "train_precision": result.precision,
                **{f"dev_{k}": v for k, v in result.dev.items()},
                **{f"onpolicy_r{r['round']}_{k}": v for r in rounds for k, v in r.items() if k != "round"}}
     history = [{**h, "phase": "off-policy"} for h in result.history]

@@ -96,6 +96,7 @@ def heal(p: Params, student, tokenizer, progress: bool = True) -> dict[str, Any]
     return {"demos": len(demos), "windows": len(windows), "tokens": int(windows["n_tokens"].sum()),
             "epochs": h.epochs, "steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds,
             "train_tokens_per_s": result.tokens_per_second, "resumed_from_step": result.resumed_from,
+            "train_precision": result.precision,
             **{f"dev_{k}": v for k, v in result.dev.items()}}
 
 

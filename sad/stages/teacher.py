@@ -102,6 +102,7 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
         keep_dagger_episodes(p)
     metrics = {"parameters": card["parameters"], "final_loss": result.final_loss, "steps": result.steps,
                "train_tokens_per_s": result.tokens_per_second, "train_seconds": result.seconds,
+               "train_precision": result.precision,
                "windows": len(train_w), "dev_windows": len(dev_w), **{f"dev_{k}": v for k, v in result.dev.items()}}
     for r, summary in enumerate(dagger):
         metrics.update({f"dagger{r}_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -13,12 +13,13 @@ def run_teacher_logits(p: Params, progress: bool = True) -> dict[str, Any]:
     """Cache the teacher's top-k log-probs (and entropies) at every generated position of the windows."""
     import time
 
-    from sad.modeling import load_model
+    from sad.modeling import load_model, play_dtype
     from sad.segment import load_windows
     from sad.teacher_cache import build_topk_cache, save_cache
 
     windows = load_windows(segments_dir(p))
-    teacher = load_model(teacher_dir(p))
+    dtype = play_dtype(p.distill.teacher_logits.precision, setting="distill.teacher_logits.precision")
+    teacher = load_model(teacher_dir(p), dtype=dtype)
     started = time.perf_counter()
     cache = build_topk_cache(teacher, windows, p.distill.teacher_logits.top_k, p.distill.temperatures(),
                              teacher.config.pad_token_id or 0, file_hash(segments_dir(p) / "windows.parquet"),
@@ -27,6 +28,7 @@ def run_teacher_logits(p: Params, progress: bool = True) -> dict[str, Any]:
     save_cache(cache, windows, teacher_logits_dir(p))
     positions = int(cache.offsets[-1])
     metrics = {"positions": positions, "top_k": cache.top_k, "temperatures": p.distill.temperatures(),
+               "dtype": str(dtype).removeprefix("torch."),
                "cache_bytes": cache.nbytes, "full_logits_bytes": cache.full_logits_bytes(),
                "bytes_ratio": cache.nbytes / max(cache.full_logits_bytes(), 1), "seconds": seconds,
                "mean_teacher_entropy": float(cache.entropy_sum.sum()) / max(positions, 1)}
