@@ -127,12 +127,19 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
     windows["cache_row"] = range(len(windows))
     base_rss = _rss_mb()
     out: dict[str, Any] = {}
-    if config["mode"] == "peak":
+    if config["mode"] == "peak":  # the peak of the dtype training's matmuls run in (bf16 under autocast)
         from sad.bench.peak import matmul_peak_flops
+        from sad.training import mixed_precision
 
-        return {"matmul_flops_per_s": matmul_peak_flops(), "threads": torch.get_num_threads()}
-    if config["mode"] == "build":
+        autocast = mixed_precision(config["precision"], torch.cuda.is_available()) == "bf16"
+        dtype = torch.bfloat16 if autocast else torch.float32
+        return {"matmul_flops_per_s": matmul_peak_flops(dtype=dtype), "threads": torch.get_num_threads(),
+                "dtype": str(dtype).removeprefix("torch.")}
+    if config["mode"] == "build":  # as the teacher_logits stage: the teacher's forward in its precision's dtype
+        from sad.modeling import play_dtype
+
         teacher = _build(config.get("teacher_config"), config["teacher"], tok, config["max_tokens"], seed=1)
+        teacher = teacher.to(play_dtype(config["cache_precision"], setting="distill.teacher_logits.precision"))
         started = time.perf_counter()
         cache = build_topk_cache(teacher, windows, config["top_k"], [1.0], 0, "bench", batch_size=config["teacher_batch"],
                                  progress=False)
@@ -148,7 +155,7 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
         cached = CachedTeacher(load_cache(config["cache_dir"], "bench"))
     trained = "teacher" if config.get("train_teacher") else "student"  # whose training is timed
     student = _build(config.get(f"{trained}_config"), config[trained], tok, config["max_tokens"], seed=2)
-    train = TrainParams(epochs=1, batch_size=config["batch_size"], lr=1e-3, dev_fraction=0)
+    train = TrainParams(epochs=1, batch_size=config["batch_size"], lr=1e-3, dev_fraction=0, precision=config["precision"])
     result = train_lm(student, windows, MethodParams(**config["method"]), train, 0, teacher=teacher,
                       cached=cached, progress=False, log_every=10**9)
     from sad.bench.peak import train_flops_per_token
@@ -194,6 +201,7 @@ def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int 
             "teacher": p.teacher.arch.model_dump(), "student": p.distill.student.model_dump(),
             "teacher_config": models and models["teacher"], "student_config": models and models["student"],
             "top_k": p.distill.teacher_logits.top_k, "teacher_batch": p.distill.teacher_logits.batch_size,
+            "precision": p.distill.train.precision, "cache_precision": p.distill.teacher_logits.precision,
             "steps": steps, "batch_size": batch_size,
             "windows": steps * batch_size, "cache_dir": str(Path(tmp) / "cache"),
         }
@@ -235,8 +243,9 @@ def benchmark_training(p, steps: int = 12, batch_size: int = 4, max_tokens: int 
                          "sad_online": sad_o["tokens_per_s"], "token_kd_online": kd_o["tokens_per_s"],
                          "teacher_sft": teacher_sft["tokens_per_s"]},
         "sad_overhead_vs_token_kd": kd_c["tokens_per_s"] / sad_c["tokens_per_s"] - 1.0,
-        # Student FLOP/s (6N + attention, on real tokens) over a square fp32 matmul's FLOP/s, same run and threads.
-        "mfu": {"matmul_peak_flops_per_s": peak_flops,
+        # Student FLOP/s (6N + attention, on real tokens) over a square matmul's FLOP/s in the dtype training's
+        # matmuls use (bf16 under autocast: distill.train.precision), same run and threads.
+        "mfu": {"matmul_peak_flops_per_s": peak_flops, "dtype": peak["dtype"],
                 "sft": sft["student_flops_per_s"] / peak_flops, "sad_cached": sad_c["student_flops_per_s"] / peak_flops,
                 "token_kd_cached": kd_c["student_flops_per_s"] / peak_flops,
                 "teacher_sft": teacher_sft["student_flops_per_s"] / peak_flops},
