@@ -3,8 +3,10 @@ static KV cache or only its written part (sliced, the default since 3f44569): su
 task. Run in a project folder whose pipeline has run up to the teacher stage, alone, e.g.
 `python docs/experiments/play_precision.py fp32 bf16 bf16-cast-nosl` (each label: its dtype as agent.precision
 loads it, "-cast" = bf16 by casting the loaded fp32 model instead, "-nosl" = attention over the whole cache); each
-run writes play_<label>.json next to it and prints one line."""
+run writes play_<label>.json next to it and prints one line. `SAD_PLAY_MODEL=models/students/sad_takeover/seed0`
+plays that model instead of the teacher (the agent name in the episodes stays "teacher")."""
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,12 +25,13 @@ runs = {}
 for label in sys.argv[1:]:
     cast = "-cast" in label  # bf16 by casting the fp32 model with .to(): RoPE's inverse frequencies are rounded too
     precision = "bf16" if label.startswith("bf16") and not cast else "fp32"
-    agent = load_agent(teacher_dir(p), p.model_copy(update={"agent": p.agent.model_copy(update={"precision": precision})}))
+    model_dir = Path(os.environ.get("SAD_PLAY_MODEL") or teacher_dir(p))
+    agent = load_agent(model_dir, p.model_copy(update={"agent": p.agent.model_copy(update={"precision": precision})}))
     agent.sliced_attention = "-nosl" not in label
     if cast:
         agent.model.to(torch.bfloat16)
     started = time.perf_counter()
-    episodes, stats = play_model(teacher_dir(p), p, root, tasks, "teacher", p.evaluate.batch_size, agent=agent)
+    episodes, stats = play_model(model_dir, p, root, tasks, "teacher", p.evaluate.batch_size, agent=agent)
     run = {"seconds": round(time.perf_counter() - started, 1), "generation_s": round(stats.generation_seconds, 1),
            "generated_tokens": stats.generated_tokens, "wins": sum(e.success for e in episodes),
            "by_env": {env: sum(e.success for e in episodes if e.env == env) for env in p.tasks.envs},
