@@ -85,11 +85,28 @@ def dvc_command(set_params: list[str], force: bool, target: str | None) -> list[
     return cmd + (["--force"] if force else []) + ([target] if target else [])
 
 
+def clear_torn_dvc_lock(repo: Path) -> bool:
+    """Remove DVC's ``.dvc/tmp/rwlock`` when it is not valid JSON: a run killed (SIGKILL) while DVC wrote it
+    leaves it empty or torn, and every later ``dvc repro`` then fails ("Unable to read RWLock-file"). Runs
+    inside the retrain's single-flight lock, so no live DVC of this repo is writing it. True if removed."""
+    lock = repo / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(lock.read_text())
+        return False
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        log.warning("%s: torn by a killed run (not JSON); removed so DVC can run again", lock)
+        lock.unlink(missing_ok=True)
+        return True
+
+
 @task(name="dvc-repro", cache_policy=NO_CACHE)
 def reproduce(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run DVC (its cache decides what reruns); output streams to the console, the tail goes into errors."""
     from flows.server import stop_group, watch_group
 
+    clear_torn_dvc_lock(Path.cwd())
     started = time.perf_counter()
     # its own process group (DVC and the stage it runs): a stopped retrain stops exactly that group
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,

@@ -308,3 +308,17 @@ def test_a_crash_between_registration_and_promotion_leaves_the_champion_and_conc
     assert any("unchanged" in r["reason"] for r in results)
     versions = MlflowClient(f"sqlite:///{project}/mlflow.db").search_model_versions("name='sad-student'")
     assert len(versions) == 2 and _champion(project) == "2"
+
+
+def test_a_torn_dvc_lock_left_by_a_killed_run_is_cleared_before_dvc_runs(tmp_path):
+    """SIGKILL while DVC writes .dvc/tmp/rwlock leaves it empty; DVC then refuses every repro (seen in CI)."""
+    from flows.retrain import clear_torn_dvc_lock
+
+    lock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    assert clear_torn_dvc_lock(tmp_path) is False  # none there
+    lock.parent.mkdir(parents=True)
+    lock.write_text('{"read": {}, "write": {}}')
+    assert clear_torn_dvc_lock(tmp_path) is False and lock.exists()  # a valid lock is DVC's to manage
+    for torn in ("", '{"read": {'):
+        lock.write_text(torn)
+        assert clear_torn_dvc_lock(tmp_path) is True and not lock.exists()
