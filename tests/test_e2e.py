@@ -76,6 +76,20 @@ def _running_mlflow_runs(repo: Path) -> list[str]:
         return [row[0] for row in db.execute("SELECT name FROM runs WHERE status = 'RUNNING'")]
 
 
+def _listening_ports(processes) -> set[int]:
+    """The TCP ports these processes listen on; a short-lived child (git, a dvc helper) that ended since the
+    tree was listed is skipped."""
+    import psutil
+
+    ports: set[int] = set()
+    for p in processes:
+        try:
+            ports |= {c.laddr.port for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    return ports
+
+
 def _stop_mid_stage(repo: Path, env: dict[str, str], sig: signal.Signals, stage: str = "demos") -> dict:
     """Start `sad pipeline`, send ``sig`` while ``stage`` runs; within 15 s no process of the run's tree may
     be alive, none of its ports listening, and no MLflow run of it RUNNING."""
@@ -91,12 +105,7 @@ def _stop_mid_stage(repo: Path, env: dict[str, str], sig: signal.Signals, stage:
         time.sleep(0.5)
     time.sleep(3)  # the stage's process is at work
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    ports: set[int] = set()
-    for p in tree:
-        try:
-            ports |= {c.laddr.port for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-        except psutil.NoSuchProcess:  # a short-lived child (git, a dvc helper) ended since the tree was listed
-            pass
+    ports = _listening_ports(tree)
     assert len(tree) >= 6 and ports  # servers, preload runner and its stage child, reaper, dvc, the stage client
     stopped = time.monotonic()
     proc.send_signal(sig)
@@ -271,12 +280,7 @@ def _cancel_a_deployment_run(repo: Path, env: dict[str, str], served: subprocess
         time.sleep(0.5)
     time.sleep(2)
     tree = psutil.Process(served.pid).children(recursive=True)  # the flow run's process and all it started
-    ports: set[int] = set()
-    for p in tree:
-        try:
-            ports |= {c.laddr.port for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-        except psutil.NoSuchProcess:  # a short-lived child (git, a dvc helper) ended since the tree was listed
-            pass
+    ports = _listening_ports(tree)
     assert len(tree) >= 6 and ports, [p.cmdline() for p in tree]  # engine, servers, preload runner, reaper, dvc, stage
     stopped = time.monotonic()
     cancel = _run([prefect, "flow-run", "cancel", flow_run.group(1)], repo, env, timeout=60)
