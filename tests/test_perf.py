@@ -63,6 +63,18 @@ def test_distillation_benchmark_runs_on_cpu_with_a_layer_subset_student(tiny_mod
     assert out["tokens_per_s"] > 0 and 0 < out["mfu"] and out["student_parameters"] < out["teacher_parameters"]
 
 
+def test_decode_batch_ceiling_times_one_row_against_a_batch_and_restores_the_attention(tiny_model_factory):
+    from sad.bench.evaluation import decode_batch_ceiling
+
+    model = tiny_model_factory(hidden=32, layers=2).eval()
+    before = model.config._attn_implementation
+    out = decode_batch_ceiling(model, batch_size=4, written=40, repeats=2)
+    assert out["batch_size"] == 4 and out["written_positions"] == 40
+    assert out["step_ms_one_row"] > 0 and out["step_ms_batch"] > 0
+    assert out["tokens_per_s_ratio"] == 4 * out["step_ms_one_row"] / out["step_ms_batch"]
+    assert model.config._attn_implementation == before  # the sliced attention is set for the timing only
+
+
 def test_precision_benchmark_times_fp32_and_bf16_autocast_on_cpu():
     from transformers import LlamaConfig
 
