@@ -101,12 +101,56 @@ def clear_torn_dvc_lock(repo: Path) -> bool:
         return True
 
 
+LOCK_FILE_COPY = Path(".dvc") / "tmp" / "dvc.lock.last-good"
+
+
+def _valid_lock_file(path: Path) -> bool:
+    """A ``dvc.lock`` DVC can read: a YAML mapping with a ``stages`` mapping."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("stages"), dict)
+
+
+def keep_or_restore_dvc_lock_file(repo: Path) -> str:
+    """DVC rewrites ``dvc.lock`` in place after every stage, so a run stopped (SIGTERM or SIGKILL) while it writes
+    leaves the file empty or torn, and every later ``dvc repro`` fails ("'./dvc.lock' validation failed"; seen in
+    CI: SIGTERM just as a stage finished). Before each repro a valid ``dvc.lock`` is copied to
+    ``.dvc/tmp/dvc.lock.last-good``; a torn one is replaced by that copy (the stages that finished after it rerun,
+    or come back from DVC's run cache) or, with no copy, removed (DVC then restores what its run cache holds).
+    Runs inside the retrain's single-flight lock. Returns ``none``, ``kept``, ``restored`` or ``removed``."""
+    lock, copy = repo / "dvc.lock", repo / LOCK_FILE_COPY
+    if not lock.exists():
+        return "none"
+    if _valid_lock_file(lock):
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        partial = copy.with_name(copy.name + ".partial")
+        partial.write_bytes(lock.read_bytes())
+        partial.replace(copy)
+        return "kept"
+    if copy.exists() and _valid_lock_file(copy):
+        log.warning("%s: torn by a stopped run (%d bytes); restored the copy from before that run's repro (%s): "
+                    "the stages that finished after it run again or come from DVC's run cache", lock, lock.stat().st_size, copy)
+        partial = lock.with_name(lock.name + ".partial")
+        partial.write_bytes(copy.read_bytes())
+        partial.replace(lock)
+        return "restored"
+    log.warning("%s: torn by a stopped run (%d bytes) and no earlier copy; removed, so DVC reruns what its run cache "
+                "does not hold", lock, lock.stat().st_size)
+    lock.unlink()
+    return "removed"
+
+
 @task(name="dvc-repro", cache_policy=NO_CACHE)
 def reproduce(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run DVC (its cache decides what reruns); output streams to the console, the tail goes into errors."""
     from flows.server import stop_group, watch_group
 
     clear_torn_dvc_lock(Path.cwd())
+    keep_or_restore_dvc_lock_file(Path.cwd())
     started = time.perf_counter()
     # its own process group (DVC and the stage it runs): a stopped retrain stops exactly that group
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,

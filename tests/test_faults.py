@@ -322,3 +322,21 @@ def test_a_torn_dvc_lock_left_by_a_killed_run_is_cleared_before_dvc_runs(tmp_pat
     for torn in ("", '{"read": {'):
         lock.write_text(torn)
         assert clear_torn_dvc_lock(tmp_path) is True and not lock.exists()
+
+
+def test_a_torn_dvc_lock_file_left_by_a_stopped_run_is_restored_from_the_copy_before_its_repro(tmp_path):
+    """SIGTERM just as a stage finished left dvc.lock empty (DVC rewrites it in place); the next repro then failed
+    with "'./dvc.lock' validation failed" (seen in CI)."""
+    from flows.retrain import LOCK_FILE_COPY, keep_or_restore_dvc_lock_file
+
+    lock, copy = tmp_path / "dvc.lock", tmp_path / LOCK_FILE_COPY
+    assert keep_or_restore_dvc_lock_file(tmp_path) == "none" and not copy.exists()
+    good = "schema: '2.0'\nstages:\n  tasks:\n    cmd: sad stage tasks\n"
+    lock.write_text(good)
+    assert keep_or_restore_dvc_lock_file(tmp_path) == "kept" and copy.read_text() == good and lock.read_text() == good
+    for torn in ("", "schema: '2.0'\nstages:\n  tasks:\n    cmd: [", "schema: '2.0'\n"):
+        lock.write_text(torn)
+        assert keep_or_restore_dvc_lock_file(tmp_path) == "restored" and lock.read_text() == good
+    copy.unlink()
+    lock.write_text("")
+    assert keep_or_restore_dvc_lock_file(tmp_path) == "removed" and not lock.exists()
