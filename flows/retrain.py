@@ -105,14 +105,16 @@ LOCK_FILE_COPY = Path(".dvc") / "tmp" / "dvc.lock.last-good"
 
 
 def _valid_lock_file(path: Path) -> bool:
-    """A ``dvc.lock`` DVC can read: a YAML mapping with a ``stages`` mapping."""
+    """A ``dvc.lock`` DVC can read: YAML that passes DVC's own lock-file schema."""
     import yaml
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+    from voluptuous import Invalid
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(path.read_text()))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, Invalid):
         return False
-    return isinstance(data, dict) and isinstance(data.get("stages"), dict)
+    return True
 
 
 def keep_or_restore_dvc_lock_file(repo: Path) -> str:

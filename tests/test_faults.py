@@ -334,7 +334,7 @@ def test_a_torn_dvc_lock_file_left_by_a_stopped_run_is_restored_from_the_copy_be
     good = "schema: '2.0'\nstages:\n  tasks:\n    cmd: sad stage tasks\n"
     lock.write_text(good)
     assert keep_or_restore_dvc_lock_file(tmp_path) == "kept" and copy.read_text() == good and lock.read_text() == good
-    for torn in ("", "schema: '2.0'\nstages:\n  tasks:\n    cmd: [", "schema: '2.0'\n"):
+    for torn in ("", "schema: '2.0'\nstages:\n  tasks:\n    cmd: [", "schema: '2.0'\nstages:\n  tasks:\n    outs:\n"):
         lock.write_text(torn)
         assert keep_or_restore_dvc_lock_file(tmp_path) == "restored" and lock.read_text() == good
     copy.unlink()
