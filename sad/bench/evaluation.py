@@ -8,8 +8,10 @@ one-at-a-time run stays short) with the same model, greedy, in one process.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,54 +149,70 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
     return out
 
 
-def decode_batch_ceiling(model, batch_size: int, written: int, repeats: int = 8) -> dict[str, Any]:
-    """What batching can give decoding at most: one decode forward of ``model`` with ``batch_size`` rows against
-    one row, each row with ``written`` cached positions (a static KV cache in the model's dtype, attention over the
-    written positions only, as :class:`sad.agent.LMAgent` decodes). ``tokens_per_s_ratio`` bounds the episodes/s
-    that batching alone can add to play: prefill (one context at a time), block rounds that last as long as their
-    longest block, and episodes that end at different steps only take from it."""
+@contextlib.contextmanager
+def sliced_decoding(model) -> Iterator[bool]:
+    """Within the block, ``model`` (if it uses transformers' ``sdpa``) attends over the written KV-cache positions
+    only, as :class:`sad.agent.LMAgent` decodes; yields whether it does (then pass ``kv_length``)."""
+    from sad.agent import SLICED_SDPA, _register_sliced_sdpa
+
+    config = model.config
+    sliced = config._attn_implementation == "sdpa"
+    if sliced:
+        _register_sliced_sdpa()
+        config._attn_implementation = SLICED_SDPA
+    try:
+        yield sliced
+    finally:
+        if sliced:
+            config._attn_implementation = "sdpa"
+
+
+def decode_step(model, rows: int, written: int, sliced: bool) -> Callable[[], None]:
+    """One decode forward of ``model`` for ``rows`` rows, each with ``written`` positions in a static KV cache in
+    the model's dtype (the next token's keys and values are written in place, at the same position each call)."""
     import inspect
 
     import torch
     from transformers import StaticCache
-
-    from sad.agent import SLICED_SDPA, _register_sliced_sdpa
 
     config = model.config
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-    sliced = config._attn_implementation == "sdpa"
-    if sliced:
-        _register_sliced_sdpa()
-        config._attn_implementation = SLICED_SDPA
+    cache = StaticCache(config=config, max_cache_len=written + 1)
+    cache.early_initialization(rows, heads, head_dim, dtype, device)
+    inputs = {"input_ids": torch.ones(rows, 1, dtype=torch.long, device=device),
+              "attention_mask": torch.ones(rows, written + 1, dtype=torch.long, device=device),
+              "position_ids": torch.full((rows, 1), written, device=device), "use_cache": True, "logits_to_keep": 1,
+              cache_arg: cache, **({"kv_length": written + 1} if sliced else {})}
 
-    def step_ms(rows: int) -> float:
-        cache = StaticCache(config=config, max_cache_len=written + 1)
-        cache.early_initialization(rows, heads, head_dim, dtype, device)
-        inputs = {"input_ids": torch.ones(rows, 1, dtype=torch.long, device=device),
-                  "attention_mask": torch.ones(rows, written + 1, dtype=torch.long, device=device),
-                  "position_ids": torch.full((rows, 1), written, device=device), "use_cache": True, "logits_to_keep": 1,
-                  cache_arg: cache, **({"kv_length": written + 1} if sliced else {})}
+    def step() -> None:
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(written)
+        model(**inputs)
 
-        def decode() -> None:  # the token after ``written`` cached positions, written in place each time
-            for layer in cache.layers:
-                layer.cumulative_length.fill_(written)
-            model(**inputs)
+    return step
 
-        decode()  # warm-up
+
+def decode_batch_ceiling(model, batch_size: int, written: int, repeats: int = 8) -> dict[str, Any]:
+    """What batching can give decoding at most: one decode forward of ``model`` with ``batch_size`` rows against
+    one row, each row with ``written`` cached positions (:func:`decode_step` under :func:`sliced_decoding`).
+    ``tokens_per_s_ratio`` bounds the episodes/s that batching alone can add to play: prefill (one context at a
+    time), block rounds that last as long as their longest block, and episodes that end at different steps only
+    take from it."""
+    import torch
+
+    def step_ms(rows: int, sliced: bool) -> float:
+        step = decode_step(model, rows, written, sliced)
+        step()  # warm-up
         started = time.perf_counter()
         for _ in range(repeats):
-            decode()
+            step()
         return (time.perf_counter() - started) / repeats * 1000
 
-    try:
-        with torch.inference_mode():
-            one, many = step_ms(1), step_ms(batch_size)
-    finally:
-        if sliced:
-            config._attn_implementation = "sdpa"
+    with torch.inference_mode(), sliced_decoding(model) as sliced:
+        one, many = step_ms(1, sliced), step_ms(batch_size, sliced)
     return {"batch_size": batch_size, "written_positions": written, "step_ms_one_row": one, "step_ms_batch": many,
             "tokens_per_s_ratio": batch_size * one / many}
 
