@@ -26,7 +26,7 @@ from prefect.exceptions import TerminationSignal
 
 from flows.server import RetrainStopped, single_flight, stop_on_signals
 from sad.config import Params, load_params
-from sad.io import write_json_atomic
+from sad.io import write_json_atomic, write_text_atomic
 from sad.tracking import flatten, git_commit, log_metrics, redact, stage_run
 from tasks.stages import retry_if_transient
 
@@ -129,16 +129,12 @@ def keep_or_restore_dvc_lock_file(repo: Path) -> str:
         return "none"
     if _valid_lock_file(lock):
         copy.parent.mkdir(parents=True, exist_ok=True)
-        partial = copy.with_name(copy.name + ".partial")
-        partial.write_bytes(lock.read_bytes())
-        partial.replace(copy)
+        write_text_atomic(copy, lock.read_text())
         return "kept"
     if copy.exists() and _valid_lock_file(copy):
         log.warning("%s: torn by a stopped run (%d bytes); restored the copy from before that run's repro (%s): "
                     "the stages that finished after it run again or come from DVC's run cache", lock, lock.stat().st_size, copy)
-        partial = lock.with_name(lock.name + ".partial")
-        partial.write_bytes(copy.read_bytes())
-        partial.replace(lock)
+        write_text_atomic(lock, copy.read_text())
         return "restored"
     log.warning("%s: torn by a stopped run (%d bytes) and no earlier copy; removed, so DVC reruns what its run cache "
                 "does not hold", lock, lock.stat().st_size)
