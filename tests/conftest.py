@@ -118,3 +118,37 @@ def rollout_project(tmp_path_factory, tokenizer, tiny_model_factory):
     finally:
         os.chdir(cwd)
     return root
+
+
+def distill_raw(layers, heal_epochs: float) -> dict:
+    """Parameters of a tiny project whose students are distilled with SFT (``distill_project``)."""
+    return {"tasks": {"envs": ["alfworld", "hotpotqa"], "train": 6, "dev": 1, "test": 1},
+            "context": {"max_tokens": 512, "max_new_tokens": 24},
+            "distill": {"student_layers": layers, "heal": {"epochs": heal_epochs, "lr": 0.01},
+                        "train": {"epochs": 1, "batch_size": 4, "checkpoint_every": 2, "dev_fraction": 0.0},
+                        "curriculum": {"gamma": 0}, "scaling": {"method": "sft"}, "methods": {"sft": {"loss": "sft"}}}}
+
+
+@pytest.fixture
+def distill_project(rollout_project, tmp_path, demos, tiny_model_factory, tokenizer):
+    """A project with a 2-layer teacher, the expert's demos as the train/dev demos and as the teacher's rollouts
+    (segmented): everything student_init and an SFT distill need."""
+    import shutil
+
+    from sad.config import parse_params
+    from sad.io import write_jsonl_atomic
+    from sad.modeling import save_model
+    from sad.stages import run_segment
+
+    root = Path(shutil.copytree(rollout_project, tmp_path / "project"))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        save_model(tiny_model_factory(hidden=32, layers=2, seed=7), tokenizer, Path("models/teacher"))
+        write_jsonl_atomic(Path("data/demos/demos.jsonl"), (e.to_dict() for e in demos[:6]))
+        write_jsonl_atomic(Path("data/demos/dev.jsonl"), (e.to_dict() for e in demos[6:8]))
+        write_jsonl_atomic(Path("data/rollouts/rollouts.jsonl"), (e.to_dict() for e in demos[:6]))
+        run_segment(parse_params(distill_raw(None, 0)))
+        yield root
+    finally:
+        os.chdir(cwd)

@@ -1,7 +1,7 @@
 """A child process for the fault tests: runs real pipeline work so the parent can SIGKILL it.
 
     python tests/fault_worker.py train <workdir> <checkpoint_dir> <out_dir> [seconds_per_step]
-    python tests/fault_worker.py stage <project_dir> <stage>
+    python tests/fault_worker.py stage <project_dir> <stage> [name=value ...]   # e.g. method=sft
     python tests/fault_worker.py write <jsonl_path> <rows>      # blocks half-way until killed
 
 Each mode prints ``READY`` once its inputs are loaded, just before the work starts.
@@ -54,8 +54,9 @@ def train(workdir: Path, checkpoint: Path, out: Path, seconds_per_step: float = 
     print(f"DONE resumed_from={result.resumed_from} steps={result.steps}", flush=True)
 
 
-def stage(project: Path, name: str) -> None:
-    """One stage function of sad.stages on the project's params.yaml (what ``sad stage`` runs inside its flow)."""
+def stage(project: Path, name: str, *options: str) -> None:
+    """One stage function of sad.stages on the project's params.yaml (what ``sad stage`` runs inside its flow),
+    with keyword arguments given as ``name=value``."""
     import inspect
 
     from sad import stages
@@ -65,6 +66,7 @@ def stage(project: Path, name: str) -> None:
     p = load_params("params.yaml")
     run = getattr(stages, f"run_{name}")
     kwargs = {"progress": False} if "progress" in inspect.signature(run).parameters else {}
+    kwargs.update(option.split("=", 1) for option in options)
     ready()
     print("DONE", run(p, **kwargs), flush=True)
 
@@ -88,7 +90,7 @@ if __name__ == "__main__":
     if mode == "train":
         train(Path(args[0]), Path(args[1]), Path(args[2]), float(args[3]) if len(args) > 3 else 0.0)
     elif mode == "stage":
-        stage(Path(args[0]), args[1])
+        stage(Path(args[0]), args[1], *args[2:])
     elif mode == "write":
         write(Path(args[0]), int(args[1]))
     else:

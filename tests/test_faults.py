@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, distill_raw
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -152,6 +152,75 @@ def test_sigkill_during_a_stage_leaves_no_partial_output_and_a_rerun_completes(r
 
         assert len(pd.read_parquet(out / "windows.parquet")) > 0
     assert json.loads((rollout_project / "metrics" / f"{stage}.json").read_text())
+
+
+# --------------------------------------------------------------------------- a multi-seed stage stopped half-way
+@pytest.mark.slow
+def test_a_distill_stage_killed_after_its_first_seed_resumes_at_the_second(distill_project):
+    """Each finished seed is kept (under .checkpoints) until the stage's output is written: a rerun copies it
+    instead of training it again, and trains only the seeds that were not finished."""
+    raw = distill_raw(None, 0)
+    raw["distill"]["seeds"] = [0, 1]
+    raw["distill"]["train"]["epochs"] = 12  # long enough a seed for the kill to land inside the second one
+    (distill_project / "params.yaml").write_text(yaml.safe_dump(raw))
+    kept = distill_project / ".checkpoints" / "models" / "students" / "sft" / "finished-seeds"
+    proc = start_worker("stage", distill_project, "distill", "method=sft")
+    wait_ready(proc)
+    deadline = time.monotonic() + 180
+    while not (kept / "seed0" / "record.json").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the stage ended before its second seed could be killed:\n{proc.stderr.read()[-3000:]}"
+    kill(proc)
+    assert not (distill_project / "models" / "students" / "sft").exists()  # no half-written output
+    record = json.loads((kept / "seed0" / "record.json").read_text())["record"]
+    assert not (kept / "seed1").exists()
+
+    run_worker("stage", distill_project, "distill", "method=sft")
+    seeds = json.loads((distill_project / "metrics" / "distill" / "sft.json").read_text())["seeds"]
+    assert seeds["0"] == record["metrics"]  # kept as it was (its own training time), not trained again
+    assert seeds["1"]["steps"] == seeds["0"]["steps"] and seeds["1"]["train_seconds"] != seeds["0"]["train_seconds"]
+    students = distill_project / "models" / "students" / "sft"
+    assert (students / "seed0" / "model.safetensors").is_file() and (students / "seed1" / "model.safetensors").is_file()
+    assert not kept.exists() and leftovers(distill_project) == []
+
+
+def test_an_evaluation_that_failed_in_its_second_seed_keeps_the_first(distill_project, caplog):
+    """A student evaluation that stops after seed 0 (here its seed 1 player fails) plays only seed 1 again."""
+    import logging
+
+    from sad.config import parse_params
+    from sad.stages import run_distill, run_evaluate, student_dir
+
+    raw = distill_raw(None, 0)
+    raw["distill"]["seeds"] = [0, 1]
+    p = parse_params(raw)
+    run_distill(p, "sft", progress=False)
+
+    def failing_for_seed1(model_dir: Path):
+        if model_dir == student_dir(p, "sft", 1):
+            raise ConnectionError("the worker playing seed 1 went away")
+        return None  # seed 0 plays here
+
+    with pytest.raises(ConnectionError):
+        run_evaluate(p, "sft", progress=False, players=failing_for_seed1)
+    assert not Path("data/eval/sft").exists() and not Path("metrics/eval/sft.json").exists()
+    first = snapshot(Path(".checkpoints/data/eval/sft/finished-seeds/seed0/files"))
+    assert "test.jsonl" in first
+
+    with caplog.at_level(logging.INFO, logger="sad.stages.evaluate"):
+        result = run_evaluate(p, "sft", progress=False)
+    assert "sft seed 0: evaluated before the stage was stopped" in caplog.text
+    assert "sft seed 1: evaluated before" not in caplog.text
+    assert snapshot(Path("data/eval/sft/seed0")) == first and (Path("data/eval/sft/seed1") / "test.jsonl").is_file()
+    assert set(result["seeds"]) == {"0", "1"} and result["dtype"] and not Path(".checkpoints/data/eval/sft").exists()
+
+    raw["agent"] = {"stop_after_failures": 3}  # other settings: a kept seed is never reused
+    with pytest.raises(ConnectionError):
+        run_evaluate(parse_params(raw), "sft", progress=False, players=failing_for_seed1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sad.stages.evaluate"):
+        run_evaluate(p, "sft", progress=False)
+    assert "evaluated before the stage was stopped" not in caplog.text
 
 
 # --------------------------------------------------------------------------- transient failures under Prefect

@@ -3,56 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from sad.config import parse_params
-from sad.io import write_jsonl_atomic
 
-
-def _raw(layers, heal_epochs: float) -> dict:
-    return {"tasks": {"envs": ["alfworld", "hotpotqa"], "train": 6, "dev": 1, "test": 1},
-            "context": {"max_tokens": 512, "max_new_tokens": 24},
-            "distill": {"student_layers": layers, "heal": {"epochs": heal_epochs, "lr": 0.01},
-                        "train": {"epochs": 1, "batch_size": 4, "checkpoint_every": 2, "dev_fraction": 0.0},
-                        "curriculum": {"gamma": 0}, "scaling": {"method": "sft"}, "methods": {"sft": {"loss": "sft"}}}}
-
-
-@pytest.fixture
-def project(rollout_project, tmp_path, demos, tiny_model_factory, tokenizer):
-    """A project with a 2-layer teacher, the expert's demos as the train/dev demos and as the teacher's rollouts
-    (segmented): everything student_init and an SFT distill need."""
-    from sad.modeling import save_model
-    from sad.stages import run_segment
-
-    root = Path(shutil.copytree(rollout_project, tmp_path / "project"))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        save_model(tiny_model_factory(hidden=32, layers=2, seed=7), tokenizer, Path("models/teacher"))
-        write_jsonl_atomic(Path("data/demos/demos.jsonl"), (e.to_dict() for e in demos[:6]))
-        write_jsonl_atomic(Path("data/demos/dev.jsonl"), (e.to_dict() for e in demos[6:8]))
-        write_jsonl_atomic(Path("data/rollouts/rollouts.jsonl"), (e.to_dict() for e in demos[:6]))
-        run_segment(parse_params(_raw(None, 0)))
-        yield root
-    finally:
-        os.chdir(cwd)
+from .conftest import distill_raw
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_the_initial_student_is_the_cut_and_healing_trains_it_on_the_demos(project):
+def test_the_initial_student_is_the_cut_and_healing_trains_it_on_the_demos(distill_project):
     from sad.modeling import load_model
     from sad.pretrained import layer_subset
     from sad.stages import run_student_init, student_init_dir
 
-    p = parse_params(_raw([1], 0))
+    p = parse_params(distill_raw([1], 0))
     metrics = run_student_init(p, progress=False)
     cut = layer_subset(load_model("models/teacher"), [1])
     bare = load_model(student_init_dir(p))
@@ -60,7 +30,7 @@ def test_the_initial_student_is_the_cut_and_healing_trains_it_on_the_demos(proje
     assert all(torch.equal(v, _weights(cut)[k]) for k, v in _weights(bare).items())
     assert json.loads((student_init_dir(p) / "card.json").read_text())["healed"] is False
 
-    p = parse_params(_raw([1], 1))
+    p = parse_params(distill_raw([1], 1))
     metrics = run_student_init(p, progress=False)
     healed = load_model(student_init_dir(p))
     card = json.loads((student_init_dir(p) / "card.json").read_text())
@@ -72,10 +42,10 @@ def test_the_initial_student_is_the_cut_and_healing_trains_it_on_the_demos(proje
     assert not Path(".checkpoints", *student_init_dir(p).parts).exists()  # the resume checkpoints go once written
 
 
-def test_every_method_starts_from_the_initial_student_and_says_so(project):
+def test_every_method_starts_from_the_initial_student_and_says_so(distill_project):
     from sad.stages import run_distill, run_student_init
 
-    p = parse_params(_raw([0, 1], 1))
+    p = parse_params(distill_raw([0, 1], 1))
     with pytest.raises(FileNotFoundError, match="sad stage student_init"):
         run_distill(p, "sft", progress=False)
     run_student_init(p, progress=False)
@@ -84,7 +54,7 @@ def test_every_method_starts_from_the_initial_student_and_says_so(project):
     assert out["layers_from_teacher"] == [0, 1] and out["healed"] is True
     assert card["arch"]["layers_from_teacher"] == [0, 1] and card["arch"]["healed"] is True
 
-    scratch = parse_params(_raw(None, 1))  # from-scratch students: a card only, and distill builds them
+    scratch = parse_params(distill_raw(None, 1))  # from-scratch students: a card only, and distill builds them
     assert run_student_init(scratch, progress=False) == {"from_scratch": True}
     with pytest.raises(ValueError, match="rerun `sad stage student_init`"):
         run_distill(p, "sft", progress=False)

@@ -10,10 +10,12 @@ from sad.config import Params
 from sad.io import atomic_dir, write_json_atomic, write_text_atomic
 from sad.modeling import read_pretrained_arch
 from sad.stages.layout import (
+    FinishedSeeds,
     checkpoint_dir,
     demos_file,
     file_hash,
     fingerprint,
+    inputs_fingerprint,
     is_main_process,
     mean_over_seeds,
     read_episodes,
@@ -91,11 +93,12 @@ def load_student_init(p: Params):
 
 def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: str, on_log=None,
                    progress: bool = True, checkpoint_for: Path | None = None,
-                   init: tuple[Any, dict] | None = None) -> tuple[dict[str, Any], list[dict]]:
+                   init: tuple[Any, dict] | None = None,
+                   finished: FinishedSeeds | None = None) -> tuple[dict[str, Any], list[dict]]:
     """Train and save one student into ``out_dir``; returns (metrics, loss history). The student starts as
     a copy of ``init`` (the ``student_init`` stage's (model, card)) or, without it, from scratch shaped by
     ``arch``. Checkpoints live under the final model path ``checkpoint_for`` (default ``out_dir``) so a
-    rerun finds them."""
+    rerun finds them; a seed already in ``finished`` (same settings, data and code) is copied, not trained."""
     from sad.modeling import build_llama, count_parameters, save_model
     from sad.training import train_lm
 
@@ -115,6 +118,10 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
     ckpt = checkpoint_dir(checkpoint_for or out_dir)
     key = fingerprint(method, seed, shape, spec.model_dump(), p.distill.model_dump(exclude={"methods", "seeds", "scaling", "student"}),
                       p.context.model_dump(), data_hash, init[1].get("heal") if init is not None else None)
+    kept = finished.load(seed, key, out_dir) if finished is not None else None
+    if kept is not None:
+        log.info("distill %s seed %d: finished before the stage was stopped; kept, not trained again", method, seed)
+        return kept["metrics"], kept["history"]
 
     def off_policy():
         return train_lm(student, train_w, spec, train, tokenizer.pad_token_id,
@@ -162,6 +169,8 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
     for r, round_history in enumerate(histories):  # the learning curve goes on through the rounds
         offset = history[-1]["step"] if history else 0
         history += [{**h, "step": h["step"] + offset, "phase": f"round {r}"} for h in round_history]
+    if finished is not None:
+        finished.save(seed, key, out_dir, {"metrics": metrics, "history": history})
     return metrics, history
 
 
@@ -252,12 +261,15 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
     keep_layers = None if init is None else list(init[1]["layers_from_teacher"])
     per_seed: dict[str, dict[str, Any]] = {}
     curves: list[dict[str, Any]] = []
+    finished = FinishedSeeds(student_dir(p, method), inputs_fingerprint(
+        p, teacher_dir(p), tokenizer_dir(p), student_init_dir(p), segments_dir(p), teacher_logits_dir(p), demos_file(p),
+        tasks_root(p)))
     with atomic_dir(student_dir(p, method)) as tmp:
         for seed in p.distill.seeds:
             log_seed = (lambda step, record, s=seed: on_log(step, {f"seed{s}/{k}": v for k, v in record.items()})) if on_log else None
             metrics, history = _train_student(p, inputs, p.distill.student, seed, tmp / f"seed{seed}", method,
                                               log_seed, progress, checkpoint_for=student_dir(p, method, seed),
-                                              init=init)
+                                              init=init, finished=finished)
             per_seed[str(seed)] = metrics
             curves += [{"step": h["step"], "seed": seed, "loss": h["loss"], "phase": h["phase"]} for h in history]
     if not is_main_process():
@@ -273,4 +285,5 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
     writer.writerows(curves)
     write_text_atomic(p.path("metrics", "curves", f"{method}.csv"), buf.getvalue())
     write_json_atomic(p.path("metrics", "distill", f"{method}.json"), out)
+    finished.clear()
     return out

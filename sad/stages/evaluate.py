@@ -9,7 +9,17 @@ from typing import Any
 
 from sad.config import Params
 from sad.io import atomic_dir, write_json_atomic, write_jsonl_atomic
-from sad.stages.layout import dev_demos_file, eval_metrics_file, mean_over_seeds, read_episodes, student_dir, tasks_root, teacher_dir
+from sad.stages.layout import (
+    FinishedSeeds,
+    dev_demos_file,
+    eval_metrics_file,
+    inputs_fingerprint,
+    mean_over_seeds,
+    read_episodes,
+    student_dir,
+    tasks_root,
+    teacher_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +89,25 @@ def run_evaluate(p: Params, agent: str, progress: bool = True, players=None) -> 
     agreement: dict[str, dict[str, Any]] = {}
     accuracy: dict[str, dict[str, Any]] = {}
     results: dict[str, Any] = {"agent": agent}
-    with atomic_dir(p.path("data", "eval", agent)) as tmp:
+    out = p.path("data", "eval", agent)
+    finished = None if agent == "teacher" else FinishedSeeds(out, inputs_fingerprint(
+        p, *seeds.values(), tasks_root(p), dev_demos_file(p), p.path("data", "eval", "teacher", "test.jsonl")))
+    with atomic_dir(out) as tmp:
         for seed, model_dir in seeds.items():
+            folder = tmp if agent == "teacher" else tmp / f"seed{seed}"
+            kept = finished.load(seed, seed, folder) if finished is not None else None
+            if kept is not None:
+                log.info("%s seed %s: evaluated before the stage was stopped; kept, not played again", agent, seed)
+                per_seed[seed] = kept["splits"]
+                results.update(kept["about"])
+                accuracy.update({seed: kept["step_accuracy"]} if kept["step_accuracy"] is not None else {})
+                agreement.update({seed: kept["agreement"]} if kept["agreement"] is not None else {})
+                continue
             lm = load_agent(model_dir, p)
             res, episodes = evaluate_agent(model_dir, agent, p, tasks_root(p), progress=progress, agent=lm,
                                            player=players(model_dir) if players else None)
             per_seed[seed] = res["splits"]
             results.update({"method": res["method"], "parameters": res["parameters"], "dtype": res["dtype"]})
-            folder = tmp if agent == "teacher" else tmp / f"seed{seed}"
             for split, eps in episodes.items():
                 write_jsonl_atomic(folder / f"{split}.jsonl", (e.to_dict() for e in eps))
             found_accuracy = _step_accuracy(p, lm, progress)
@@ -100,6 +121,10 @@ def run_evaluate(p: Params, agent: str, progress: bool = True, players=None) -> 
                 if found is not None:
                     write_jsonl_atomic(folder / "agreement.jsonl", found.pop("outcomes"))
                     agreement[seed] = found
+            if finished is not None:
+                finished.save(seed, seed, folder, {
+                    "splits": per_seed[seed], "step_accuracy": accuracy.get(seed), "agreement": agreement.get(seed),
+                    "about": {k: results[k] for k in ("method", "parameters", "dtype")}})
     card = read_card(seeds[next(iter(seeds))])
     results.update({
         "objective": card.get("objective", "imitation of the expert demos" if agent == "teacher" else "-"),
@@ -116,4 +141,6 @@ def run_evaluate(p: Params, agent: str, progress: bool = True, players=None) -> 
             "threshold": p.evaluate.cot_threshold, "seeds": agreement,
         }
     write_json_atomic(eval_metrics_file(p, agent), results)
+    if finished is not None:
+        finished.clear()
     return results
