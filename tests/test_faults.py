@@ -184,6 +184,7 @@ def test_a_distill_stage_killed_after_its_first_seed_resumes_at_the_second(disti
     assert not kept.exists() and leftovers(distill_project) == []
 
 
+@pytest.mark.slow
 def test_an_evaluation_that_failed_in_its_second_seed_keeps_the_first(distill_project, caplog):
     """A student evaluation that stops after seed 0 (here its seed 1 player fails) plays only seed 1 again."""
     import logging

@@ -15,7 +15,6 @@ from sad.stages.layout import (
     demos_file,
     file_hash,
     fingerprint,
-    inputs_fingerprint,
     is_main_process,
     mean_over_seeds,
     read_episodes,
@@ -121,6 +120,8 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
     kept = finished.load(seed, key, out_dir) if finished is not None else None
     if kept is not None:
         log.info("distill %s seed %d: finished before the stage was stopped; kept, not trained again", method, seed)
+        for record in kept["history"] if on_log else []:  # its learning curve, as it was logged the first time
+            on_log(record["step"], {k: v for k, v in record.items() if k != "phase"})
         return kept["metrics"], kept["history"]
 
     def off_policy():
@@ -158,7 +159,6 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
         import shutil
 
         shutil.copytree(ckpt / "onpolicy" / "episodes", out_dir / "onpolicy")
-        shutil.rmtree(ckpt, ignore_errors=True)  # the phases kept for resuming
     metrics = {"parameters": n_student, "compression": card["compression"], "final_loss": result.final_loss,
                "steps": result.steps, "train_tokens_per_s": result.tokens_per_second,
                "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
@@ -171,6 +171,10 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
         history += [{**h, "step": h["step"] + offset, "phase": f"round {r}"} for h in round_history]
     if finished is not None:
         finished.save(seed, key, out_dir, {"metrics": metrics, "history": history})
+    if rounds:
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)  # the phases kept for resuming (the finished seed is kept above)
     return metrics, history
 
 
@@ -261,9 +265,8 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
     keep_layers = None if init is None else list(init[1]["layers_from_teacher"])
     per_seed: dict[str, dict[str, Any]] = {}
     curves: list[dict[str, Any]] = []
-    finished = FinishedSeeds(student_dir(p, method), inputs_fingerprint(
-        p, teacher_dir(p), tokenizer_dir(p), student_init_dir(p), segments_dir(p), teacher_logits_dir(p), demos_file(p),
-        tasks_root(p)))
+    finished = FinishedSeeds.for_stage(student_dir(p, method), p, teacher_dir(p), tokenizer_dir(p), student_init_dir(p),
+                                       segments_dir(p), teacher_logits_dir(p), demos_file(p), tasks_root(p))
     with atomic_dir(student_dir(p, method)) as tmp:
         for seed in p.distill.seeds:
             log_seed = (lambda step, record, s=seed: on_log(step, {f"seed{s}/{k}": v for k, v in record.items()})) if on_log else None
@@ -285,5 +288,6 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
     writer.writerows(curves)
     write_text_atomic(p.path("metrics", "curves", f"{method}.csv"), buf.getvalue())
     write_json_atomic(p.path("metrics", "distill", f"{method}.json"), out)
-    finished.clear()
+    if finished is not None:
+        finished.clear()
     return out

@@ -13,7 +13,6 @@ from sad.stages.layout import (
     FinishedSeeds,
     dev_demos_file,
     eval_metrics_file,
-    inputs_fingerprint,
     mean_over_seeds,
     read_episodes,
     student_dir,
@@ -90,8 +89,8 @@ def run_evaluate(p: Params, agent: str, progress: bool = True, players=None) -> 
     accuracy: dict[str, dict[str, Any]] = {}
     results: dict[str, Any] = {"agent": agent}
     out = p.path("data", "eval", agent)
-    finished = None if agent == "teacher" else FinishedSeeds(out, inputs_fingerprint(
-        p, *seeds.values(), tasks_root(p), dev_demos_file(p), p.path("data", "eval", "teacher", "test.jsonl")))
+    finished = None if agent == "teacher" else FinishedSeeds.for_stage(
+        out, p, *seeds.values(), tasks_root(p), dev_demos_file(p), p.path("data", "eval", "teacher", "test.jsonl"))
     with atomic_dir(out) as tmp:
         for seed, model_dir in seeds.items():
             folder = tmp if agent == "teacher" else tmp / f"seed{seed}"

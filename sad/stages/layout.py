@@ -130,19 +130,31 @@ def code_hash() -> str:
     """sha256[:16] over the ``sad`` package's Python source: a result kept for resuming is only reused by the
     code that wrote it."""
     root, h = Path(__file__).resolve().parents[1], hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(q for q in root.rglob("*.py") if q.is_file()):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
+def machine_fingerprint() -> dict[str, Any]:
+    """What ``precision: auto`` and the libraries resolve differently from one machine to another."""
+    import torch
+    import transformers
+
+    from sad.modeling import cpu_has_native_bf16
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),
+            "cpu_bf16": cpu_has_native_bf16()}
+
+
 def inputs_fingerprint(p: Params, *paths: Path) -> str:
-    """A fingerprint of a stage's inputs: every parameter, the library's code and the files under ``paths``
-    by name, size and modification time (a stage output is rewritten whenever it changes; nothing is read)."""
+    """A fingerprint of a stage's inputs: every parameter, the library's code, the machine's resolved
+    precision and library versions, and the files under ``paths`` by name, size and modification time (a
+    stage output is rewritten whenever it changes; nothing is read)."""
     files = []
     for root in map(Path, paths):
         found = sorted(q for q in root.rglob("*") if q.is_file()) if root.is_dir() else [root] if root.is_file() else []
         files += [(str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in found]
-    return fingerprint([str(q) for q in paths], files, p.model_dump(mode="json"), code_hash())
+    return fingerprint([str(q) for q in paths], files, p.model_dump(mode="json"), code_hash(), machine_fingerprint())
 
 
 class FinishedSeeds:
@@ -157,6 +169,16 @@ class FinishedSeeds:
     def __init__(self, output: Path, inputs: str):
         self.root = checkpoint_dir(Path(output)) / "finished-seeds"
         self.inputs = inputs
+
+    @classmethod
+    def for_stage(cls, output: Path, p: Params, *paths: Path) -> FinishedSeeds | None:
+        """Kept seeds for ``output`` with :func:`inputs_fingerprint` over ``paths``; None in a multi-process
+        (``accelerate launch``) run, whose ranks would copy and clear them concurrently."""
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return None
+        return cls(output, inputs_fingerprint(p, *paths))
 
     def load(self, seed: int | str, key: str, into: Path) -> dict[str, Any] | None:
         """The seed's record, its folder copied to ``into``; None if it was not finished with these inputs."""
