@@ -605,6 +605,26 @@ def ship_teacher(
                f"set teacher.source: {to} and teacher.finetune: false to use it")
 
 
+@app.command("ship-heal")
+def ship_heal(
+    params: Path = typer.Option(Path("params.yaml"), help="parameter file of the run that healed the student (a LoRA heal)"),
+    to: Path = typer.Option(Path("assets/student_heal"), help="folder of the shipped heal adapter (distill.heal.source of the default)"),
+) -> None:
+    """Copy the heal adapter of models/student_init (a LoRA heal, profiles/heal.yaml) to the shipped folder with its card."""
+    from sad.shipping import ship_heal as ship
+    from sad.stages import student_init_dir
+
+    _setup_logging()
+    p = _load_params(params)
+    try:
+        card = ship(student_init_dir(p), p.model_dump(by_alias=True), to)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"shipped the heal adapter to {to} ({card['adapter_parameters']:,} parameters over the teacher's layers "
+               f"{card['layers_from_teacher']}, weights {card['weights_sha256']}); set distill.student_layers: "
+               f"{card['layers_from_teacher']}, distill.heal.source: {to} and distill.heal.epochs: 0 to use it")
+
+
 @app.command("segment-text")
 def segment_text(
     path: Path = typer.Argument(..., help="a text file holding one ReAct transcript"),

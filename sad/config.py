@@ -409,11 +409,24 @@ class HealParams(_Strict):
                                                          "method starts from the bare cut)")
     lr: float = Field(5e-4, gt=0, lt=1, description="peak learning rate (the rest of distill.train applies)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="as distill.train.precision")
+    lora: LoraParams | None = Field(None, description="heal through a LoRA adapter (peft) on the cut's linear layers "
+                                                      "instead of every weight; the stage keeps it (heal_adapter/) for "
+                                                      "`sad ship-heal`")
+    source: str | None = Field("assets/student_heal", description="a heal adapter folder (assets/student_heal, written by `sad ship-heal`) "
+                                                 "applied to the cut instead of healing here: no training; it must have been "
+                                                 "trained on a cut of the same layers of the same teacher.source")
+
+    @model_validator(mode="after")
+    def _train_or_load(self) -> HealParams:
+        if self.source is not None and self.epochs > 0:
+            raise ValueError(f"distill.heal: source ({self.source}) applies a heal adapter trained elsewhere, epochs "
+                             f"({self.epochs}) heals here: set one of them (epochs: 0 or source: null)")
+        return self
 
 
 class DistillParams(_Strict):
     student: ArchParams = Field(default_factory=lambda: ArchParams(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192))
-    student_layers: list[int] | int | None = Field(default_factory=lambda: [0, 4, 8, 12, 16, 20, 24, 29],
+    student_layers: list[int] | int | None = Field(default_factory=lambda: [0, 1, 18, 19, 20, 23, 24, 29],
                                                    description="initialise each student from the teacher: a number "
                                                                      "keeps that many decoder layers, those of highest block "
                                                                      "influence on the training windows (the first and last "

@@ -18,6 +18,8 @@ from typing import Any
 
 SHIPPED_TEACHER_DIR = Path("assets/teacher")
 RECIPE = "sad profile {profile} && dvc repro evaluate_teacher && sad ship-teacher"
+SHIPPED_HEAL_DIR = Path("assets/student_heal")
+HEAL_RECIPE = "sad profile {profile} && dvc repro student_init && sad ship-heal"
 
 
 def recipe(profile: str | None) -> str:
@@ -115,3 +117,60 @@ def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any]
         weights = target / "model.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     return {**card, "weights_sha256": digest}
+
+
+def heal_card_markdown(card: dict[str, Any]) -> str:
+    """A human-readable card (README.md) of a shipped heal adapter."""
+    heal = card.get("heal", {})
+    lora = heal.get("lora", {})
+    return "\n".join([
+        "# The shipped heal adapter of the SAD students", "",
+        f"A LoRA adapter (rank {lora.get('r')}, {card.get('adapter_parameters', 0):,} parameters) over the teacher's layers "
+        f"{card['layers_from_teacher']} (teacher `{card['teacher']['source']}`, weights sha256[:16] `{card['teacher']['weights']}`), "
+        "trained with CE on the expert's train demos of ALFWorld, HotPotQA-ReAct and WebShop (generated tasks). "
+        "`distill.heal.source` pointing here merges it into that cut in the `student_init` stage: every method "
+        "starts from the healed cut without training it again.",
+        "", "## Recipe", "", f"    {card['recipe']}", "",
+        f"- profile: `{card['profile']}`; commit `{card['commit']}`; demos sha256[:16] `{heal.get('demos_sha256')}` "
+        f"({heal.get('demos')} demos, {heal.get('tokens')} tokens)",
+        f"- training: {heal.get('epochs')} epoch(s), {heal.get('steps')} steps, lr {heal.get('lr')}, "
+        f"{heal.get('train_precision')}; {heal.get('seconds', 0):.0f} s",
+        "", "## Measured", "",
+        f"- dev CE {heal.get('dev_ce', float('nan')):.3f}, dev ACT-token accuracy {100 * heal.get('dev_act_accuracy', 0):.1f}% "
+        "(the expert's dev demos)",
+    ]) + "\n"
+
+
+def ship_heal(student_init_dir: Path, params_dump: dict[str, Any], target: Path = SHIPPED_HEAL_DIR) -> dict[str, Any]:
+    """Copy the heal adapter a LoRA heal left in ``student_init_dir`` (heal_adapter/) to ``target``, with its
+    card (card.json + README.md): recipe, commit, data hash and dev numbers."""
+    from safetensors import safe_open
+
+    from sad.io import atomic_dir
+    from sad.stages.student_init import HEAL_ADAPTER
+
+    adapter = student_init_dir / HEAL_ADAPTER
+    if not (adapter / "card.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no heal adapter; heal with a LoRA adapter first (distill.heal: epochs > 0 "
+                                "and lora: {r: 32, alpha: 64}, then dvc repro student_init; profiles/heal.yaml does)")
+    card = json.loads((adapter / "card.json").read_text())
+    weights = adapter / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as fh:
+        n = sum(_numel(fh.get_slice(k).get_shape()) for k in fh.keys())
+    profile = params_dump.get("project", {}).get("profile")
+    card = {**card, "recipe": HEAL_RECIPE.format(profile=profile or "heal"), "profile": profile,
+            "commit": _git_commit(), "adapter_parameters": n}
+    with atomic_dir(target) as tmp:
+        for f in adapter.iterdir():
+            if f.name != "card.json":
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(heal_card_markdown(card))
+    return {**card, "weights_sha256": hashlib.sha256((target / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

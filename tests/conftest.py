@@ -124,7 +124,7 @@ def distill_raw(layers, heal_epochs: float) -> dict:
     """Parameters of a tiny project whose students are distilled with SFT (``distill_project``)."""
     return {"tasks": {"envs": ["alfworld", "hotpotqa"], "train": 6, "dev": 1, "test": 1},
             "context": {"max_tokens": 512, "max_new_tokens": 24},
-            "distill": {"student_layers": layers, "heal": {"epochs": heal_epochs, "lr": 0.01},
+            "distill": {"student_layers": layers, "heal": {"epochs": heal_epochs, "lr": 0.01, "source": None},
                         "train": {"epochs": 1, "batch_size": 4, "checkpoint_every": 2, "dev_fraction": 0.0},
                         "curriculum": {"gamma": 0}, "scaling": {"method": "sft"}, "methods": {"sft": {"loss": "sft"}}}}
 

@@ -11,8 +11,10 @@ writes only a card saying so.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from sad.config import Params
@@ -65,9 +67,52 @@ def _teacher_train_windows(p: Params):
     return split_dev(windows, p.distill.train.dev_fraction, p.distill.train.seed)[0].reset_index(drop=True)
 
 
-def heal(p: Params, student, tokenizer, progress: bool = True) -> dict[str, Any]:
-    """Train ``student`` in place with CE on the expert's train demos (``distill.heal``); dev loss on the
-    expert's dev demos. Checkpoints under the stage's output path, so a killed run resumes. Returns metrics."""
+HEAL_ADAPTER = "heal_adapter"  # inside models/student_init: the adapter a LoRA heal trained (what `sad ship-heal` ships)
+
+
+def teacher_identity(p: Params) -> dict[str, Any]:
+    """The teacher a cut comes from, as a heal adapter records it: ``teacher.source`` and, for a folder used
+    as it is, the sha256[:16] of its weight files (a fine-tuned or from-scratch teacher has no fixed identity)."""
+    import hashlib
+
+    source, digest = p.teacher.source, None
+    if source is not None and not p.teacher.finetune and Path(source).is_dir():
+        h = hashlib.sha256()
+        for weights in sorted(Path(source).glob("*.safetensors")):
+            h.update(weights.name.encode() + b"\0" + weights.read_bytes())
+        digest = h.hexdigest()[:16]
+    return {"source": source, "finetune": p.teacher.finetune, "weights": digest}
+
+
+def apply_heal_adapter(cut, folder: Path, keep: list[int], teacher: dict[str, Any]):
+    """``cut`` with the heal adapter of ``folder`` merged in (``distill.heal.source``). The adapter must have
+    been trained on the same layers of the same teacher; its card (card.json) says which."""
+    import json
+
+    from peft import PeftModel
+
+    from sad.pretrained import ADAPTER_CARD
+
+    card_file = folder / ADAPTER_CARD
+    if not card_file.is_file():
+        raise FileNotFoundError(f"distill.heal.source: {folder} holds no heal adapter (no {ADAPTER_CARD}); write one with "
+                                "`sad ship-heal`, or set distill.heal.source: null")
+    card = json.loads(card_file.read_text())
+    if card.get("role") != "heal_adapter":
+        raise ValueError(f"distill.heal.source: {folder} is not a heal adapter (its card's role is {card.get('role')!r})")
+    if card.get("layers_from_teacher") != keep:
+        raise ValueError(f"distill.heal.source: {folder} was trained on the teacher's layers {card.get('layers_from_teacher')}, "
+                         f"but distill.student_layers is {keep}: set it to {card.get('layers_from_teacher')}")
+    if card.get("teacher") != teacher or teacher["weights"] is None:
+        raise ValueError(f"distill.heal.source: {folder} was trained on a cut of the teacher {card.get('teacher')}, but "
+                         f"this project's teacher is {teacher}: heal here instead (distill.heal: source: null, epochs: 1)")
+    return PeftModel.from_pretrained(cut, str(folder)).merge_and_unload()
+
+
+def heal(p: Params, student, tokenizer, progress: bool = True) -> tuple[dict[str, Any], Any]:
+    """Train ``student`` with CE on the expert's train demos (``distill.heal``): in place, or through a LoRA
+    adapter (``distill.heal.lora``); dev loss on the expert's dev demos. Checkpoints under the stage's output
+    path, so a killed run resumes. Returns (metrics, the peft model to merge and keep, or None)."""
     from sad.segment import segment_episodes
     from sad.training import IMITATION, train_lm
 
@@ -88,22 +133,29 @@ def heal(p: Params, student, tokenizer, progress: bool = True) -> dict[str, Any]
     key = fingerprint("heal", h.model_dump(), train.model_dump(), p.context.model_dump(), file_hash(demos_file(p)),
                       list(p.distill.student_layers) if isinstance(p.distill.student_layers, list) else p.distill.student_layers,
                       file_hash(teacher_dir(p) / "model.safetensors") if (teacher_dir(p) / "model.safetensors").is_file() else "")
-    log.info("healing the student on %d expert demos (%d windows, %d tokens), %.3g epoch(s)", len(demos), len(windows),
-             int(windows["n_tokens"].sum()), h.epochs)
-    result = train_lm(student, windows, IMITATION, train, tokenizer.pad_token_id, dev_windows=dev_windows,
+    log.info("healing the student on %d expert demos (%d windows, %d tokens), %.3g epoch(s)%s", len(demos), len(windows),
+             int(windows["n_tokens"].sum()), h.epochs, f", LoRA rank {h.lora.r}" if h.lora else "")
+    model = student
+    if h.lora is not None:
+        from sad.pretrained import add_lora
+
+        model = add_lora(student, h.lora)
+    result = train_lm(model, windows, IMITATION, train, tokenizer.pad_token_id, dev_windows=dev_windows,
                       checkpoint_dir=checkpoint_dir(student_init_dir(p)), fingerprint=key, progress=progress,
                       desc="heal student")
-    return {"demos": len(demos), "windows": len(windows), "tokens": int(windows["n_tokens"].sum()),
-            "epochs": h.epochs, "steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds,
-            "train_tokens_per_s": result.tokens_per_second, "resumed_from_step": result.resumed_from,
-            "train_precision": result.precision,
-            **{f"dev_{k}": v for k, v in result.dev.items()}}
+    metrics = {"demos": len(demos), "windows": len(windows), "tokens": int(windows["n_tokens"].sum()),
+               "demos_sha256": file_hash(demos_file(p)), "epochs": h.epochs, "lr": h.lr, "steps": result.steps,
+               "final_loss": result.final_loss, "seconds": result.seconds,
+               "train_tokens_per_s": result.tokens_per_second, "resumed_from_step": result.resumed_from,
+               "train_precision": result.precision, **({"lora": h.lora.model_dump()} if h.lora else {}),
+               **{f"dev_{k}": v for k, v in result.dev.items()}}
+    return metrics, (model if h.lora is not None else None)
 
 
 def run_student_init(p: Params, progress: bool = True) -> dict[str, Any]:
     """Write ``models/student_init``: the teacher cut to ``distill.student_layers``, healed on the expert's
     demos when ``distill.heal.epochs`` > 0 (or, for from-scratch students, a card only)."""
-    from sad.modeling import count_parameters, load_model, read_pretrained_arch, save_model
+    from sad.modeling import count_parameters, load_model, read_pretrained_arch
     from sad.pretrained import layer_subset
     from sad.tokenizer import load_tokenizer
 
@@ -124,12 +176,29 @@ def run_student_init(p: Params, progress: bool = True) -> dict[str, Any]:
     metrics = {"from_scratch": False, "layers_from_teacher": keep, "parameters": count_parameters(student),
                "teacher_parameters": count_parameters(teacher)}
     metrics["compression"] = metrics["teacher_parameters"] / metrics["parameters"]
-    if p.distill.heal.epochs > 0:
-        metrics["heal"] = heal(p, student, tokenizer, progress)
-    student.eval()
+    h = p.distill.heal
+    adapter = None
+    if h.source is not None:
+        student = apply_heal_adapter(student, Path(h.source), keep, teacher_identity(p))
+        shipped = json.loads((Path(h.source) / "card.json").read_text())
+        metrics["heal"] = {"source": h.source, **{k: shipped[k] for k in ("recipe", "commit", "heal") if k in shipped}}
+        log.info("student_init: the heal adapter %s merged into the cut (its recipe: %s)", h.source, shipped.get("recipe"))
+    elif h.epochs > 0:
+        metrics["heal"], adapter = heal(p, student, tokenizer, progress)
     card = {"role": "student_init", "layers_from_teacher": keep, **read_pretrained_arch(student),
-            "healed": p.distill.heal.epochs > 0, **({"heal": metrics["heal"]} if "heal" in metrics else {})}
-    save_model(student, tokenizer, out, card)
+            "healed": "heal" in metrics, **({"heal": metrics["heal"]} if "heal" in metrics else {})}
+    with atomic_dir(out) as tmp:
+        if adapter is not None:  # a LoRA heal: keep its adapter for `sad ship-heal`, then merge it
+            from sad.pretrained import save_adapter
+
+            save_adapter(adapter, tmp / HEAL_ADAPTER, f"the teacher's layers {keep}",
+                         {"role": "heal_adapter", "layers_from_teacher": keep, "teacher": teacher_identity(p),
+                          "heal": metrics["heal"]})
+            student = adapter.merge_and_unload()
+        student.eval()
+        student.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_json_atomic(tmp / "card.json", card)
     import shutil
 
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
