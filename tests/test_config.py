@@ -31,6 +31,37 @@ def test_the_default_plays_the_shipped_teacher_as_it_was_trained():
     assert keep is not None and keep[-1] < card["arch"]["num_layers"] and len(keep) * 3 < card["arch"]["num_layers"]
 
 
+def test_the_default_merges_the_shipped_heal_into_the_cut_it_was_trained_on():
+    """assets/student_heal fits the default: the same layers of the same teacher (teacher.source's weights)."""
+    import json
+
+    from sad.stages.student_init import teacher_identity
+
+    p = load_params(REPO / "params.yaml")
+    card = json.loads((REPO / p.distill.heal.source / "card.json").read_text())
+    assert p.distill.heal.epochs == 0 and card["role"] == "heal_adapter"
+    assert card["layers_from_teacher"] == p.distill.student_layers
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert card["teacher"] == teacher_identity(p)
+    finally:
+        os.chdir(cwd)
+    assert card["heal"]["demos"] >= 450 and card["recipe"] == "sad profile heal && dvc repro student_init && sad ship-heal"
+
+
+def test_healing_here_and_a_shipped_heal_exclude_each_other():
+    from pydantic import ValidationError
+
+    from sad.config import HealParams
+
+    with pytest.raises(ValidationError, match="set one of them"):
+        HealParams(epochs=1.0, source="assets/student_heal")
+    assert HealParams(epochs=1.0, source=None).source is None
+
+
 def test_params_yaml_is_the_default_key_by_key():
     """One source of defaults: every key of the committed params.yaml equals the config module's default, so a
     partial params file (a test, a user's own) runs on the pipeline's own defaults."""

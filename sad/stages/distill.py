@@ -10,7 +10,6 @@ from sad.config import Params
 from sad.io import atomic_dir, write_json_atomic, write_text_atomic
 from sad.modeling import read_pretrained_arch
 from sad.stages.layout import (
-    FinishedSeeds,
     checkpoint_dir,
     demos_file,
     file_hash,
@@ -26,6 +25,7 @@ from sad.stages.layout import (
     teacher_logits_dir,
     tokenizer_dir,
 )
+from sad.stages.resume import FinishedSeeds
 
 log = logging.getLogger(__name__)
 

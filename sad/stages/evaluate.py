@@ -10,7 +10,6 @@ from typing import Any
 from sad.config import Params
 from sad.io import atomic_dir, write_json_atomic, write_jsonl_atomic
 from sad.stages.layout import (
-    FinishedSeeds,
     dev_demos_file,
     eval_metrics_file,
     mean_over_seeds,
@@ -19,6 +18,7 @@ from sad.stages.layout import (
     tasks_root,
     teacher_dir,
 )
+from sad.stages.resume import FinishedSeeds
 
 log = logging.getLogger(__name__)
 

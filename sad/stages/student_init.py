@@ -5,6 +5,8 @@ head kept); with ``distill.heal.epochs`` > 0 the cut is then *healed*: trained w
 demos (thoughts and actions; prompts, observations and injected mistakes carry no loss), so that the layers
 left relearn to work together before any distillation. Measured (README "What to expect"): a 16-layer cut of
 the shipped teacher goes from 8.5% to 75.5% dev step accuracy after one epoch on 450 expert demos.
+With ``distill.heal.lora`` the heal trains a LoRA adapter, kept in ``heal_adapter/`` (``sad ship-heal``); with
+``distill.heal.source`` such a shipped adapter is merged into the cut instead of healing here (the default).
 With ``student_layers: null`` students are built from scratch per seed by ``distill``; this stage then
 writes only a card saying so.
 """
