@@ -208,5 +208,6 @@ def run_student_init(p: Params, progress: bool = True) -> dict[str, Any]:
     write_json_atomic(p.path("metrics", "student_init.json"), metrics)
     log.info("student_init: %d of the teacher's layers %s, %d parameters (%.2fx fewer)%s", len(keep), keep,
              metrics["parameters"], metrics["compression"],
-             f"; healed: dev CE {metrics['heal'].get('dev_ce', float('nan')):.3f}" if "heal" in metrics else "")
+             f"; healed: dev CE {metrics['heal'].get('dev_ce', metrics['heal'].get('heal', {}).get('dev_ce', float('nan'))):.3f}"
+             if "heal" in metrics else "")
     return metrics
