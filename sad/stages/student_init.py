@@ -89,8 +89,6 @@ def teacher_identity(p: Params) -> dict[str, Any]:
 def apply_heal_adapter(cut, folder: Path, keep: list[int], teacher: dict[str, Any]):
     """``cut`` with the heal adapter of ``folder`` merged in (``distill.heal.source``). The adapter must have
     been trained on the same layers of the same teacher; its card (card.json) says which."""
-    import json
-
     from peft import PeftModel
 
     from sad.pretrained import ADAPTER_CARD
