@@ -101,15 +101,8 @@ def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any]
             "action_choice": params_dump.get("agent", {}).get("action_choice", "free")}
     adapter = teacher_dir / "adapter"
     if adapter.is_dir():  # a LoRA teacher ships its adapter alone; loading merges it into the base
-        from sad.io import atomic_dir
-
         card = {**read_card(adapter), **card}
-        with atomic_dir(target) as tmp:
-            for f in adapter.iterdir():
-                if f.name != "card.json":
-                    shutil.copy2(f, tmp / f.name)
-            (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-            (tmp / "README.md").write_text(model_card_markdown(card))
+        _ship_adapter(adapter, target, card, model_card_markdown(card))
         weights = target / "adapter_model.safetensors"
     else:
         save_model(model, tokenizer, target, card)
@@ -146,7 +139,6 @@ def ship_heal(student_init_dir: Path, params_dump: dict[str, Any], target: Path 
     card (card.json + README.md): recipe, commit, data hash and dev numbers."""
     from safetensors import safe_open
 
-    from sad.io import atomic_dir
     from sad.stages.student_init import HEAL_ADAPTER
 
     adapter = student_init_dir / HEAL_ADAPTER
@@ -160,13 +152,20 @@ def ship_heal(student_init_dir: Path, params_dump: dict[str, Any], target: Path 
     profile = params_dump.get("project", {}).get("profile")
     card = {**card, "recipe": HEAL_RECIPE.format(profile=profile or "heal"), "profile": profile,
             "commit": _git_commit(), "adapter_parameters": n}
+    _ship_adapter(adapter, target, card, heal_card_markdown(card))
+    return {**card, "weights_sha256": hashlib.sha256((target / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]}
+
+
+def _ship_adapter(adapter: Path, target: Path, card: dict[str, Any], readme: str) -> None:
+    """Write ``target`` whole: the adapter folder's files with ``card`` as its card.json and ``readme`` as README.md."""
+    from sad.io import atomic_dir
+
     with atomic_dir(target) as tmp:
         for f in adapter.iterdir():
             if f.name != "card.json":
                 shutil.copy2(f, tmp / f.name)
         (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(heal_card_markdown(card))
-    return {**card, "weights_sha256": hashlib.sha256((target / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]}
+        (tmp / "README.md").write_text(readme)
 
 
 def _numel(shape: list[int]) -> int:
