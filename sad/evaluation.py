@@ -58,15 +58,17 @@ def evaluate_agent(
         "dtype": str(next(agent.model.parameters()).dtype).removeprefix("torch."),
         "splits": {},
     }
-    episodes_by_split: dict[str, list[Episode]] = {}
-    for split in params.evaluate.splits:
-        tasks = [t for env in params.tasks.envs for t in load_tasks(tasks_root, env, split)]
-        if player is not None:
-            episodes, stats = player(tasks, agent_name)
-        else:
-            episodes, stats = play_model(model_dir, params, tasks_root, tasks, agent_name, params.evaluate.batch_size,
-                                         progress=progress, agent=agent)
-        episodes_by_split[split] = episodes
+    splits = list(params.evaluate.splits)
+    tasks = [t for split in splits for env in params.tasks.envs for t in load_tasks(tasks_root, env, split)]
+    # every split in one play queue: continuous batching keeps the slots full across the split boundary, so
+    # the smaller split does not play alone at a fraction of the batch while its longest episode ends
+    if player is not None:
+        played, stats = player(tasks, agent_name)
+    else:
+        played, stats = play_model(model_dir, params, tasks_root, tasks, agent_name, params.evaluate.batch_size,
+                                   progress=progress, agent=agent)
+    episodes_by_split: dict[str, list[Episode]] = {split: [e for e in played if e.split == split] for split in splits}
+    for split, episodes in episodes_by_split.items():
         overall = summarize(episodes, agent.tokenizer)
         overall["generated_tokens_per_s"] = stats.tokens_per_second
         results["splits"][split] = {

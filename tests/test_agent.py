@@ -342,6 +342,34 @@ def test_a_bf16_agent_loads_bf16_weights_decodes_into_a_bf16_cache_and_plays(tra
     assert episodes["dev"] and all(ep.n_steps >= 1 for split in ("dev", "test") for ep in episodes[split])
 
 
+def test_evaluation_plays_every_split_in_one_queue_and_files_each_episode_under_its_split(trained_model, tokenizer,
+                                                                                           task_root, tmp_path):
+    """Dev and test share one play queue (one call of the player, dev first), and each split's metrics and
+    episodes hold exactly its own tasks, in task order."""
+    from sad.config import parse_params
+    from sad.evaluation import evaluate_agent, load_agent, play_model
+    from sad.modeling import save_model
+
+    save_model(trained_model, tokenizer, tmp_path / "agent")
+    p = parse_params({"tasks": {"envs": ["alfworld"], "alfworld": {"max_steps": 2}},
+                      "context": {"max_tokens": 512, "max_new_tokens": 16}})
+    agent = load_agent(tmp_path / "agent", p)
+    calls: list[list[str]] = []
+
+    def player(tasks, name):
+        calls.append([t.task_id for t in tasks])
+        return play_model(tmp_path / "agent", p, task_root, tasks, name, batch_size=8, agent=agent)
+
+    metrics, episodes = evaluate_agent(tmp_path / "agent", "one-queue", p, task_root, progress=False, agent=agent,
+                                       player=player)
+    expected = {split: [t.task_id for t in load_tasks(task_root, "alfworld", split)] for split in ("dev", "test")}
+    assert calls == [expected["dev"] + expected["test"]]
+    for split in ("dev", "test"):
+        assert [e.task_id for e in episodes[split]] == expected[split]
+        assert {e.split for e in episodes[split]} == {split}
+        assert len(metrics["splits"][split]["per_task"]["alfworld"]) == len(expected[split])
+
+
 def test_sliced_attention_reads_only_the_written_cache_and_generates_the_same_tokens(trained_model, tokenizer,
                                                                                      monkeypatch):
     """Decoding into the preallocated static cache attends over the positions written so far only, with
