@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -28,22 +30,73 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def play_dtype(precision: str, native_cpu_bf16: bool | None = None, setting: str = "agent.precision") -> torch.dtype:
+#: bf16 is used for ``precision: auto`` (and honoured for ``bf16``) on a CPU only where a bf16 matmul runs at least
+#: this much faster than fp32: bf16 instructions alone do not make it fast (measured below)
+BF16_MIN_SPEEDUP = 1.15
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16 time of a [256, 576] x [576, 1536] matmul on this CPU (best of 5 rounds of 10 each,
+    with the threads torch uses here; about 0.3 s). 0.59x on a 2-core Intel Xeon with avx512_bf16 and
+    avx512_fp16 but no AMX (2026-12-06; its matmuls 0.35-0.52x fp32 at other shapes), where bf16 play made the
+    default's rollout 360 s; on the 2-core AMD EPYC with avx512_bf16 bf16 matmuls ran 1.8x fp32 (331 against
+    187 GFLOP/s) and the default's distillation 2.1x faster."""
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 576, generator=gen), torch.randn(576, 1536, generator=gen)
+
+    def best_time(x: torch.Tensor, y: torch.Tensor) -> float:
+        x @ y
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(10):
+                x @ y
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        return best_time(a, b) / best_time(a.bfloat16(), b.bfloat16())
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_is_fast() -> bool:
+    """Whether bf16 pays on this CPU: it has bf16 instructions (:func:`cpu_has_native_bf16`) and a bf16 matmul
+    measures >= :data:`BF16_MIN_SPEEDUP` x fp32 (:func:`cpu_bf16_speedup`). ``SAD_CPU_BF16=1`` / ``0`` decides
+    it without measuring (a machine whose result must not depend on a timing)."""
+    forced = os.environ.get("SAD_CPU_BF16", "").strip()
+    if forced in {"0", "1"}:
+        return forced == "1"
+    if forced:
+        raise ValueError(f"SAD_CPU_BF16={forced!r}: set it to 1 (bf16 pays on this CPU), 0 (it does not) or unset it "
+                         "(measured)")
+    if not cpu_has_native_bf16():
+        return False
+    speedup = cpu_bf16_speedup()
+    fast = speedup >= BF16_MIN_SPEEDUP
+    log.info("CPU bf16 matmul %.2fx fp32 (%s %.2fx): precision auto uses %s", speedup, ">=" if fast else "<",
+             BF16_MIN_SPEEDUP, "bf16" if fast else "fp32")
+    return fast
+
+
+def play_dtype(precision: str, cpu_bf16_fast: bool | None = None, setting: str = "agent.precision") -> torch.dtype:
     """The dtype a model loaded to run without gradients uses (weights and KV cache) for ``precision``:
     ``agent.precision`` for agents, ``distill.teacher_logits.precision`` for the top-k cache (``setting``
     names it in the warning).
 
-    ``fp32``: float32. ``bf16``: bfloat16 (decoding reads half the bytes per weight; on a CPU with
-    avx512_bf16/AMX its matmuls also run ~2x faster); on a CPU without bf16 instructions it plays in
-    float32 with a warning, as training does (emulated bf16 is far slower). ``auto``: bfloat16 where the
-    CPU has bf16 instructions, else float32. ``native_cpu_bf16`` is detected when None."""
+    ``fp32``: float32. ``bf16``: bfloat16 (decoding reads half the bytes per weight; on a CPU where bf16
+    pays its matmuls also run ~2x faster); on a CPU where it does not (no bf16 instructions, or measured
+    slower than fp32: :func:`cpu_bf16_is_fast`) it plays in float32 with a warning, as training does.
+    ``auto``: bfloat16 where bf16 pays, else float32. ``cpu_bf16_fast`` is decided when None."""
     if precision == "fp32":
         return torch.float32
-    native = cpu_has_native_bf16() if native_cpu_bf16 is None else native_cpu_bf16
-    if not native:
+    fast = cpu_bf16_is_fast() if cpu_bf16_fast is None else cpu_bf16_fast
+    if not fast:
         if precision == "bf16":
-            log.warning("%s bf16 asked on a CPU without bf16 instructions (avx512_bf16/AMX): the model runs in "
-                        "fp32 (emulated bf16 is far slower); set %s: auto or fp32 to silence this", setting, setting)
+            log.warning("%s bf16 asked on a CPU where bf16 is not faster than fp32 (no avx512_bf16/AMX, or measured "
+                        "slower): the model runs in fp32; set %s: auto or fp32 to silence this", setting, setting)
         return torch.float32
     return torch.bfloat16
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from sad import losses
 from sad.config import CurriculumParams, MethodParams, TrainParams
 from sad.io import atomic_dir, write_json_atomic
-from sad.modeling import cpu_has_native_bf16
+from sad.modeling import cpu_bf16_is_fast
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,21 @@ class CachedTeacher:
 
 # --------------------------------------------------------------------------- data
 @functools.lru_cache(maxsize=1)
-def mixed_precision(precision: str, use_gpu: bool, native_cpu_bf16: bool | None = None) -> str:
+def mixed_precision(precision: str, use_gpu: bool, cpu_bf16_fast: bool | None = None) -> str:
     """accelerate's ``mixed_precision`` for a ``train.precision`` setting: "bf16" autocast or "no".
 
-    ``auto`` is bf16 on a GPU and on a CPU with avx512_bf16 or AMX (``native_cpu_bf16``, detected when
-    None; measured on the 2-core avx512_bf16 box: the default's distill@sad 2.14x faster, dev CE 1.31
-    against 1.36 in fp32), fp32 on any other CPU. ``bf16`` on a CPU without those instructions runs in
-    fp32, with a warning: emulated bf16 is ~28x slower than fp32 there, never what a recipe written for
-    speed wants."""
-    native = use_gpu or (cpu_has_native_bf16() if native_cpu_bf16 is None else native_cpu_bf16)
-    if precision == "bf16" and not native:
-        log.warning("train.precision bf16 asked on a CPU without bf16 instructions (avx512_bf16/AMX): "
-                    "PyTorch would emulate it (~28x slower than fp32 measured), so this training runs in "
-                    "fp32; set precision: auto or fp32 to silence this")
+    ``auto`` is bf16 on a GPU and on a CPU where bf16 pays (``cpu_bf16_fast``, decided by
+    :func:`sad.modeling.cpu_bf16_is_fast` when None; measured on the 2-core avx512_bf16 EPYC: the default's
+    distill@sad 2.14x faster, dev CE 1.31 against 1.36 in fp32), fp32 on any other CPU. ``bf16`` on a CPU
+    where it does not pay runs in fp32, with a warning: emulated bf16 is ~28x slower than fp32 without bf16
+    instructions, and a bf16 matmul 0.3-0.5x fp32 on an Intel Xeon with avx512_bf16 but no AMX: never what a
+    recipe written for speed wants."""
+    fast = use_gpu or (cpu_bf16_is_fast() if cpu_bf16_fast is None else cpu_bf16_fast)
+    if precision == "bf16" and not fast:
+        log.warning("train.precision bf16 asked on a CPU where bf16 is not faster than fp32 (no avx512_bf16/AMX, "
+                    "or measured slower): this training runs in fp32; set precision: auto or fp32 to silence this")
         return "no"
-    if precision == "bf16" or (precision == "auto" and native):
+    if precision == "bf16" or (precision == "auto" and fast):
         return "bf16"
     return "no"
 

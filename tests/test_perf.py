@@ -113,6 +113,6 @@ def test_training_benchmark_times_the_projects_own_teacher_and_layer_subset_stud
     assert out["setup"]["teacher"]["parameters"] > out["setup"]["student"]["parameters"] > 0
     assert out["mfu"]["teacher_sft"] > 0 and out["tokens_per_s"]["teacher_sft"] > 0
     # MFU against the peak of the dtype training runs in: bf16 under train.precision auto where the CPU has it
-    from sad.modeling import cpu_has_native_bf16
+    from sad.modeling import cpu_bf16_is_fast
 
-    assert out["mfu"]["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert out["mfu"]["dtype"] == ("bfloat16" if cpu_bf16_is_fast() else "float32")

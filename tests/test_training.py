@@ -52,26 +52,51 @@ def test_each_method_trains_a_student_and_lowers_its_loss(loss, windows, tokeniz
 
 def test_precision_setting_maps_to_autocast(caplog):
     settings = [(p, gpu) for p in ("auto", "fp32", "bf16") for gpu in (False, True)]
-    # auto: bf16 wherever it runs natively (a GPU, a CPU with avx512_bf16/AMX)
-    assert [mixed_precision(p, gpu, native_cpu_bf16=True) for p, gpu in settings] == \
+    # auto: bf16 wherever it pays (a GPU, a CPU whose bf16 matmuls measure faster than fp32)
+    assert [mixed_precision(p, gpu, cpu_bf16_fast=True) for p, gpu in settings] == \
         ["bf16", "bf16", "no", "no", "bf16", "bf16"]
-    # a CPU without bf16 instructions would emulate it (~28x slower): a recipe's bf16 runs in fp32, said in the log
-    assert [mixed_precision(p, gpu, native_cpu_bf16=False) for p, gpu in settings] == \
+    # a CPU where bf16 is slower (emulated, or measured): a recipe's bf16 runs in fp32, said in the log
+    assert [mixed_precision(p, gpu, cpu_bf16_fast=False) for p, gpu in settings] == \
         ["no", "bf16", "no", "no", "no", "bf16"]
-    assert "without bf16 instructions" in caplog.text and "runs in fp32" in caplog.text
+    assert "not faster than fp32" in caplog.text and "runs in fp32" in caplog.text
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags():
-    from sad.training import cpu_has_native_bf16
+    from sad.modeling import cpu_has_native_bf16
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     assert cpu_has_native_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
+def test_bf16_is_used_only_where_the_cpu_has_the_instructions_and_it_measures_faster(monkeypatch):
+    """bf16 instructions alone do not decide it (a Xeon with avx512_bf16 ran bf16 matmuls at 0.3-0.5x fp32):
+    the measured speedup must reach BF16_MIN_SPEEDUP; SAD_CPU_BF16 decides without measuring."""
+    import sad.modeling as modeling
+
+    assert modeling.cpu_bf16_speedup() > 0  # measured on this machine
+    cases = {(True, 2.0): True, (True, 0.4): False, (True, modeling.BF16_MIN_SPEEDUP): True, (False, 2.0): False}
+    monkeypatch.delenv("SAD_CPU_BF16", raising=False)
+    for (flags, speedup), expected in cases.items():
+        monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda flags=flags: flags)
+        monkeypatch.setattr(modeling, "cpu_bf16_speedup", lambda speedup=speedup: speedup)
+        modeling.cpu_bf16_is_fast.cache_clear()
+        assert modeling.cpu_bf16_is_fast() is expected, (flags, speedup)
+    for forced, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv("SAD_CPU_BF16", forced)
+        modeling.cpu_bf16_is_fast.cache_clear()
+        assert modeling.cpu_bf16_is_fast() is expected
+    monkeypatch.setenv("SAD_CPU_BF16", "yes")
+    modeling.cpu_bf16_is_fast.cache_clear()
+    with pytest.raises(ValueError, match="SAD_CPU_BF16='yes'"):
+        modeling.cpu_bf16_is_fast()
+    monkeypatch.delenv("SAD_CPU_BF16")
+    modeling.cpu_bf16_is_fast.cache_clear()
+
+
 def test_bf16_autocast_trains_on_cpu_with_fp32_weights(windows, tokenizer, tiny_model_factory, monkeypatch):
     """train.precision: bf16 on CPU: matmuls in bf16, weights and the loss in fp32, the loss goes down
     (autocast forced on CPUs without bf16 instructions too: the tiny model is fast even emulated)."""
-    monkeypatch.setattr("sad.training.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("sad.training.cpu_bf16_is_fast", lambda: True)
     student = tiny_model_factory(hidden=16, layers=1, seed=2)
     method = MethodParams(loss="sft")
     batch = collate(windows[["input_ids", "reason_mask", "act_mask"]].head(4).to_dict("records"), tokenizer.pad_token_id)
