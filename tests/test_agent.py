@@ -309,26 +309,39 @@ def test_play_agent_with_the_loop_guard_counts_redrawn_steps(trained_model, toke
     assert not any("redrawn_steps" in e.meta for e in plain) and "redrawn_step_rate" not in summarize(plain, tokenizer)
 
 
-@pytest.mark.parametrize("precision,fast,expected", [
+@pytest.mark.parametrize("precision,native,expected", [
     ("fp32", True, torch.float32), ("bf16", True, torch.bfloat16), ("bf16", False, torch.float32),
     ("auto", True, torch.bfloat16), ("auto", False, torch.float32)])
-def test_agents_play_in_bf16_only_where_bf16_is_faster_on_the_cpu(precision, fast, expected, caplog):
+def test_agents_play_in_bf16_only_where_it_runs_natively(precision, native, expected, caplog):
     from sad.modeling import play_dtype
 
-    assert play_dtype(precision, cpu_bf16_fast=fast) == expected
-    asked_in_vain = precision == "bf16" and not fast
+    assert play_dtype(precision, bf16_ok=native) == expected
+    asked_in_vain = precision == "bf16" and not native
     assert ("runs in fp32" in caplog.text) == asked_in_vain
+
+
+def test_play_needs_bf16_instructions_and_compute_bound_work_also_faster_bf16_matmuls(monkeypatch):
+    """Decoding is bound by memory reads, so bf16 instructions suffice for play (a Xeon whose bf16 matmuls run at
+    0.6x fp32 played as fast in bf16); the top-k cache's forward is bound by matmuls and needs them faster."""
+    import sad.modeling as modeling
+
+    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(modeling, "cpu_bf16_is_fast", lambda: False)
+    assert modeling.play_dtype("auto") == torch.bfloat16
+    assert modeling.play_dtype("auto", compute_bound=True) == torch.float32
+    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: False)
+    assert modeling.play_dtype("bf16") == torch.float32
 
 
 def test_a_bf16_agent_loads_bf16_weights_decodes_into_a_bf16_cache_and_plays(trained_model, tokenizer, task_root,
                                                                             tmp_path, monkeypatch):
-    """agent.precision bf16 (bf16 assumed fast: a tiny model is fast even where they are emulated):
+    """agent.precision bf16 (bf16 instructions assumed: a tiny model is fast even where they are emulated):
     the weights and the KV cache are bfloat16, episodes play through, and the evaluation metrics say so."""
     from sad.config import parse_params
     from sad.evaluation import evaluate_agent, load_agent
     from sad.modeling import save_model
 
-    monkeypatch.setattr("sad.modeling.cpu_bf16_is_fast", lambda: True)
+    monkeypatch.setattr("sad.modeling.cpu_has_native_bf16", lambda: True)
     save_model(trained_model, tokenizer, tmp_path / "agent")
     p = parse_params({"tasks": {"envs": ["alfworld"], "alfworld": {"max_steps": 3}}, "agent": {"precision": "bf16"},
                       "context": {"max_tokens": 512, "max_new_tokens": 24}})

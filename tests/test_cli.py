@@ -81,10 +81,10 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     assert out["rollout"]["same_steps_sliced_attention"] is True and out["rollout"]["sliced_attention_speedup"] > 0
     ceiling = out["rollout"]["decode_batch_ceiling"]  # what batching can give decoding at most, same model
     assert ceiling["batch_size"] == 16 and ceiling["step_ms_batch"] > 0 and ceiling["tokens_per_s_ratio"] > 0
-    from sad.modeling import cpu_bf16_is_fast
+    from sad.modeling import cpu_has_native_bf16
 
     assert out["rollout"]["play_dtype"] == "fp32"
-    assert (out["rollout"]["bf16_play_speedup_per_step"] is None) == (not cpu_bf16_is_fast())
+    assert (out["rollout"]["bf16_play_speedup_per_step"] is None) == (not cpu_has_native_bf16())
     assert out["targets"]["admissible_cost_per_step"]["target"] == "<= 2.0"
     assert 0 < out["training"]["mfu"]["sft"] < 1.5 and out["training"]["mfu"]["matmul_peak_flops_per_s"] > 1e8
     assert set(out["training"]["tokens_per_s"]) == {"sad", "token_kd", "sft", "sad_online", "token_kd_online", "teacher_sft"}

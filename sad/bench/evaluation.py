@@ -36,7 +36,7 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
     from sad.agent import LMAgent, PrefixStore
     from sad.environments import generate_fresh
     from sad.evaluation import load_agent
-    from sad.modeling import cpu_bf16_is_fast
+    from sad.modeling import cpu_has_native_bf16
     from sad.rollout import PlayStats, play_agent
 
     dtype_names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -81,7 +81,7 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
         # decoding attends over the whole preallocated static cache (its unwritten tail masked), as before
         runs.append(("batched_full_cache_attention", batch_size, True, True, "free", evict))
         played = next(agent.model.parameters()).dtype
-        other = torch.float32 if played == torch.bfloat16 else (torch.bfloat16 if cpu_bf16_is_fast() else None)
+        other = torch.float32 if played == torch.bfloat16 else (torch.bfloat16 if cpu_has_native_bf16() else None)
         if other is not None:  # the other dtype, for its time only (weights converted from the played ones)
             runs.append((f"batched_{dtype_names[other]}", batch_size, True, True, "free", evict))
         for label, size, new_path, reuse, choice, evict_to in runs:

@@ -28,10 +28,10 @@ def machine_fingerprint() -> dict[str, Any]:
     import torch
     import transformers
 
-    from sad.modeling import cpu_bf16_is_fast
+    from sad.modeling import cpu_bf16_is_fast, cpu_has_native_bf16
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.cuda.is_available(),
-            "cpu_bf16": cpu_bf16_is_fast()}
+            "cpu_bf16": cpu_has_native_bf16(), "cpu_bf16_fast": cpu_bf16_is_fast()}
 
 
 def inputs_fingerprint(p: Params, *paths: Path) -> str:

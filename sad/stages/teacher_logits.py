@@ -18,7 +18,8 @@ def run_teacher_logits(p: Params, progress: bool = True) -> dict[str, Any]:
     from sad.teacher_cache import build_topk_cache, save_cache
 
     windows = load_windows(segments_dir(p))
-    dtype = play_dtype(p.distill.teacher_logits.precision, setting="distill.teacher_logits.precision")
+    dtype = play_dtype(p.distill.teacher_logits.precision, setting="distill.teacher_logits.precision",
+                       compute_bound=True)
     teacher = load_model(teacher_dir(p), dtype=dtype)
     started = time.perf_counter()
     cache = build_topk_cache(teacher, windows, p.distill.teacher_logits.top_k, p.distill.temperatures(),
