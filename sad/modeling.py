@@ -38,10 +38,10 @@ BF16_MIN_SPEEDUP = 1.15
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_speedup() -> float:
     """fp32 time / bf16 time of a [256, 576] x [576, 1536] matmul on this CPU (best of 5 rounds of 10 each,
-    with the threads torch uses here; about 0.3 s). 0.59x on a 2-core Intel Xeon with avx512_bf16 and
-    avx512_fp16 but no AMX (2026-12-06; its matmuls 0.35-0.52x fp32 at other shapes), where bf16 play made the
-    default's rollout 360 s; on the 2-core AMD EPYC with avx512_bf16 bf16 matmuls ran 1.8x fp32 (331 against
-    187 GFLOP/s) and the default's distillation 2.1x faster."""
+    with the threads torch uses here; about 0.3 s). 0.49-0.71x on a 2-core Intel Xeon with avx512_bf16 and
+    avx512_fp16 but no AMX (2026-12-06; 0.35-0.52x at other shapes), where a training step under bf16 autocast
+    ran at 0.72x fp32; on the 2-core AMD EPYC with avx512_bf16 bf16 matmuls ran 1.8x fp32 (331 against 187
+    GFLOP/s) and the default's distillation 2.1x faster."""
     import time
 
     gen = torch.Generator().manual_seed(0)

@@ -78,7 +78,7 @@ def mixed_precision(precision: str, use_gpu: bool, cpu_bf16_fast: bool | None = 
     :func:`sad.modeling.cpu_bf16_is_fast` when None; measured on the 2-core avx512_bf16 EPYC: the default's
     distill@sad 2.14x faster, dev CE 1.31 against 1.36 in fp32), fp32 on any other CPU. ``bf16`` on a CPU
     where it does not pay runs in fp32, with a warning: emulated bf16 is ~28x slower than fp32 without bf16
-    instructions, and a bf16 matmul 0.3-0.5x fp32 on an Intel Xeon with avx512_bf16 but no AMX: never what a
+    instructions, and a training step 0.72x fp32 on an Intel Xeon with avx512_bf16 but no AMX: never what a
     recipe written for speed wants."""
     fast = use_gpu or (cpu_bf16_is_fast() if cpu_bf16_fast is None else cpu_bf16_fast)
     if precision == "bf16" and not fast:

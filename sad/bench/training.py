@@ -139,8 +139,8 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
         from sad.modeling import play_dtype
 
         teacher = _build(config.get("teacher_config"), config["teacher"], tok, config["max_tokens"], seed=1)
-        teacher = teacher.to(play_dtype(config["cache_precision"], setting="distill.teacher_logits.precision",
-                                               compute_bound=True))
+        cache_dtype = play_dtype(config["cache_precision"], setting="distill.teacher_logits.precision", compute_bound=True)
+        teacher = teacher.to(cache_dtype)
         started = time.perf_counter()
         cache = build_topk_cache(teacher, windows, config["top_k"], [1.0], 0, "bench", batch_size=config["teacher_batch"],
                                  progress=False)
