@@ -8,6 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+# One bf16 decision per test worker, inherited by every subprocess it starts: a stage killed and resumed must train
+# in the precision of the run it resumes, and a timing taken on an oversubscribed CPU can land either side of
+# sad.modeling.BF16_MIN_SPEEDUP (tests/test_training.py checks the measured decision itself)
+if "SAD_CPU_BF16" not in os.environ:
+    from sad.modeling import cpu_bf16_is_fast
+
+    os.environ["SAD_CPU_BF16"] = "1" if cpu_bf16_is_fast() else "0"
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
