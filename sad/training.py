@@ -11,8 +11,9 @@ process with ``batch_size = b·n`` therefore takes the same steps as ``n`` proce
 ``batch_size = b``, up to float reduction order.
 
 Checkpoints (``checkpoint_every``) hold the weights (safetensors), the optimizer and
-scheduler state (loaded with ``weights_only=True``) and the step; a rerun with the same
-fingerprint resumes there and ends with the same weights as an uninterrupted run.
+scheduler state (loaded with ``weights_only=True``), the step and the precision it trains in; a
+rerun with the same fingerprint resumes there, in that precision, and ends with the same weights as
+an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -250,8 +251,9 @@ def _load_trainable(model, weights: Path) -> None:
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, tokens: int, history: list[dict],
-                    fingerprint: str) -> None:
-    """Weights (safetensors) + optimizer/scheduler state + step, written to a temp dir then renamed.
+                    fingerprint: str, precision: str = "no") -> None:
+    """Weights (safetensors) + optimizer/scheduler state + step + the autocast it trains in ("bf16" or "no"),
+    written to a temp dir then renamed.
 
     With frozen weights (a LoRA adapter over a pretrained model) only the trainable ones are saved.
     """
@@ -266,8 +268,36 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, tokens
         else:
             save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / CHECKPOINT_WEIGHTS))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "tokens": tokens, "fingerprint": fingerprint, "history": json.dumps(history)},
+                    "tokens": tokens, "fingerprint": fingerprint, "history": json.dumps(history),
+                    "precision": precision},
                    tmp / CHECKPOINT_STATE)
+
+
+def resume_precision(folder: Path, fingerprint: str, resolved: str, use_gpu: bool) -> str:
+    """The autocast a run resumed from ``folder`` trains in: the one its checkpoint was trained in, so a stopped
+    run ends as an uninterrupted one would even where this machine alone would resolve ``precision: auto``
+    otherwise (``resolved``: "bf16" or "no"; the bf16 speed test is a timing and can land either side). The
+    exception: a bf16 checkpoint on a CPU without bf16 instructions (emulated bf16 is ~28x slower) goes on in
+    ``resolved``, with a warning. No checkpoint, another fingerprint or an unreadable one: ``resolved``."""
+    from sad.modeling import cpu_has_native_bf16
+
+    state_file = folder / CHECKPOINT_STATE
+    if not state_file.is_file():
+        return resolved
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - load_checkpoint reports it and starts over
+        return resolved
+    stored = state.get("precision")
+    if state.get("fingerprint") != fingerprint or stored not in ("bf16", "no") or stored == resolved:
+        return resolved
+    if stored == "bf16" and not (use_gpu or cpu_has_native_bf16()):
+        log.warning("checkpoint %s was trained under bf16 autocast, which this CPU can only emulate: the run goes on "
+                    "in fp32 (its weights will differ slightly from an uninterrupted run's)", folder)
+        return resolved
+    log.info("checkpoint %s was trained in %s: the run goes on in it, as it began (this machine alone would choose %s)",
+             folder, "bf16" if stored == "bf16" else "fp32", "bf16" if resolved == "bf16" else "fp32")
+    return stored
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler, fingerprint: str) -> tuple[int, int, list[dict]] | None:
@@ -392,7 +422,10 @@ def train_lm(
     from transformers import get_cosine_schedule_with_warmup
 
     use_gpu = torch.cuda.is_available()
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     autocast = mixed_precision(train.precision, use_gpu)
+    if ckpt is not None:
+        autocast = resume_precision(ckpt, fingerprint, autocast, use_gpu)
     accelerator = _accelerator(autocast, use_gpu)
     set_seed(train.seed)
     columns = ["input_ids", "reason_mask", "act_mask"] + (["cache_row"] if "cache_row" in windows else [])
@@ -418,7 +451,6 @@ def train_lm(
     # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(train.warmup_ratio * total_steps), total_steps)
     start_step, tokens, history = 0, 0, []
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None:
         restored = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint)
         if restored:
@@ -482,7 +514,8 @@ def train_lm(
         if ckpt is not None and train.checkpoint_every and done % train.checkpoint_every == 0 and done < total_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, done, tokens, history, fingerprint)
+                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, done, tokens, history,
+                                fingerprint, autocast)
         if stop_after is not None and done >= stop_after and done < total_steps:
             break
     seconds = time.perf_counter() - started

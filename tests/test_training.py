@@ -165,6 +165,35 @@ def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_with_the_same_weight
     assert torch.equal(_weights(resumed_model), _weights(straight))
 
 
+def test_a_resumed_run_trains_in_the_precision_its_checkpoint_was_trained_in(windows, tokenizer, tiny_model_factory,
+                                                                              tmp_path, monkeypatch, caplog):
+    """precision: auto rests on a timing (the bf16 speed test), which a restarted process can land on the other
+    side: a run begun under bf16 autocast and resumed where fp32 is chosen goes on in bf16 and ends with the
+    uninterrupted run's weights. Only on a CPU that can merely emulate bf16 does it go on in fp32, said in the log."""
+    monkeypatch.setattr("sad.training.cpu_bf16_is_fast", lambda: True)
+    monkeypatch.setattr("sad.modeling.cpu_has_native_bf16", lambda: True)
+    mixed_precision.cache_clear()
+    w, _, _, train, _ = _resume_setup(windows, tiny_model_factory)
+    method, pad = MethodParams(loss="sft"), tokenizer.pad_token_id
+    bf16, fp32 = train.model_copy(update={"precision": "bf16"}), train.model_copy(update={"precision": "fp32"})
+    straight = tiny_model_factory(hidden=16, seed=2)
+    assert train_lm(straight, w, method, bf16, pad, checkpoint_dir=tmp_path / "a", progress=False).precision == "bf16"
+
+    kwargs = dict(checkpoint_dir=tmp_path / "b", fingerprint="f1", progress=False)
+    train_lm(tiny_model_factory(hidden=16, seed=2), w, method, bf16, pad, stop_after=3, **kwargs)
+    resumed_model = tiny_model_factory(hidden=16, seed=2)
+    resumed = train_lm(resumed_model, w, method, fp32, pad, **kwargs)  # this process resolves fp32
+    assert resumed.resumed_from == 2 and resumed.precision == "bf16"
+    assert torch.equal(_weights(resumed_model), _weights(straight))
+
+    monkeypatch.setattr("sad.modeling.cpu_has_native_bf16", lambda: False)
+    kwargs["checkpoint_dir"] = tmp_path / "c"
+    train_lm(tiny_model_factory(hidden=16, seed=2), w, method, bf16, pad, stop_after=3, **kwargs)
+    emulated = train_lm(tiny_model_factory(hidden=16, seed=2), w, method, fp32, pad, **kwargs)
+    assert emulated.resumed_from == 2 and emulated.precision == "fp32" and "only emulate" in caplog.text
+    mixed_precision.cache_clear()
+
+
 def test_a_corrupt_or_foreign_checkpoint_is_ignored_not_half_used(windows, tokenizer, tiny_model_factory, tmp_path, caplog):
     w, _, _, train, _ = _resume_setup(windows, tiny_model_factory)
     method = MethodParams(loss="sft")
