@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from sad.config import ArchParams
-from sad.io import atomic_dir
+from sad.io import atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,13 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-#: bf16 is used for ``precision: auto`` (and honoured for ``bf16``) on a CPU only where a bf16 matmul runs at least
-#: this much faster than fp32: bf16 instructions alone do not make it fast (measured below)
+#: bf16 is used for ``precision: auto`` (and honoured for ``bf16``) in training and the top-k cache on a CPU only
+#: where a bf16 matmul runs at least this much faster than fp32: bf16 instructions alone do not make it fast
+#: (measured below). Play needs the instructions only (:func:`play_dtype`)
 BF16_MIN_SPEEDUP = 1.15
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_speedup() -> float:
+def measure_bf16_speedup() -> float:
     """fp32 time / bf16 time of a [256, 576] x [576, 1536] matmul on this CPU (best of 5 rounds of 10 each,
     with the threads torch uses here; about 0.3 s). 0.49-0.71x on a 2-core Intel Xeon with avx512_bf16 and
     avx512_fp16 but no AMX (2026-12-06; 0.35-0.52x at other shapes), where a training step under bf16 autocast
@@ -61,12 +61,58 @@ def cpu_bf16_speedup() -> float:
         return best_time(a, b) / best_time(a.bfloat16(), b.bfloat16())
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` ("unknown" where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")),
+                "unknown")
+
+
+def bf16_speedup_file() -> Path:
+    """Where the measured bf16 speedup of this machine is kept: ``$SAD_CACHE_DIR`` or ``~/.cache/sad``."""
+    root = os.environ.get("SAD_CACHE_DIR") or Path.home() / ".cache" / "sad"
+    return Path(root) / "cpu_bf16_speedup.json"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """:func:`measure_bf16_speedup`, measured once per machine and kept in :func:`bf16_speedup_file` under a key of
+    the CPU model, the bf16 flag, the torch version and its thread count: every later process (a resumed stage,
+    the other rank of a multi-process run, the next stage) reads the same number, so ``precision: auto`` cannot
+    land on the other side of :data:`BF16_MIN_SPEEDUP` between them. Delete the file to measure again; a file
+    that cannot be read or written is measured past (logged)."""
+    key = f"{_cpu_model()} | bf16 instructions {cpu_has_native_bf16()} | torch {torch.__version__} | " \
+          f"{torch.get_num_threads()} threads"
+    path = bf16_speedup_file()
+    try:
+        kept = json.loads(path.read_text()) if path.is_file() else {}
+        if isinstance(kept, dict) and isinstance(kept.get(key), (int, float)):
+            return float(kept[key])
+    except (OSError, ValueError) as exc:
+        log.warning("%s cannot be read (%s): measuring the bf16 speedup again", path, exc)
+        kept = {}
+    speedup = measure_bf16_speedup()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {**(kept if isinstance(kept, dict) else {}), key: round(speedup, 4)})
+    except OSError as exc:
+        log.warning("the measured bf16 speedup could not be kept in %s (%s): each process measures it", path, exc)
+    return speedup
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_is_fast() -> bool:
     """Whether bf16 pays on this CPU: it has bf16 instructions (:func:`cpu_has_native_bf16`) and a bf16 matmul
     measures >= :data:`BF16_MIN_SPEEDUP` x fp32 (:func:`cpu_bf16_speedup`). ``SAD_CPU_BF16=1`` / ``0`` decides
-    it without measuring (a machine whose result must not depend on a timing)."""
+    it without measuring (a machine whose result must not depend on a timing); ``1`` on a CPU without bf16
+    instructions is honoured with a warning (emulated bf16 is ~28x slower)."""
     forced = os.environ.get("SAD_CPU_BF16", "").strip()
+    if forced == "1" and not cpu_has_native_bf16():
+        log.warning("SAD_CPU_BF16=1 on a CPU without bf16 instructions (avx512_bf16/AMX): bf16 is emulated here, "
+                    "about 28x slower than fp32; unset it (measured) or set it to 0")
     if forced in {"0", "1"}:
         return forced == "1"
     if forced:
@@ -76,8 +122,8 @@ def cpu_bf16_is_fast() -> bool:
         return False
     speedup = cpu_bf16_speedup()
     fast = speedup >= BF16_MIN_SPEEDUP
-    log.info("CPU bf16 matmul %.2fx fp32 (%s %.2fx): precision auto uses %s", speedup, ">=" if fast else "<",
-             BF16_MIN_SPEEDUP, "bf16" if fast else "fp32")
+    log.info("CPU bf16 matmul %.2fx fp32 (%s %.2fx; kept in %s): precision auto uses %s", speedup,
+             ">=" if fast else "<", BF16_MIN_SPEEDUP, bf16_speedup_file(), "bf16" if fast else "fp32")
     return fast
 
 

@@ -92,12 +92,16 @@ def mixed_precision(precision: str, use_gpu: bool, cpu_bf16_fast: bool | None = 
 
 
 def _accelerator(precision: str, use_gpu: bool):
-    """An ``Accelerator`` with this precision, also when an earlier training in the same process (one
-    Prefect flow runs several stages) used another: accelerate keeps one precision per process, so its
-    precision state is reset (the distributed state is kept)."""
-    from accelerate import Accelerator
+    """An ``Accelerator`` with this precision ("bf16" or "no"; its ``mixed_precision`` is what runs), also when
+    an earlier training in the same process (one Prefect flow runs several stages) used another: accelerate
+    keeps one precision per process, so its precision state is reset (the distributed state is kept). In a
+    multi-process run every rank takes rank 0's precision: each resolved ``auto`` on its own."""
+    from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
+    from accelerate.utils import broadcast_object_list
 
+    if PartialState(cpu=not use_gpu).num_processes > 1:
+        precision = broadcast_object_list([precision], from_process=0)[0]
     if AcceleratorState._shared_state.get("_mixed_precision") not in (None, precision):
         AcceleratorState._reset_state()
     return Accelerator(mixed_precision=precision, cpu=not use_gpu)
@@ -278,11 +282,12 @@ def resume_precision(folder: Path, fingerprint: str, resolved: str, use_gpu: boo
     run ends as an uninterrupted one would even where this machine alone would resolve ``precision: auto``
     otherwise (``resolved``: "bf16" or "no"; the bf16 speed test is a timing and can land either side). The
     exception: a bf16 checkpoint on a CPU without bf16 instructions (emulated bf16 is ~28x slower) goes on in
-    ``resolved``, with a warning. No checkpoint, another fingerprint or an unreadable one: ``resolved``."""
+    ``resolved``, with a warning. No checkpoint (state and weights), another fingerprint or an unreadable state:
+    ``resolved``."""
     from sad.modeling import cpu_has_native_bf16
 
     state_file = folder / CHECKPOINT_STATE
-    if not state_file.is_file():
+    if not (state_file.is_file() and (folder / CHECKPOINT_WEIGHTS).is_file()):
         return resolved
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -427,6 +432,7 @@ def train_lm(
     if ckpt is not None:
         autocast = resume_precision(ckpt, fingerprint, autocast, use_gpu)
     accelerator = _accelerator(autocast, use_gpu)
+    autocast = accelerator.mixed_precision  # rank 0's in a multi-process run
     set_seed(train.seed)
     columns = ["input_ids", "reason_mask", "act_mask"] + (["cache_row"] if "cache_row" in windows else [])
     rows = windows[columns].to_dict("records")

@@ -93,6 +93,36 @@ def test_bf16_is_used_only_where_the_cpu_has_the_instructions_and_it_measures_fa
     modeling.cpu_bf16_is_fast.cache_clear()
 
 
+def test_the_bf16_speedup_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path, caplog):
+    """Every later process (a resumed stage, another rank, the next stage) reads the kept number instead of a
+    timing of its own that could land on the other side of BF16_MIN_SPEEDUP; a damaged file is measured past."""
+    import json
+
+    import sad.modeling as modeling
+
+    monkeypatch.setenv("SAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(modeling, "measure_bf16_speedup", lambda: 0.5)
+    modeling.cpu_bf16_speedup.cache_clear()
+    assert modeling.cpu_bf16_speedup() == 0.5
+    kept = json.loads((tmp_path / "cpu_bf16_speedup.json").read_text())
+    [(key, value)] = kept.items()
+    assert value == 0.5 and f"torch {torch.__version__}" in key and f"{torch.get_num_threads()} threads" in key
+
+    def timing_again() -> float:
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(modeling, "measure_bf16_speedup", timing_again)
+    modeling.cpu_bf16_speedup.cache_clear()  # a new process
+    assert modeling.cpu_bf16_speedup() == 0.5
+
+    (tmp_path / "cpu_bf16_speedup.json").write_text('{"torn')
+    monkeypatch.setattr(modeling, "measure_bf16_speedup", lambda: 1.8)
+    modeling.cpu_bf16_speedup.cache_clear()
+    assert modeling.cpu_bf16_speedup() == 1.8 and "cannot be read" in caplog.text
+    assert json.loads((tmp_path / "cpu_bf16_speedup.json").read_text()) == {key: 1.8}
+    modeling.cpu_bf16_speedup.cache_clear()
+
+
 def test_bf16_autocast_trains_on_cpu_with_fp32_weights(windows, tokenizer, tiny_model_factory, monkeypatch):
     """train.precision: bf16 on CPU: matmuls in bf16, weights and the loss in fp32, the loss goes down
     (autocast forced on CPUs without bf16 instructions too: the tiny model is fast even emulated)."""
