@@ -142,10 +142,12 @@ class TrainParams(_Strict):
     eval_every: int = Field(0, ge=0, description="dev evaluation every N optimizer steps (0 = at the end only)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; a rerun resumes from it (0 = off)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16: bf16 autocast (weights, optimizer and losses stay fp32); on a CPU it needs "
-                            "avx512_bf16/AMX (a CPU without them runs fp32, with a warning: emulated bf16 is ~28x "
-                            "slower). auto: bf16 on a GPU and on a CPU with those instructions (the default's "
-                            "distillation 2.14x faster than fp32 on the 2-core avx512_bf16 box), else fp32")
+        "auto", description="bf16: bf16 autocast (weights, optimizer and losses stay fp32); on a CPU only where it "
+                            "pays: avx512_bf16/AMX and a bf16 matmul measured >= 1.15x fp32 (elsewhere fp32, with a "
+                            "warning: emulated bf16 is ~28x slower, and a Xeon without AMX trained at 0.72x). auto: "
+                            "bf16 on a GPU and where it pays on a CPU (the default's distillation 2.14x faster on an "
+                            "AMD EPYC), else fp32. The speedup is measured once per machine and kept "
+                            "(sad.modeling.cpu_bf16_speedup); SAD_CPU_BF16=1/0 decides without measuring")
 
 
 class ContextParams(_Strict):
@@ -251,7 +253,8 @@ class AgentParams(_Strict):
                             "cache): bf16 = bfloat16 (on a CPU without avx512_bf16/AMX it plays in fp32, with a "
                             "warning); auto = bf16 where the CPU has bf16 instructions, else fp32 (the shipped teacher "
                             "on the default's 60 test tasks: 39/60 in bf16 against 34/60 in fp32, a difference within "
-                            "noise, 1.9x faster). Models in "
+                            "noise, 1.9x faster on an AMD EPYC; 1.02x on a Xeon without AMX, whose bf16 matmuls are "
+                            "slower: play is bound by memory reads). Models in "
                             "training (on-policy rounds, the teacher's DAgger) play in their training dtype")
 
 
@@ -376,8 +379,9 @@ class TeacherLogitsParams(_Strict):
                                                   "temperature must be one of them")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="the dtype of the teacher's forward for the cache (its output head always runs in fp32): "
-                            "auto = bf16 where the CPU has avx512_bf16/AMX, else fp32; bf16 on a CPU without them runs "
-                            "fp32, with a warning")
+                            "auto = bf16 where it pays, as distill.train.precision (avx512_bf16/AMX and a bf16 matmul "
+                            "measured faster: this forward is compute-bound), else fp32; bf16 where it does not pay "
+                            "runs fp32, with a warning")
 
     @model_validator(mode="after")
     def _positive_temperatures(self) -> TeacherLogitsParams:
@@ -482,6 +486,13 @@ class EvaluateParams(_Strict):
     step_accuracy_steps: int = Field(0, ge=0, description="dev expert steps sampled for step accuracy (0 = all)")
     bootstrap: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for confidence intervals")
     confidence: float = Field(0.95, gt=0.5, lt=1)
+
+    @field_validator("splits")
+    @classmethod
+    def _each_split_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"evaluate.splits names each split once; got {v}")
+        return v
 
 
 # Gate metrics and whether higher is better. Evaluation metrics are read on register.gate_split;

@@ -59,7 +59,8 @@ def evaluate_agent(
         "splits": {},
     }
     splits = list(params.evaluate.splits)
-    tasks = [t for split in splits for env in params.tasks.envs for t in load_tasks(tasks_root, env, split)]
+    split_tasks = {split: [t for env in params.tasks.envs for t in load_tasks(tasks_root, env, split)] for split in splits}
+    tasks = [t for split in splits for t in split_tasks[split]]
     # every split in one play queue: continuous batching keeps the slots full across the split boundary, so
     # the smaller split does not play alone at a fraction of the batch while its longest episode ends
     if player is not None:
@@ -67,10 +68,15 @@ def evaluate_agent(
     else:
         played, stats = play_model(model_dir, params, tasks_root, tasks, agent_name, params.evaluate.batch_size,
                                    progress=progress, agent=agent)
-    episodes_by_split: dict[str, list[Episode]] = {split: [e for e in played if e.split == split] for split in splits}
+    if [e.task_id for e in played] != [t.task_id for t in tasks]:
+        raise RuntimeError(f"{agent_name}: the player returned {len(played)} episodes for {len(tasks)} tasks, or out of "
+                           "task order")
+    episodes_by_split: dict[str, list[Episode]] = {}
+    for split in splits:  # the queue holds each split's tasks in turn, in task order
+        episodes_by_split[split], played = played[:len(split_tasks[split])], played[len(split_tasks[split]):]
     for split, episodes in episodes_by_split.items():
         overall = summarize(episodes, agent.tokenizer)
-        overall["generated_tokens_per_s"] = stats.tokens_per_second
+        overall["generated_tokens_per_s"] = stats.tokens_per_second  # of the whole queue (dev and test together)
         results["splits"][split] = {
             "overall": overall,
             "envs": {env: summarize([e for e in episodes if e.env == env], agent.tokenizer) for env in params.tasks.envs},

@@ -382,6 +382,13 @@ def test_evaluation_plays_every_split_in_one_queue_and_files_each_episode_under_
         assert {e.split for e in episodes[split]} == {split}
         assert len(metrics["splits"][split]["per_task"]["alfworld"]) == len(expected[split])
 
+    def losing_player(tasks, name):  # a player that drops an episode must not shift one split's tasks into another
+        played, stats = player(tasks, name)
+        return played[1:], stats
+
+    with pytest.raises(RuntimeError, match="one-queue: the player returned"):
+        evaluate_agent(tmp_path / "agent", "one-queue", p, task_root, progress=False, agent=agent, player=losing_player)
+
 
 def test_sliced_attention_reads_only_the_written_cache_and_generates_the_same_tokens(trained_model, tokenizer,
                                                                                      monkeypatch):

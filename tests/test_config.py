@@ -125,6 +125,8 @@ def test_envs_are_checked_with_the_key_named():
         parse_params({"tasks": {"envs": ["webshop", "webshop"]}})
     with pytest.raises(ConfigError, match="tasks.hotpotqa.max_steps"):
         parse_params({"tasks": {"hotpotqa": {"max_steps": 0}}})
+    with pytest.raises(ConfigError, match="evaluate.splits names each split once"):
+        parse_params({"evaluate": {"splits": ["dev", "test", "test"]}})
 
 
 def test_kd_temperatures_must_be_cached_so_a_new_method_never_reruns_teacher_logits():
