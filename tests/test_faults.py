@@ -92,6 +92,17 @@ def test_sigkill_during_distillation_resumes_to_the_same_weights(tmp_path, demos
 
 
 # --------------------------------------------------------------------------- SIGKILL during an atomic write
+def test_checkpoints_live_under_dot_checkpoints_for_relative_and_absolute_model_folders(tmp_path):
+    """Never the model folder itself (an absolute project.models_dir once mapped onto it, so checkpoints and kept
+    seeds would have landed in the DVC-tracked output)."""
+    from sad.stages.layout import checkpoint_dir
+
+    assert checkpoint_dir(Path("models/students/sad/seed0")) == Path(".checkpoints/models/students/sad/seed0")
+    absolute = tmp_path / "models" / "students" / "sad"
+    assert checkpoint_dir(absolute) == Path(".checkpoints", *absolute.parts[1:])
+    assert not checkpoint_dir(absolute).is_absolute()
+
+
 def test_sigkill_mid_write_leaves_the_old_file_and_the_next_write_sweeps_the_leftover(tmp_path):
     from sad.io import read_jsonl, write_jsonl_atomic
 

@@ -55,8 +55,8 @@ def teacher_logits_dir(p: Params) -> Path:
 
 def checkpoint_dir(model_dir: Path) -> Path:
     """Where training checkpoints of ``model_dir`` live until the model is written (git-ignored,
-    outside every DVC-tracked folder)."""
-    return Path(".checkpoints", *model_dir.parts)
+    outside every DVC-tracked folder), also for an absolute ``model_dir`` (its anchor is dropped)."""
+    return Path(".checkpoints", *model_dir.parts[1 if model_dir.is_absolute() else 0:])
 
 
 def fingerprint(*parts: Any) -> str:
