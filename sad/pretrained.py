@@ -264,12 +264,14 @@ def layer_subset(teacher, keep: list[int]):
     return student.eval()
 
 
-def add_lora(model, lora):
+def add_lora(model, lora, seed: int):
     """``model`` wrapped with fresh LoRA adapters (peft) on ``lora.target_modules``; only they train.
 
     ``lora`` is a :class:`sad.config.LoraParams`. The adapters start as a no-op (B = 0), so the
-    wrapped model's logits equal the base model's.
+    wrapped model's logits equal the base model's; their A matrices are drawn from ``seed`` (not from
+    whatever the process drew before, which differs between ``sad pipeline`` and ``sad stage``).
     """
+    import torch
     from peft import LoraConfig, get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -279,7 +281,9 @@ def add_lora(model, lora):
                          f"(it has e.g. {sorted(n for n in present if n.endswith('proj'))[:8]})")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def continue_lora(model, folder: str | Path, source: str, lora):

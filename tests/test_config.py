@@ -47,6 +47,8 @@ def test_the_default_merges_the_shipped_heal_into_the_cut_it_was_trained_on():
     os.chdir(REPO)
     try:
         assert card["teacher"] == teacher_identity(p)
+        dotted = p.model_copy(update={"teacher": p.teacher.model_copy(update={"source": "./" + p.teacher.source})})
+        assert teacher_identity(dotted) == card["teacher"]  # the same folder, written another way
     finally:
         os.chdir(cwd)
     assert card["heal"]["demos"] >= 450 and card["recipe"] == "sad profile heal && dvc repro student_init && sad ship-heal"

@@ -164,13 +164,27 @@ def test_the_paper_profile_offline_stops_at_once_naming_what_to_download(tmp_pat
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 
 
+def test_a_fresh_lora_adapter_is_drawn_from_its_seed_not_from_what_the_process_drew_before(tiny_model_factory):
+    from sad.config import LoraParams
+    from sad.pretrained import add_lora
+
+    def adapter(seed: int, draws_before: int) -> dict[str, torch.Tensor]:
+        torch.randn(draws_before)  # `sad pipeline` and `sad stage` reach this point with different RNG states
+        model = add_lora(tiny_model_factory(hidden=16, layers=2, seed=4), LoraParams(r=4, alpha=8), seed=seed)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    first, second, other = adapter(1, 0), adapter(1, 1000), adapter(2, 0)
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in first)
+
+
 def _lora_teacher(tiny_model_factory, windows, tokenizer, tmp_path, steps_dir=None, stop_after=None):
     from sad.config import LoraParams, MethodParams, TrainParams
     from sad.pretrained import add_lora
     from sad.training import train_lm
 
     base = tiny_model_factory(hidden=16, layers=2, seed=4)
-    model = add_lora(base, LoraParams(r=4, alpha=8))
+    model = add_lora(base, LoraParams(r=4, alpha=8), seed=1)
     train = TrainParams(epochs=2, batch_size=4, lr=3e-2, seed=1, checkpoint_every=2, dev_fraction=0)
     result = train_lm(model, windows, MethodParams(loss="sft"), train, tokenizer.pad_token_id, progress=False,
                       checkpoint_dir=steps_dir, fingerprint="lora", stop_after=stop_after)

@@ -49,7 +49,7 @@ if "--baselines" in sys.argv:
 teacher = load_model(Path("models/teacher"))
 cut = layer_subset(teacher, keep)
 del teacher
-model = add_lora(cut, LoraParams(r=r, alpha=2 * r))
+model = add_lora(cut, LoraParams(r=r, alpha=2 * r), seed=0)
 trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
 demos = read_episodes(demos_file(p))
 windows = segment_episodes(demos, tok, p.context.max_tokens, p.context.history_steps).windows.reset_index(drop=True)

@@ -78,6 +78,8 @@ def teacher_identity(p: Params) -> dict[str, Any]:
     import hashlib
 
     source, digest = p.teacher.source, None
+    if source is not None and Path(source).is_dir():
+        source = Path(source).as_posix()  # ./assets/teacher and assets/teacher are one folder
     if source is not None and not p.teacher.finetune and Path(source).is_dir():
         h = hashlib.sha256()
         for weights in sorted(Path(source).glob("*.safetensors")):
@@ -139,7 +141,7 @@ def heal(p: Params, student, tokenizer, progress: bool = True) -> tuple[dict[str
     if h.lora is not None:
         from sad.pretrained import add_lora
 
-        model = add_lora(student, h.lora)
+        model = add_lora(student, h.lora, train.seed)
     result = train_lm(model, windows, IMITATION, train, tokenizer.pad_token_id, dev_windows=dev_windows,
                       checkpoint_dir=checkpoint_dir(student_init_dir(p)), fingerprint=key, progress=progress,
                       desc="heal student")

@@ -60,7 +60,7 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
     elif p.teacher.lora is not None:
         from sad.pretrained import add_lora
 
-        model = add_lora(model, p.teacher.lora)
+        model = add_lora(model, p.teacher.lora, p.teacher.train.seed)
     data_hash = file_hash(demos_file(p))
     base_fingerprint = fingerprint(p.teacher.model_dump(exclude={"dagger"}), p.context.model_dump(), data_hash,
                                    file_hash(pretrained_dir(p) / "card.json"), init_hash)
