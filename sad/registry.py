@@ -255,24 +255,23 @@ def register_candidate(model_dir: Path, card: dict[str, Any], standing: Standing
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     card = {**card, "standing": asdict(standing)}
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name="model",
-        task="text-generation",
-        pip_requirements=PIP_REQUIREMENTS,
-        registered_model_name=name,
-        model_config={"max_new_tokens": 64, "do_sample": False},
-        metadata={"sad_card": json.dumps(card, sort_keys=True)},
-    )
-    mlflow.log_dict(card, "model_card.json")
-    version = str(info.registered_model_version)
     tags = {STANDING_TAG: standing.to_json(), WEIGHTS_TAG: weights_hash(model_dir),
             "sad.gate_metric": standing.gate_metric, "sad.gate_value": str(standing.gate_value)}
     for key in ("method", "seed", "objective", "data_hash", "dvc_lock_sha256", "git_commit"):
         if key in card:
             tags[f"sad.{key}"] = str(card[key])
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model",
+        task="text-generation",
+        pip_requirements=PIP_REQUIREMENTS,
+        model_config={"max_new_tokens": 64, "do_sample": False},
+        metadata={"sad_card": json.dumps(card, sort_keys=True)},
+    )
+    mlflow.log_dict(card, "model_card.json")
+    # the version is created with its tags (weights hash, standing): a stop right after still finds it by hash,
+    # so the retried task gates it instead of registering the same weights again
+    version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     client.update_model_version(name, version, description=model_card_markdown(card))
     client.set_registered_model_alias(name, CHALLENGER, version)
     log.info("registered %s v%s (@%s)", name, version, CHALLENGER)
@@ -311,13 +310,15 @@ def promote(tracking: TrackingParams, version: str, reason: str) -> None:
     name = tracking.registered_model
     from mlflow.exceptions import MlflowException
 
+    version = str(version).strip().removeprefix("v")  # `sad registry list` prints versions as v3
     try:
         client.get_model_version(name, version)
     except MlflowException:
         raise RegistryError(f"{name} has no version {version!r} (see `sad registry list`)") from None
     history = _history(client, name)
     client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [version]))
+    if not history or history[-1] != version:  # promoting the champion again adds no step to roll back
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [version]))
     client.set_model_version_tag(name, version, DECISION_TAG, "promoted: " + reason)
     log.info("%s v%s is @%s: %s", name, version, CHAMPION, reason)
 
@@ -386,11 +387,13 @@ def rollback(tracking: TrackingParams) -> tuple[str, str]:
     name = tracking.registered_model
     history = _history(client, name)
     current = champion(tracking)
-    if current is None or len(history) < 2:
-        raise RegistryError(f"{name}: no previous champion to roll back to (history: {history or 'empty'})")
-    previous = history[-2]
+    while history and current is not None and history[-1] == current[0]:
+        history = history[:-1]  # the current champion's own entries (one per promotion)
+    if current is None or not history:
+        raise RegistryError(f"{name}: no previous champion to roll back to (history: {_history(client, name) or 'empty'})")
+    previous = history[-1]
     client.set_registered_model_alias(name, CHAMPION, previous)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     client.set_model_version_tag(name, current[0], DECISION_TAG, f"rolled back: champion returned to v{previous}")
     log.info("%s: @%s rolled back from v%s to v%s", name, CHAMPION, current[0], previous)
     return current[0], previous
@@ -400,11 +403,13 @@ def list_versions(tracking: TrackingParams) -> list[dict[str, Any]]:
     """Every version with its aliases, gate value and promotion decision (newest first)."""
     client = _client(tracking)
     name = tracking.registered_model
+    from mlflow.exceptions import MlflowException
+
     try:
         versions = client.search_model_versions(f"name='{name}'")
-    except Exception:
+        aliases = client.get_registered_model(name).aliases if versions else {}  # {alias: version}
+    except MlflowException:  # nothing registered yet under this name
         return []
-    aliases = client.get_registered_model(name).aliases  # {alias: version}
     rows = []
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
         held = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))

@@ -168,8 +168,12 @@ def test_register_gate_promote_and_roll_back(tmp_path, tracking, tiny_model_fact
     assert champion(tracking)[0] == first.version
     with pytest.raises(RegistryError, match="no previous champion"):
         rollback(tracking)
-    promote(tracking, worse.version, "by hand")
+    assert list_versions(tracking.model_copy(update={"registered_model": "nothing-yet"})) == []  # not a traceback
+    promote(tracking, f"v{worse.version}", "by hand, as `sad registry list` prints it")
+    promote(tracking, worse.version, "by hand, again")  # no second step in the history
     assert champion(tracking)[0] == worse.version
+    assert rollback(tracking) == (worse.version, first.version)  # a real step back, not v2 -> v2
+    promote(tracking, worse.version, "by hand")
     with pytest.raises(RegistryError, match="no version '99'"):
         promote(tracking, "99", "typo")
     rows = list_versions(tracking)
