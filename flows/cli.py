@@ -536,6 +536,12 @@ class EnvName(str, Enum):
     webshop = "webshop"
 
 
+class SplitName(str, Enum):
+    train = "train"
+    dev = "dev"
+    test = "test"
+
+
 def _task_set(env: str, split: str, n: int | None, tasks_root: Path, generate: bool, workdir: Path):
     """Tasks from the tasks stage's folder, or a fresh generated set (seeded by params.yaml)."""
     from sad.config import ConfigError, load_params, parse_params
@@ -556,7 +562,7 @@ def _task_set(env: str, split: str, n: int | None, tasks_root: Path, generate: b
 @app.command()
 def expert(
     env: EnvName = typer.Option(EnvName.alfworld, help="environment"),
-    split: str = typer.Option("test", help="split: train, dev or test"),
+    split: SplitName = typer.Option(SplitName.test, help="split"),
     n: int | None = typer.Option(None, help="play the first N tasks of the split (default: all; 200 with --generate)"),
     tasks_root: Path = typer.Option(Path("data/tasks"), help="tasks folder written by the tasks stage"),
     generate: bool = typer.Option(False, "--generate", help="generate N fresh tasks (seeded by params.yaml) in a temp folder"),
@@ -570,13 +576,13 @@ def expert(
 
     _setup_logging()
     with tempfile.TemporaryDirectory(prefix="sad-expert-") as tmp:
-        tasks, root = _task_set(env.value, split, n, tasks_root, generate, Path(tmp))
+        tasks, root = _task_set(env.value, split.value, n, tasks_root, generate, Path(tmp))
         started = time.perf_counter()
         episodes = play_expert(tasks, root, progress=not as_json)
         seconds = time.perf_counter() - started
     count = max(len(episodes), 1)
     result = {
-        "env": env.value, "split": split, "episodes": len(episodes), "generated": generate,
+        "env": env.value, "split": split.value, "episodes": len(episodes), "generated": generate,
         "success_rate": sum(e.success for e in episodes) / count,
         "avg_reward": sum(e.reward for e in episodes) / count,
         "avg_steps": sum(e.n_steps for e in episodes) / count,

@@ -165,8 +165,8 @@ def scaling_points(results: dict[str, dict[str, Any]], scaling: dict[str, dict[s
     return sorted(points, key=lambda x: x["parameters"])
 
 
-def scaling_table(points: list[dict[str, Any]], method: str) -> str:
-    lines = [f"| student size | params | `{method}` test success % (seed 0) |", "|---|---|---|"]
+def scaling_table(points: list[dict[str, Any]], method: str, seed: int = 0) -> str:
+    lines = [f"| student size | params | `{method}` test success % (seed {seed}) |", "|---|---|---|"]
     lines += [f"| {p['size']} | {p['parameters']:,} | {p['success'].fmt()} |" for p in points]
     return "\n".join(lines)
 
@@ -344,14 +344,15 @@ PLOTS = ("success.png", "scaling.png", "reasoning.png", "learning_curves.png")
 
 def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] | None, profile: str,
                   objectives: dict[str, str], scaling_md: str, paired: list[tuple[str, str, str, str]],
-                  n_boot: int, confidence: float, onpolicy_md: str = "") -> str:
+                  n_boot: int, confidence: float, onpolicy_md: str = "", gate_split: str = "dev") -> str:
     """results.md; ``paired``: (a, b, verdict, table) per paired comparison."""
     level = int(confidence * 100)
     parts = [
         "# Structured Agent Distillation: results",
         "",
         f"Profile: `{profile}`. Held-out **test** tasks. Success in percent with {level}% bootstrap confidence "
-        f"intervals over episodes and training seeds ({n_boot} resamples). The promotion gate uses the dev split.",
+        f"intervals over episodes and training seeds ({n_boot} resamples). The promotion gate uses the {gate_split} "
+        "split.",
         "Objective per method: " + "; ".join(f"`{m}`: {n}" for m, n in sorted(objectives.items())) + ".",
         "",
         "## Success (test)",

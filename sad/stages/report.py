@@ -39,8 +39,9 @@ def run_report(p: Params) -> dict[str, Any]:
     r.scaling_plot(points, method, teacher_success, reports / "scaling.png")
     r.reasoning_plot(results, reports / "reasoning.png")
     r.curves_plot(r.read_curves(p.path("metrics", "curves"), list(p.distill.methods)), reports / "learning_curves.png")
-    text = r.render_report(results, registry, p.project.profile, objectives, r.scaling_table(points, method),
-                           paired, n_boot, confidence, onpolicy_md)
+    text = r.render_report(results, registry, p.project.profile, objectives,
+                           r.scaling_table(points, method, p.distill.seeds[0]), paired, n_boot, confidence, onpolicy_md,
+                           p.registration.gate_split)
     write_text_atomic(reports / "results.md", text)
     summary = {
         "test_success": {a: res["splits"]["test"]["overall"]["success_rate"] for a, res in results.items()},
