@@ -162,6 +162,44 @@ def _load_params(path: Path):
         _fail(str(exc))
 
 
+def dvc_stage_names(dvc_yaml: Path, params_yaml: Path) -> list[str]:
+    """The stage names ``dvc repro`` accepts: plain stages, and ``name@item`` for each ``foreach`` over a
+    mapping or list of ``params_yaml`` (``${distill.methods}``)."""
+    import yaml
+
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    params = yaml.safe_load(params_yaml.read_text()) or {}
+    names = []
+    for name, spec in stages.items():
+        over = spec.get("foreach") if isinstance(spec, dict) else None
+        if over is None:
+            names.append(name)
+            continue
+        items = over
+        if isinstance(over, str) and over.startswith("${") and over.endswith("}"):
+            items = params
+            for key in over[2:-1].split("."):
+                items = items.get(key, {}) if isinstance(items, dict) else {}
+        names += [f"{name}@{item}" for item in (items if isinstance(items, (dict, list)) else [])]
+    return names
+
+
+def _check_pipeline_args(target: str | None, set_params: list[str]) -> None:
+    """Fail at once, before any server starts, on a target that is no stage or a --set without '='."""
+    for item in set_params:
+        if "=" not in item:
+            _fail(f"--set {item!r}: expected KEY=VALUE, e.g. distill.train.lr=0.001")
+    if target is None or set_params or ":" in target or "/" in target or not Path("dvc.yaml").is_file():
+        return  # a dvc.yaml path, a path:stage target, or stages an experiment's --set may add: DVC checks it
+    names = dvc_stage_names(Path("dvc.yaml"), Path("params.yaml"))
+    if target not in names and target not in {n.split("@")[0] for n in names}:
+        import difflib
+
+        close = difflib.get_close_matches(target, names, n=3)
+        _fail(f"no dvc.yaml stage {target!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+              + f" (stages: {', '.join(names)})")
+
+
 @contextlib.contextmanager
 def _api_for_workers(p, name: Stage):
     """Dask workers report their task runs to the flow's Prefect API: without a configured server each
@@ -294,6 +332,7 @@ def pipeline(
 
     _setup_logging()
     p = _load_params(Path("params.yaml"))
+    _check_pipeline_args(target, set_params)
     home = Path(os.environ["PREFECT_HOME"])
     started = time.perf_counter()
     code = 0

@@ -36,6 +36,28 @@ def test_expert_cli_without_tasks_says_what_to_do(tmp_path):
     assert "task manifest not found" in result.stderr and "--generate" in result.stderr
 
 
+def test_a_pipeline_target_that_is_no_stage_fails_at_once_with_the_names_that_are(tmp_path, monkeypatch):
+    """Before the lock, the servers and DVC (which would fail after a minute, retried): the stage names come from
+    dvc.yaml with each foreach expanded over params.yaml; a --set without '=' is refused the same way."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app, dvc_stage_names
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(repo / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    names = dvc_stage_names(tmp_path / "dvc.yaml", tmp_path / "params.yaml")
+    assert {"tasks", "evaluate_teacher", "distill@sad", "evaluate@token_kd", "scale@xs", "report"} <= set(names)
+    result = CliRunner().invoke(app, ["pipeline", "evalute_teacher"])
+    assert result.exit_code == 2 and "no dvc.yaml stage 'evalute_teacher'; did you mean evaluate_teacher" in result.output
+    result = CliRunner().invoke(app, ["pipeline", "--set", "distill.train.lr"])
+    assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
+    assert not (tmp_path / ".retrain.lock").exists()  # refused before the single-flight lock
+
+
 @pytest.mark.slow
 def test_env_benchmark_prints_reset_time_and_steps_per_second(tmp_path):
     out = _run("bench", "envs", "--env", "hotpotqa", "--env", "webshop", "--n", "10", "--json", cwd=tmp_path)
