@@ -457,7 +457,9 @@ def registry_rollback(params: Path = typer.Option(Path("params.yaml"), help="par
 def schedule(
     cron: str | None = typer.Option(None, help="cron expression (default: retrain.cron in params.yaml)"),
     name: str = typer.Option("scheduled", help="deployment name (the flow is 'retrain')"),
-    params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameter file: the project's params.yaml, which the "
+                                "stages read too (another file would gate and register under other settings than "
+                                "the students were trained with)"),
 ) -> None:
     """Serve the retrain flow as a cron-scheduled deployment on the Prefect server at PREFECT_API_URL.
 
@@ -466,6 +468,10 @@ def schedule(
     Runs until interrupted (Ctrl-C); at most one retrain runs at a time.
     """
     _setup_logging()
+    if params.resolve() != (Path.cwd() / "params.yaml").resolve():
+        _fail(f"--params {params}: a scheduled retrain runs dvc repro, whose stages read ./params.yaml; its gates and "
+              "registration must read the same file. Change params.yaml (e.g. `sad profile NAME`), or serve the "
+              "schedule from the project folder that holds the other file as its params.yaml")
     p = _load_params(params)
     api = os.environ.get("PREFECT_API_URL")
     if not api:
