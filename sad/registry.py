@@ -165,16 +165,30 @@ def check_gates(candidate: Standing, champion: Standing | None, gates: RegisterP
     ok, line = _versus_champion(candidate, champion, gates, champion_per_task, source)
     passed &= ok
     reasons.append(line)
-    drops = {env: champion.env_success[env] - value for env, value in candidate.env_success.items()
-             if env in champion.env_success and champion.env_success[env] - value > gates.max_env_regression + 1e-12}
+    theirs_by_env, basis = champion.env_success, ""
+    if champion_per_task and metric == "success_rate":  # replayed on the candidate's tasks: compare env by env there
+        theirs_by_env = env_means({t: champion_per_task[t] for t in candidate.per_task if t in champion_per_task})
+        basis = f" ({source} on the candidate's tasks)"
+    elif champion_per_task:
+        basis = " (the champion's stored per-environment success: its replay measured the gate metric only)"
+    drops = {env: theirs_by_env[env] - value for env, value in candidate.env_success.items()
+             if env in theirs_by_env and theirs_by_env[env] - value > gates.max_env_regression + 1e-12}
     if drops:
         passed = False
         reasons.append("FAIL environments regress beyond register.max_env_regression " + str(gates.max_env_regression)
-                       + ": " + ", ".join(f"{env} -{d:.3f}" for env, d in sorted(drops.items())))
+                       + basis + ": " + ", ".join(f"{env} -{d:.3f}" for env, d in sorted(drops.items())))
     else:
         reasons.append(f"PASS no environment's success drops by more than register.max_env_regression "
-                       f"{gates.max_env_regression}")
+                       f"{gates.max_env_regression}{basis}")
     return passed, reasons
+
+
+def env_means(per_task: dict[str, float]) -> dict[str, float]:
+    """{env: mean value} of per-task values keyed by task ids of the form ``<env>/<split>/<n>``."""
+    by_env: dict[str, list[float]] = {}
+    for task_id, value in per_task.items():
+        by_env.setdefault(task_id.split("/", 1)[0], []).append(value)
+    return {env: sum(values) / len(values) for env, values in by_env.items()}
 
 
 def weights_hash(model_dir: Path) -> str:

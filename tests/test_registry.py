@@ -114,6 +114,22 @@ def test_an_environment_regressing_beyond_the_tolerance_blocks_promotion():
     assert check_gates(cand, champ, RegisterParams(max_env_regression=0.15))[0]
 
 
+def test_a_replayed_champion_is_compared_env_by_env_on_the_candidates_tasks_not_its_stored_ones():
+    """The champion's stored results came from other tasks (tasks.dev changed): its replay on the candidate's
+    tasks decides the per-environment regression gate too, not only the paired significance gate."""
+    tasks = [f"{env}/dev/{i:05d}" for env in ("alfworld", "webshop") for i in range(10)]
+    mine = dict(zip(tasks, [1.0] * 2 + [0.0] * 8 + [1.0] * 9 + [0.0]))  # alfworld 0.2, webshop 0.9
+    cand = standing(0.55, 0.55, {"alfworld": 0.2, "webshop": 0.9}, per_task=mine)
+    champ = standing(0.5, 0.5, {"alfworld": 0.6, "webshop": 0.4})  # stored on other tasks
+    replayed = dict(zip(tasks, [1.0] * 2 + [0.0] * 8 + [0.0] * 10))  # there: alfworld 0.2, webshop 0.0
+    gates = RegisterParams(min_improvement=0.0, max_env_regression=0.05)
+    ok, reasons = check_gates(cand, champ, gates, replayed, "replayed")
+    assert ok and reasons[-1].startswith("PASS no environment") and "replayed on the candidate's tasks" in reasons[-1]
+    worse_there = dict(replayed, **{f"alfworld/dev/{i:05d}": 1.0 for i in range(2, 6)})  # champion alfworld 0.6 there
+    ok, reasons = check_gates(cand, champ, gates, worse_there, "replayed")
+    assert not ok and "alfworld -0.400" in reasons[-1]
+
+
 def test_a_champion_gated_on_another_metric_is_not_compared():
     ok, reasons = check_gates(standing(metric="dev_ce"), standing(), RegisterParams(gate_metric="dev_ce"))
     assert not ok and any("not comparable" in r for r in reasons)
