@@ -81,6 +81,7 @@ def expert_labelled_episodes(episode: Episode, task: Task, tasks_root: Path, lim
     context). Replay stops where the expert gives up or the environment no longer answers as it did."""
     from sad.environments import get_benchmark
     from sad.metrics import action_agrees
+    from sad.rollout import expert_overruled
 
     bench = get_benchmark(task.env)
     env, expert = bench.make_env(True), bench.make_expert()
@@ -95,6 +96,7 @@ def expert_labelled_episodes(episode: Episode, task: Task, tasks_root: Path, lim
         except ExpertGaveUp:
             break
         if not action_agrees(step.action, label):
+            expert_overruled(expert)  # the student's action runs below, not the label
             context = [replace(x, imitate=False) for x in episode.steps[:s]]
             target = Step(thought=step.thought, action=label, observation="", imitate=True)
             out.append(replace(episode, episode_id=f"{episode.episode_id}:label{s}", steps=[*context, target],

@@ -411,6 +411,15 @@ class _Shadowed:
     step_ids: list[list[int]] = field(default_factory=list)
 
 
+def expert_overruled(expert) -> None:
+    """Tell ``expert`` that the action its last ``act`` proposed did not run (another agent's did), so that its
+    plan does not skip that step (HotPotQA: a search never made; WebShop: a query never sent). Experts that
+    re-plan from each observation alone (ALFWorld) have nothing to undo."""
+    undo = getattr(expert, "overruled", None)
+    if undo is not None:
+        undo()
+
+
 def _expert_finishes(slot: _Shadowed) -> Episode:
     """The expert plays ``slot``'s episode from its current state to the end; its steps carry the loss."""
     obs, episode = slot.obs, slot.episode
@@ -485,6 +494,7 @@ def play_takeover(tasks: list[Task], tasks_root: Path, agent: LMAgent, max_token
             deviates = not (parsed.has_action and action_agrees(parsed.action, action))
             if deviates:
                 thought, action = parsed.thought, parsed.action
+                expert_overruled(slot.expert)
             slot.obs = slot.env.step(action)
             step = Step(thought=thought, action=action, observation=slot.obs.text, valid=slot.obs.valid and not
                         (deviates and not parsed.has_action), imitate=not deviates)

@@ -197,3 +197,47 @@ def test_dagger_rounds_play_consecutive_blocks_of_train_tasks_from_first_block(t
     q = parse_params({"tasks": p.tasks.model_dump(), "distill": {"student_layers": None},
                       "teacher": {"source": None, "finetune": True, "dagger": {**dagger, "first_block": 1}}})
     assert [t.task_id for t in dagger_tasks(q, 0)] == ids[1]
+
+
+def test_an_overruled_expert_still_makes_the_move_whose_action_never_ran(task_root):
+    """Takeover and DAgger labels ask the expert at each state, then run the student's action instead of the
+    expert's where they differ: the expert must not believe its own action ran (HotPotQA once skipped a hop and
+    quoted the student's page as evidence; WebShop counted a query never sent as tried)."""
+    from sad.environments import get_benchmark
+    from sad.rollout import expert_overruled
+
+    bench = get_benchmark("hotpotqa")
+    for task in load_tasks(task_root, "hotpotqa", "train"):  # the first question with two pages to search
+        env, expert = bench.make_env(True), bench.make_expert()
+        obs = env.reset(task, task_root)
+        expert.reset(task, obs)
+        searches = [arg for verb, arg in expert._plan if verb == "search"]
+        if len(searches) >= 2:
+            break
+    first, second = searches[:2]
+    assert expert.act(obs)[1] == f"search[{first}]"
+    expert_overruled(expert)
+    obs = env.step(f"search[{second}]")  # the student searched the other page first
+    thought, action = expert.act(obs)
+    assert action == f"search[{first}]" and "Next I need" not in thought  # nothing quoted from the student's page
+    expert_overruled(expert)
+    obs = env.step(f"search[{first[:-1]}]")  # then misspelled it
+    thought, action = expert.act(obs)
+    assert action == f"search[{first}]" and thought.startswith("There is no page named")
+    done = [action]
+    while not obs.done:
+        obs = env.step(action)
+        if obs.done:
+            break
+        action = expert.act(obs)[1]
+        done.append(action)
+    assert obs.success and f"search[{second}]" in done  # every hop made, the answer right
+
+    bench = get_benchmark("webshop")
+    task = load_tasks(task_root, "webshop", "train")[0]
+    env, expert = bench.make_env(True), bench.make_expert()
+    start = env.reset(task, task_root)
+    expert.reset(task, start)
+    proposed = expert.act(start)
+    expert_overruled(expert)
+    assert expert.searches == [] and expert.act(start) == proposed  # the query still untried

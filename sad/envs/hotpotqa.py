@@ -262,6 +262,7 @@ class HotpotExpert:
         pages: dict[str, list[str]] = gold["pages"]
         self._evidence: list[str] = []
         self._last_target: str | None = None
+        self._proposed: tuple[str, str] | None = None  # the plan step the last act() proposed
         plan: list[tuple[str, str]] = []
         titles: list[str] = []
         for title, _ in self.question["supporting_facts"]:
@@ -280,8 +281,14 @@ class HotpotExpert:
         missed = re.match(r"Could not find (.*?)\. Similar: ", obs.text)
         if missed and self._last_target is not None:  # a mistyped search (injected mistake): search the exact title
             target = self._last_target
+            self._proposed = ("search", target)
             return (f"There is no page named {missed.group(1)}. I need to search the exact title {target}.",
                     f"search[{target}]")
+        if missed and self._plan and self._plan[0][0] == "search":  # another's mistyped search (overruled)
+            self._proposed = self._plan.pop(0)
+            self._last_target = self._proposed[1]
+            return (f"There is no page named {missed.group(1)}. I need to search the exact title {self._last_target}.",
+                    f"search[{self._last_target}]")
         if self._last_target is not None and obs.valid:
             self._evidence.append(_evidence_sentence(obs.text, self.question))
         if not self._plan:
@@ -289,9 +296,10 @@ class HotpotExpert:
             comparison = self.question.get("type") == "comparison"
             facts = " ".join(self._evidence if comparison else self._evidence[-1:])
             thought = f"{facts} So the answer is {answer}." if facts else f"The answer is {answer}."
-            self._last_target = None
+            self._last_target, self._proposed = None, None
             return thought, f"finish[{answer}]"
         verb, arg = self._plan.pop(0)
+        self._proposed = (verb, arg)
         if verb == "search":
             if not self._evidence:
                 thought = f"I need to search {arg} to answer the question."
@@ -301,6 +309,13 @@ class HotpotExpert:
             thought = f"The first sentences of this page do not say it. I need to look up {arg}."
         self._last_target = arg
         return thought, f"{verb}[{arg}]"
+
+    def overruled(self) -> None:
+        """The action the last :meth:`act` proposed did not run; another's did (a student's, in takeover and
+        DAgger labels): its plan step is still to do, and the next observation is no evidence for it."""
+        if self._proposed is not None:
+            self._plan.insert(0, self._proposed)
+        self._proposed, self._last_target = None, None
 
 
 def _evidence_sentence(observation: str, question: dict[str, Any]) -> str:

@@ -548,6 +548,7 @@ class WebShopExpert:
     # ---------------------------------------------------------------- acting
 
     def act(self, obs: Observation) -> tuple[str, str]:
+        self._before_proposal = (len(self.searches), self.opened)
         info, goal = obs.info, obs.info["goal"]
         page = info["page"]
         clickable = {a[len("click["):-1].lower() for a in obs.admissible or []}
@@ -565,6 +566,14 @@ class WebShopExpert:
             self.reading = None
             return ("I have read its details. I'll go back to the item.", "click[< Prev]")
         return self._check_item(goal, obs, clickable)
+
+    def overruled(self) -> None:
+        """The action the last :meth:`act` proposed did not run; another's did (a student's, in takeover and
+        DAgger labels): forget what proposing it assumed (a search made, an item opened, a detail page to be
+        read); what the pages showed (fitting items, words read, rejections) stays known."""
+        searches, opened = getattr(self, "_before_proposal", (len(self.searches), self.opened))
+        del self.searches[searches:]
+        self.opened, self.reading = opened, None
 
     def _remembered(self) -> tuple[str, str, int] | None:
         """The first fully fitting item seen on a results page and not rejected: ``(asin, query, page)``."""
