@@ -82,7 +82,11 @@ def _piece_token_ranges(tok: TokenizedEpisode) -> list[tuple[int, int]]:
 
 def _step_chunks(step_lengths: list[int], prompt_len: int, max_tokens: int, history_steps: int) -> list[list[int]]:
     """Group step indices into chunks that carry the loss: at most ``history_steps + 1`` steps
-    (no limit for 0) whose tokens fit after the prompt."""
+    (no limit for 0) whose tokens fit after the prompt. A chunk after the first keeps room for the step
+    before it, whole where prompt, that step and its own first step fit together: at play an agent always
+    sees its latest step (thought, action, the observation its next thought reacts to), and a window
+    packed to the brim would give its first step a head of the previous thought at most (13% of the loss
+    steps of the default's teacher rollouts, 2026-12-06)."""
     chunks: list[list[int]] = []
     current: list[int] = []
     used = prompt_len
@@ -90,7 +94,7 @@ def _step_chunks(step_lengths: list[int], prompt_len: int, max_tokens: int, hist
         full = history_steps > 0 and len(current) > history_steps
         if current and (used + length > max_tokens or full):
             chunks.append(current)
-            current, used = [], prompt_len
+            current, used = [], prompt_len + min(step_lengths[s - 1], max(0, max_tokens - prompt_len - length))
         current.append(s)
         used += length
     if current:

@@ -102,6 +102,23 @@ def test_wrong_columns_fail_the_schema():
         validate(df, WindowSchema, "windows")
 
 
+def test_every_later_window_shows_its_first_step_the_whole_step_before_it_as_at_play(tokenizer):
+    """At play an agent always sees its latest step whole (the observation its next thought reacts to): a
+    window packed to the brim gave the first step of every later window at most a head of that step."""
+    from sad.react import step_pieces
+
+    ep = _episode(n_steps=30)
+    windows, _ = episode_windows(ep, tokenizer, max_tokens=160)
+    prompt = tokenizer.encode(ep.prompt)
+    assert len(windows) > 2
+    for w in windows[1:]:
+        first = next(i for i, (r, a) in enumerate(zip(w["reason_mask"], w["act_mask"], strict=True)) if r or a)
+        context = tokenizer.decode(w["input_ids"][len(prompt):first])
+        loss_step = next(k for k, st in enumerate(ep.steps) if tokenizer.decode(w["input_ids"][first:]).startswith(
+            "".join(t for _, t in step_pieces(st))[:40]))
+        assert context.endswith("".join(t for _, t in step_pieces(ep.steps[loss_step - 1]))), (w["window"], context)
+
+
 def test_a_window_after_a_long_step_keeps_that_steps_head_as_at_play(tokenizer):
     """History is never dropped wholesale: when the step before a window does not fit, its head is kept
     (thought and action first), exactly as sad.agent.fit_context keeps the latest step at play."""
