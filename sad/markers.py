@@ -171,6 +171,7 @@ def split_transcript(text: str, markers: str | MarkerSet = "react", episode_id: 
         inner = nested_re.search(line[match.end():]) if nested_re else None
         if inner:
             fail(line_no, f"nested marker {inner.group(0).strip()!r} inside a {kind.upper()} line")
+        starts_step = kind == "reason" or not pending_reason  # an ACT line after an observation is a new step
         if kind == "reason":
             if pending_reason and ms.act_after_reason:
                 fail(line_no, "two REASON lines in a row: the first has no ACT line")
@@ -182,7 +183,7 @@ def split_transcript(text: str, markers: str | MarkerSet = "react", episode_id: 
             pending_reason = False
         if ms.numbered:
             number = match.group(1)
-            if kind == "reason" or not numbers or numbers[-1] != number:
+            if starts_step or not numbers or numbers[-1] != number:
                 expected = str(len(numbers) + 1)
                 if number != expected:
                     fail(line_no, f"step number {number} out of order (expected {expected})")

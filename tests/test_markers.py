@@ -112,6 +112,10 @@ def test_hotpotqa_numbered_transcript_by_hand():
     assert [p.kind for p in pieces] == ["prompt", "reason", "act", "observation", "reason", "act"]
     assert text[pieces[2].start:pieces[2].end] == "Action 1: Search[Arthur's Magazine]\n"
     assert [p.step for p in pieces] == [-1, 0, 0, 0, 1, 1]
+    repeated = text.replace("Thought 2: It started in 1844.\nAction 2:", "Action 1: Search[Arthur's Magazine]\n"
+                            "Observation 1: The same page.\nThought 2: It started in 1844.\nAction 2:")
+    with pytest.raises(SegmentationError, match="step number 1 out of order"):  # a new step reusing number 1
+        split_transcript(repeated, "hotpotqa", "hp-2")
 
 
 def test_alfworld_think_lines_are_reason_and_commands_are_act():
