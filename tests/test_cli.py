@@ -58,6 +58,31 @@ def test_a_pipeline_target_that_is_no_stage_fails_at_once_with_the_names_that_ar
     assert not (tmp_path / ".retrain.lock").exists()  # refused before the single-flight lock
 
 
+def test_a_source_folder_no_stage_lists_as_a_dep_is_named_with_the_line_to_add(tmp_path, monkeypatch):
+    """dvc.yaml names the shipped folders; a heal or teacher folder of the user's own would not rerun its stage."""
+    import shutil
+
+    import yaml
+
+    from flows.cli import untracked_sources
+    from sad.config import load_params
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(repo / name, tmp_path / name)
+    for folder in ("assets/teacher", "assets/student_heal", "my/heal"):
+        (tmp_path / folder).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert untracked_sources(load_params(tmp_path / "params.yaml"), tmp_path / "dvc.yaml") == []  # the default
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    raw["distill"]["heal"]["source"] = "./my/heal/"
+    raw["teacher"]["source"] = "assets/teacher/"  # the same folder, spelt otherwise
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    lines = untracked_sources(load_params(tmp_path / "params.yaml"), tmp_path / "dvc.yaml")
+    assert len(lines) == 1 and lines[0].startswith("distill.heal.source: ./my/heal/ is not a dep of dvc.yaml stage "
+                                                  "'student_init'") and "add `- ./my/heal/` to its deps" in lines[0]
+
+
 @pytest.mark.slow
 def test_env_benchmark_prints_reset_time_and_steps_per_second(tmp_path):
     out = _run("bench", "envs", "--env", "hotpotqa", "--env", "webshop", "--n", "10", "--json", cwd=tmp_path)
