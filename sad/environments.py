@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +36,6 @@ def _counts(params: Params) -> dict[str, int]:
     return {"train": p.train, "dev": p.dev, "test": p.test}
 
 
-def _seeded_sample(items: list, k: int, seed: str, where: str) -> list:
-    if k > len(items):
-        raise ValueError(f"{where}: {len(items)} available, but the split asks for {k}")
-    return random.Random(seed).sample(items, k)
-
-
 def _alfworld_generate(params: Params, root: Path) -> dict[str, list[Task]]:
     from sad.envs import alfworld
 
@@ -53,7 +46,8 @@ def _alfworld_generate(params: Params, root: Path) -> dict[str, list[Task]]:
         out = {}
         for split, folder in alfworld.OFFICIAL_SPLITS.items():
             trials = alfworld.official_games(data, folder)
-            picked = _seeded_sample(trials, _counts(params)[split], f"alfworld:{p.seed}:{split}", str(data / folder))
+            picked = alfworld.pick_official_games(trials, _counts(params)[split], f"alfworld:{p.seed}:{split}",
+                                                  str(data / folder), tuple(p.alfworld.task_types))
             out[split] = [alfworld.copy_official_game(t, root, split, i, cap) for i, t in enumerate(picked)]
         return out
     games = alfworld.generate_games(

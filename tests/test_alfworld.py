@@ -3,6 +3,7 @@
 import json
 import random
 import re
+import shutil
 
 import pytest
 
@@ -165,6 +166,38 @@ def test_official_data_folder_goes_through_the_same_code_path(tmp_path):
     assert all(e.success for e in episodes)
 
 
+def test_official_trials_alfworld_skips_are_skipped_here_too(tmp_path):
+    """As ALFWorld's loader: movable-receptacle and sliced trials, task types not asked for, and games not
+    marked solvable are never picked; a trial without annotations is described by its game's goal sentence."""
+    from sad.config import parse_params
+    from sad.environments import write_tasks
+
+    data = _official_layout(tmp_path)
+    train = sorted((data / "train").glob("*/*"))
+    skipped = []
+    for name in ("pick_and_place_with_movable_recep-Mug-Pan-Desk-1",
+                 "pick_clean_then_place_in_recep-AppleSliced-None-Fridge-1"):
+        shutil.copytree(train[0].parent, data / "train" / name)  # a copy whose folder name ALFWorld skips
+        skipped += sorted((data / "train" / name).glob("*"))
+    unsolvable = train[1] / "game.tw-pddl"
+    unsolvable.write_text(json.dumps({**json.loads(unsolvable.read_text()), "solvable": False}))
+    other_type = json.loads((train[2] / "traj_data.json").read_text())["task_type"]
+    types = [t for t in alfworld.TASK_TYPES if t != other_type]
+    assert [alfworld.official_skip_reason(t, tuple(types)) for t in [*skipped, train[1], train[2]]] == [
+        "movable or sliced", "movable or sliced", "not marked solvable", "another task type"]
+    with pytest.raises(ValueError, match=r"train: 1 playable games of 5, but the split asks for 2 \(skipped as "
+                                         r"ALFWorld's loader does: 1 another task type, 2 movable or sliced, 1 not "
+                                         r"marked solvable"):
+        write_tasks(parse_params({"tasks": {"envs": ["alfworld"], "train": 2, "dev": 1, "test": 1, "alfworld": {
+            "official": str(data), "task_types": types}}}), tmp_path / "tasks")
+    traj = json.loads((train[0] / "traj_data.json").read_text())
+    traj.pop("turk_annotations", None)
+    (train[0] / "traj_data.json").write_text(json.dumps(traj))
+    task = alfworld.copy_official_game(train[0], tmp_path / "out", "train", 0)
+    grammar = json.loads((train[0] / "game.tw-pddl").read_text())["grammar"]
+    assert task.description and f"Your task is to: {task.description}." in grammar
+
+
 def test_official_folder_errors_name_the_missing_part(tmp_path):
     from sad.config import parse_params
     from sad.environments import write_tasks
@@ -172,7 +205,7 @@ def test_official_folder_errors_name_the_missing_part(tmp_path):
     data = _official_layout(tmp_path)
     params = parse_params({"tasks": {"envs": ["alfworld"], "train": 9, "dev": 1, "test": 1,
                                      "alfworld": {"official": str(data)}}})
-    with pytest.raises(ValueError, match=r"json_2.1.1/train: 3 available, but the split asks for 9"):
+    with pytest.raises(ValueError, match=r"json_2.1.1/train: 3 playable games of 3, but the split asks for 9"):
         write_tasks(params, tmp_path / "tasks")
     trial = next((data / "train").glob("*/*"))
     (trial / "traj_data.json").write_text("{not json")

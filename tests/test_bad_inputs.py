@@ -365,7 +365,7 @@ def _official_alfworld(project: Path, traj: str | None, split_dirs=("train", "va
     for split in split_dirs:
         trial = root / split / "pick_and_place_simple-Mug-None-Desk-1" / "trial_1"
         trial.mkdir(parents=True)
-        (trial / "game.tw-pddl").write_text("{}")
+        (trial / "game.tw-pddl").write_text(json.dumps({"solvable": True}))
         if traj is not None:
             (trial / "traj_data.json").write_text(traj)
     return {"tasks": {"envs": ["alfworld"], "train": 1, "dev": 1, "test": 1, "alfworld": {"official": str(root)}}}
@@ -391,8 +391,9 @@ OFFICIAL = [
      r"official/alfworld/valid_seen: ALFWorld split folder not found"),
     ("alfworld: traj_data not JSON", lambda pr: _official_alfworld(pr, "{half"), ValueError,
      r"trial_1/traj_data\.json: unreadable ALFWorld traj_data"),
-    ("alfworld: unknown task type", lambda pr: _official_alfworld(pr, json.dumps({"task_type": "make_coffee"})), ValueError,
-     r"trial_1/traj_data\.json: unknown task_type 'make_coffee'"),
+    ("alfworld: no playable game", lambda pr: _official_alfworld(pr, json.dumps({"task_type": "make_coffee"})), ValueError,
+     r"official/alfworld/train: 0 playable games of 1, but the split asks for 1 \(skipped as ALFWorld's loader "
+     r"does: 1 another task type"),
 ]
 
 

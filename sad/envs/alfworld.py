@@ -784,22 +784,67 @@ def official_games(data_dir: Path, folder: str) -> list[Path]:
     return sorted(p.parent for p in split_dir.glob("*/*/game.tw-pddl"))
 
 
+def _read_traj(trial: Path) -> dict[str, Any]:
+    traj_file = trial / "traj_data.json"
+    try:
+        traj = json.loads(traj_file.read_text())
+        traj["task_type"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{traj_file}: unreadable ALFWorld traj_data ({exc!r})") from None
+    return traj
+
+
+def official_skip_reason(trial: Path, task_types: tuple[str, ...] = TASK_TYPES) -> str | None:
+    """Why ALFWorld's own loader (``AlfredTWEnv.collect_game_files``) would not play this trial, or None:
+    a movable-receptacle or sliced-object trial, a task type not asked for, or a game not marked solvable."""
+    if "movable" in str(trial) or "Sliced" in str(trial):
+        return "movable or sliced"
+    if _read_traj(trial)["task_type"] not in task_types:
+        return "another task type"
+    game_file = trial / "game.tw-pddl"
+    try:
+        solvable = json.loads(game_file.read_text()).get("solvable")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{game_file}: unreadable ALFWorld game ({exc!r})") from None
+    return None if solvable is True else "not marked solvable"
+
+
+def pick_official_games(trials: list[Path], k: int, seed: str, where: str,
+                        task_types: tuple[str, ...] = TASK_TYPES) -> list[Path]:
+    """``k`` trials in a seeded order, skipping those ALFWorld's loader skips (:func:`official_skip_reason`);
+    only as many files are read as it takes to find them."""
+    order = list(trials)
+    random.Random(seed).shuffle(order)
+    picked: list[Path] = []
+    skipped: dict[str, int] = {}
+    for trial in order:
+        if len(picked) == k:
+            return picked
+        reason = official_skip_reason(trial, task_types)
+        if reason is None:
+            picked.append(trial)
+        else:
+            skipped[reason] = skipped.get(reason, 0) + 1
+    if len(picked) < k:
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none skipped"
+        raise ValueError(f"{where}: {len(picked)} playable games of {len(trials)}, but the split asks for {k} "
+                         f"(skipped as ALFWorld's loader does: {why}; task types asked for: {', '.join(task_types)})")
+    return picked
+
+
 def copy_official_game(trial: Path, root: Path, split: str, index: int, max_steps: int = MAX_STEPS) -> Task:
     """Copy one official trial into the tasks root (same layout) and return its manifest entry."""
     import shutil
 
-    traj_file = trial / "traj_data.json"
-    try:
-        traj = json.loads(traj_file.read_text())
-        task_type = traj["task_type"]
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise ValueError(f"{traj_file}: unreadable ALFWorld traj_data ({exc!r})") from None
+    traj = _read_traj(trial)
+    task_type = traj["task_type"]
     if task_type not in TASK_TYPES:
-        raise ValueError(f"{traj_file}: unknown task_type {task_type!r}")
+        raise ValueError(f"{trial / 'traj_data.json'}: unknown task_type {task_type!r}")
     anns = traj.get("turk_annotations", {}).get("anns", [])
     description = anns[0]["task_desc"] if anns else ""
-    if not description:
-        match = _TASK_RE.search((trial / "game.tw-pddl").read_text())
+    if not description:  # the goal sentence of the game's grammar (a JSON string inside the JSON file)
+        grammar = json.loads((trial / "game.tw-pddl").read_text()).get("grammar", "")
+        match = _TASK_RE.search(grammar)
         description = match.group(1) if match else task_type
     rel = Path(split) / trial.parent.name / trial.name
     dest = root / rel
