@@ -138,3 +138,19 @@ def test_no_question_is_asked_twice():
     assert len(questions) == len(set(questions)) == 1280
     pairs = [frozenset(t for t, _ in r["supporting_facts"]) for r in records if r["type"] == "comparison"]
     assert len(pairs) == len(set(pairs))  # "A or B?" and "B or A?" count as one question
+
+
+def test_official_splits_never_give_a_test_question_to_a_larger_train_split(tmp_path):
+    """Test questions come from the front of one seeded order and train from its back: the default's test
+    questions are in no train split of a larger profile on the same file."""
+    path = tmp_path / "hotpot_dev_distractor.json"
+    path.write_text(json.dumps(h.generate_questions(3, 300, distractors=2)))
+    small = h.official_splits(path, 0, {"train": 20, "dev": 5, "test": 20})
+    large = h.official_splits(path, 0, {"train": 250, "dev": 10, "test": 40})
+    ids = {name: {split: {r["_id"] for r in rs} for split, rs in splits.items()}
+           for name, splits in (("small", small), ("large", large))}
+    for splits in ids.values():
+        assert not (splits["train"] & splits["test"]) and not (splits["train"] & splits["dev"])
+        assert not (splits["dev"] & splits["test"])
+    assert [len(ids["small"][s]) for s in ("train", "dev", "test")] == [20, 5, 20]
+    assert not ids["small"]["test"] & ids["large"]["train"] and ids["small"]["test"] <= ids["large"]["test"]

@@ -188,9 +188,12 @@ def test_official_files_go_through_the_same_code_path(tmp_path):
 def test_bad_catalogue_names_the_file_and_product(tmp_path):
     folder = tmp_path / "cat"
     folder.mkdir()
-    (folder / w.PRODUCTS_FILE).write_text(json.dumps([{"asin": "B1", "name": "x"}]))
+    (folder / w.PRODUCTS_FILE).write_text(json.dumps([{"asin": "B1", "name": "x", "pricing": "call for price"}]))
     (folder / w.INSTRUCTIONS_FILE).write_text("{}")
-    with pytest.raises(ValueError, match=r"items_shuffle.json product #0: product lacks field\(s\) \['pricing'\]"):
+    with pytest.raises(ValueError, match=r"items_shuffle.json product #0: no price in 'call for price'"):
+        w.load_catalogue(str(folder))
+    (folder / w.PRODUCTS_FILE).write_text(json.dumps([{"pricing": "$3"}]))
+    with pytest.raises(ValueError, match=r"items_shuffle.json product #0: product lacks field\(s\) \['asin', 'name'\]"):
         w.load_catalogue(str(folder))
 
 
@@ -227,6 +230,39 @@ def _product(asin, query, name, pricing, options=None, bullets=()):
     return {"asin": asin, "category": "fashion", "query": query, "product_category": "Clothing, Shoes & Jewelry › Men",
             "name": name, "full_description": "", "pricing": pricing, "images": [], "small_description": list(bullets),
             "customization_options": {k: [{"value": v, "image": None} for v in vals] for k, vals in (options or {}).items()}}
+
+
+def test_official_records_are_read_as_webshop_reads_them(tmp_path):
+    """WebShop's load_products and get_human_goals: no price is $100, an option without values is left out, a
+    lone bullet-point string is one bullet point, a repeated asin keeps its first record, an instruction
+    without attributes is no goal, and the price bound follows the instruction without its full stop."""
+    shirt = _product("B01", "shirt", "Navy Cotton Shirt", "", options={"size": ["large"]},
+                     bullets=["soft cotton"])
+    shirt["small_description"] = "soft cotton shirt"
+    shirt["customization_options"]["color"] = None
+    again = {**_product("B01", "shirt", "Another Shirt", "$1.00")}
+    pants = _product("B02", "pants", "Grey Pants", "$20.00")
+    instructions = {"B01": [{"asin": "B01", "instruction": "i want a cotton shirt.", "instruction_attributes": ["cotton"],
+                             "instruction_options": ["large"]},
+                            {"asin": "B01", "instruction": "a shirt", "instruction_attributes": [],
+                             "instruction_options": []}],
+                    "B02": [{"asin": "B02", "instruction": "grey pants", "instruction_attributes": ["grey"],
+                             "instruction_options": []},
+                            {"asin": "B02", "instruction": "warm grey pants", "instruction_attributes": ["warm"],
+                             "instruction_options": []}],
+                    "B03": [{"asin": "B03", "instruction": "not listed", "instruction_attributes": ["x"]}]}
+    root, tasks = _official_shop(tmp_path, [shirt, again, pants], {}, instructions, counts=(1, 1, 1))
+    catalogue = w.load_catalogue(str(root / "webshop" / "catalogue"))
+    b01 = catalogue.products["B01"]
+    assert (b01.name, b01.price, b01.bullet_points, b01.options) == (
+        "Navy Cotton Shirt", w.DEFAULT_PRICE, ("soft cotton shirt",), {"size": ("large",)})
+    assert sorted(t.description.split(",")[0].rstrip(".") for t in tasks) == [
+        "grey pants", "i want a cotton shirt", "warm grey pants"]
+    assert [g.instruction.split(", and price")[0] for g in catalogue.goals["B01"]] == ["i want a cotton shirt"]
+    data = tmp_path / "webshop_data"
+    (data / "items_shuffle.json").write_text("[]")  # WebShop's full set beside its small one
+    with pytest.raises(ValueError, match=r"webshop_data: 2 product files \(items_shuffle.json, items_shuffle_1000.json\)"):
+        w.read_official(data)
 
 
 def _no_failed_action_twice(episode) -> bool:

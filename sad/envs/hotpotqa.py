@@ -526,15 +526,16 @@ def write_split(records: list[dict[str, Any]], root: Path, split: str, max_steps
 
 
 def official_splits(file: Path, seed: int, counts: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
-    """Disjoint seeded train/dev/test draws from one official HotPotQA file."""
+    """Disjoint seeded train/dev/test draws from one official HotPotQA file: in one seeded order, test from
+    its front, then dev, and train from its back (as WebShop's official goals), so a larger train split of
+    another profile never takes this profile's test questions while both fit in the file."""
     records = load_questions(file)
     need = sum(counts.values())
     if need > len(records):
         raise ValueError(f"{file}: {len(records)} questions, but the splits ask for {need} ({counts})")
     order = list(range(len(records)))
     random.Random(f"hotpotqa-official:{seed}").shuffle(order)
-    out, start = {}, 0
-    for split, k in counts.items():
-        out[split] = [records[i] for i in order[start:start + k]]
-        start += k
-    return out
+    k_test, k_dev, k_train = counts.get("test", 0), counts.get("dev", 0), counts.get("train", 0)
+    picks = {"test": order[:k_test], "dev": order[k_test:k_test + k_dev],
+             "train": order[::-1][:k_train]}
+    return {split: [records[i] for i in picks[split]] for split in counts}

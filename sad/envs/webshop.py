@@ -101,19 +101,28 @@ class Catalogue:
         return [self._order[i] for i in self._index.search(query, k)]
 
 
+DEFAULT_PRICE = 100.0  # WebShop's load_products: a product without a price costs $100
+
+
 def _product_from_record(rec: dict[str, Any], where: str) -> Product:
-    missing = [k for k in ("asin", "name", "pricing") if k not in rec]
+    """One product as WebShop's ``load_products`` reads it: no price is $100, an option without values is
+    left out, a lone bullet-point string is one bullet point."""
+    missing = [k for k in ("asin", "name") if k not in rec]
     if missing:
         raise ValueError(f"{where}: product lacks field(s) {missing}")
     options = {str(name).lower(): tuple(str(v["value"] if isinstance(v, dict) else v).lower() for v in values)
-               for name, values in (rec.get("customization_options") or {}).items()}
-    pricing = rec["pricing"]
-    price = _price(pricing[0] if isinstance(pricing, list) and pricing else pricing)
+               for name, values in (rec.get("customization_options") or {}).items() if values is not None}
+    pricing = rec.get("pricing")
+    try:
+        price = _price(pricing[0] if isinstance(pricing, list) else pricing) if pricing else DEFAULT_PRICE
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    bullets = rec.get("small_description") or []
     return Product(
         asin=str(rec["asin"]), name=str(rec["name"]), query=str(rec.get("query", "")),
         category=str(rec.get("category", "")), product_category=str(rec.get("product_category", "")),
         price=price, description=str(rec.get("full_description", "")),
-        bullet_points=tuple(str(b) for b in rec.get("small_description", []) or []),
+        bullet_points=tuple(str(b) for b in (bullets if isinstance(bullets, list) else [bullets])),
         attributes=tuple(str(a).lower() for a in rec.get("attributes", []) or []), options=options,
     )
 
@@ -146,7 +155,7 @@ def _read_catalogue(folder: str, stamp: tuple) -> Catalogue:
     products = {}
     for i, rec in enumerate(records):
         p = _product_from_record(rec, f"{products_file} product #{i}")
-        products[p.asin] = p
+        products.setdefault(p.asin, p)  # as WebShop: a repeated asin keeps its first record
     goals: dict[str, list[Goal]] = {}
     for asin, entries in instructions.items():
         if asin not in products:
@@ -184,7 +193,7 @@ def _price_bound(instruction: str, price: float, rng: random.Random) -> tuple[st
     if len(steps) < 2:
         return instruction, 1_000_000.0
     upper = sorted(rng.sample(steps, 2))[1]
-    return f"{instruction}, and price lower than {upper:.2f} dollars", upper
+    return f"{instruction.strip('.')}, and price lower than {upper:.2f} dollars", upper
 
 
 # --------------------------------------------------------------------------- reward (WebShop's)
@@ -899,6 +908,11 @@ def read_official(folder: Path) -> tuple[list[dict[str, Any]], dict[str, list[di
     ins_files = sorted(folder.glob("items_human_ins*.json"))
     if not products_files or not ins_files:
         raise FileNotFoundError(f"{folder}: expected items_shuffle*.json and items_human_ins*.json (WebShop's data/)")
+    attr_files = sorted(folder.glob("items_ins_v2*.json"))
+    for kind, found in (("product", products_files), ("human instruction", ins_files), ("attribute", attr_files)):
+        if len(found) > 1:  # e.g. WebShop's full items_shuffle.json beside its items_shuffle_1000.json
+            raise ValueError(f"{folder}: {len(found)} {kind} files ({', '.join(p.name for p in found)}); keep the "
+                             "one set to use (WebShop's small set: items_shuffle_1000.json, items_ins_v2_1000.json)")
     try:
         products = json.loads(products_files[0].read_text())
         instructions = json.loads(ins_files[0].read_text())
@@ -906,7 +920,6 @@ def read_official(folder: Path) -> tuple[list[dict[str, Any]], dict[str, list[di
         raise ValueError(f"{folder}: malformed WebShop JSON ({exc})") from None
     if not isinstance(products, list) or not isinstance(instructions, dict):
         raise ValueError(f"{folder}: expected a list of products and a dict asin -> instructions")
-    attr_files = sorted(folder.glob("items_ins_v2*.json"))
     if attr_files:  # WebShop keeps product attributes in a separate file
         try:
             attrs = json.loads(attr_files[0].read_text())
@@ -920,6 +933,11 @@ def read_official(folder: Path) -> tuple[list[dict[str, Any]], dict[str, list[di
         if not isinstance(rec, dict):
             raise ValueError(f"{products_files[0]}: product #{i} is not an object")
         _product_from_record(rec, f"{products_files[0]}: product #{i} ({rec.get('asin', '?')})")
-    known = {str(p.get("asin")) for p in products}
-    instructions = {a: es for a, es in instructions.items() if a in known}  # WebShop keeps only listed products
+    first = {}
+    for rec in products:  # as WebShop: a repeated asin keeps its first record
+        first.setdefault(str(rec.get("asin")), rec)
+    products, known = list(first.values()), set(first)
+    # as WebShop's get_human_goals: only listed products, and no instruction without attributes
+    instructions = {a: kept for a, es in instructions.items() if a in known
+                    and (kept := [e for e in es if not isinstance(e, dict) or e.get("instruction_attributes")])}
     return products, instructions
