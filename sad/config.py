@@ -7,6 +7,7 @@ params). Profiles (``profiles/<name>.yaml``) are partial overrides deep-merged o
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -522,11 +523,23 @@ class RegisterParams(_Strict):
 class RetrainParams(_Strict):
     """The retrain flow (``sad pipeline``, the scheduled deployment)."""
 
-    cron: str = Field("0 3 * * 0", min_length=9, description="schedule of the retraining deployment")
+    cron: str = Field("0 3 * * 0", description="schedule of the retraining deployment: five cron fields or a macro "
+                                               "(@hourly, @daily, @weekly, @monthly, @yearly); `sad schedule` checks it "
+                                               "fully with Prefect's cron parser")
     lock_timeout_s: float = Field(0.0, ge=0, description="wait this long for another retrain's lock, then refuse")
     retries: int = Field(1, ge=0, le=10, description="reruns of a failed dvc repro (DVC resumes from its cache)")
     retry_delay_s: float = Field(10.0, ge=0)
     dvc_remote: str | None = Field(None, description="push outputs to this DVC remote after a retrain (null: none)")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_shape(cls, v: str) -> str:
+        macros = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+        fields = v.split()
+        if v.strip() in macros or (len(fields) in (5, 6) and all(re.fullmatch(r"[0-9A-Za-z*/,?#-]+", f) for f in fields)):
+            return v
+        raise ValueError(f"{v!r} is no cron expression: five fields (minute hour day month weekday, e.g. '0 3 * * 0') "
+                         f"or one of {', '.join(sorted(macros))}")
 
 
 class WorkersParams(_Strict):
@@ -558,8 +571,15 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
-        if self.context.max_new_tokens >= self.context.max_tokens // 2:
-            raise ValueError("context.max_new_tokens must be less than half of context.max_tokens")
+        if 2 * self.context.max_new_tokens >= self.context.max_tokens:
+            raise ValueError(f"context.max_new_tokens ({self.context.max_new_tokens}) must be less than half of "
+                             f"context.max_tokens ({self.context.max_tokens}): the rest holds the prompt and history")
+        gate = self.registration.gate_metric
+        if gate.startswith("dev_") and self.distill.train.dev_fraction == 0:
+            raise ValueError(f"register.gate_metric {gate} is measured on held-out training windows, but "
+                             "distill.train.dev_fraction is 0: hold some out or gate on another metric")
+        if gate == "f1" and "hotpotqa" not in self.tasks.envs:
+            raise ValueError("register.gate_metric f1 is HotPotQA's answer F1, but tasks.envs has no hotpotqa")
         if "test" not in self.evaluate.splits or self.registration.gate_split not in self.evaluate.splits:
             raise ValueError(f"evaluate.splits must include 'test' and register.gate_split ({self.registration.gate_split!r})")
         if not self.distill.methods:

@@ -77,7 +77,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         _keep_mode(tmp, path)
         os.replace(tmp, path)
     finally:
@@ -93,7 +93,7 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     tmp = _tmp_sibling(path)
     n = 0
     try:
-        with tmp.open("w") as fh:
+        with tmp.open("w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 n += 1

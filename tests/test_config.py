@@ -157,3 +157,23 @@ def test_sad_ablations_are_recognised_for_their_paired_comparison_with_sad():
     assert not MethodParams(loss="sad").is_sad_ablation
     assert not MethodParams(loss="token_kd", curriculum=False).is_sad_ablation
     assert not MethodParams(loss="sad", lambda_act=0.0, onpolicy={"rounds": 1}).is_sad_ablation
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"register": {"gate_metric": "dev_ce"}, "distill": {"train": {"dev_fraction": 0.0}}},
+     "register.gate_metric dev_ce is measured on held-out training windows, but distill.train.dev_fraction is 0"),
+    ({"register": {"gate_metric": "f1"}, "tasks": {"envs": ["alfworld", "webshop"]}},
+     "register.gate_metric f1 is HotPotQA's answer F1, but tasks.envs has no hotpotqa"),
+    ({"context": {"max_tokens": 128, "max_new_tokens": 64}},
+     r"context.max_new_tokens \(64\) must be less than half of context.max_tokens \(128\)"),
+    ({"retrain": {"cron": "garbage!!"}}, r"'garbage!!' is no cron expression: five fields"),
+])
+def test_settings_that_would_fail_late_are_refused_at_once_with_the_keys_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params(override)
+
+
+def test_valid_settings_near_those_edges_pass():
+    assert parse_params({"context": {"max_tokens": 129, "max_new_tokens": 64}}).context.max_new_tokens == 64
+    for cron in ("@daily", "@weekly", "*/15 * * * *", "0 3 * * sun"):
+        assert parse_params({"retrain": {"cron": cron}}).retrain.cron == cron
