@@ -11,9 +11,10 @@ process with ``batch_size = b·n`` therefore takes the same steps as ``n`` proce
 ``batch_size = b``, up to float reduction order.
 
 Checkpoints (``checkpoint_every``) hold the weights (safetensors), the optimizer and
-scheduler state (loaded with ``weights_only=True``), the step and the precision it trains in; a
-rerun with the same fingerprint resumes there, in that precision, and ends with the same weights as
-an uninterrupted run.
+scheduler state (loaded with ``weights_only=True``), the step, the precision it trains in and the
+random state (dropout); a rerun with the same fingerprint resumes there, in that precision, and ends
+with the same weights as an uninterrupted run (with dropout under several processes, only rank 0's
+random state is kept: the others' dropout draws differ).
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ class TrainResult:
     dev: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
     precision: str = "fp32"  # what ran: "bf16" (autocast) or "fp32"
+    resumed_tokens: int = 0  # of ``tokens``, those trained before the checkpoint this run resumed from
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+        """Tokens this run trained on per second (a resumed run's earlier tokens took none of its seconds)."""
+        return (self.tokens - self.resumed_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -132,9 +135,10 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
     return batches
 
 
-def batch_plan(lengths: list[int], global_batch: int, n_batches: int, seed: int, world: int,
+def batch_plan(lengths: list[int], global_batch: int, n_batches: int, seed: int,
                curriculum_order: list[int] | None = None, curriculum: CurriculumParams | None = None) -> list[list[int]]:
-    """``n_batches`` global batches of window indices, identical on every process.
+    """``n_batches`` global batches of window indices, identical on every process and for any number of
+    processes (a batch with fewer windows than processes leaves some shards empty: see :func:`train_lm`).
 
     Without a curriculum: length-grouped shuffles, epoch after epoch. With one: batches drawn
     from the easiest share of ``curriculum_order`` under the pacing schedule.
@@ -147,9 +151,7 @@ def batch_plan(lengths: list[int], global_batch: int, n_batches: int, seed: int,
     plan: list[list[int]] = []
     epoch = 0
     while len(plan) < n_batches:
-        for b in length_grouped_batches(lengths, global_batch, seed + epoch):
-            if len(b) >= world:  # every process needs at least one window
-                plan.append(b)
+        plan.extend(length_grouped_batches(lengths, global_batch, seed + epoch))
         epoch += 1
     return plan[:n_batches]
 
@@ -243,15 +245,22 @@ def _trainable_state(model) -> dict[str, torch.Tensor] | None:
     return trainable if len(trainable) < len(params) else None
 
 
-def _load_trainable(model, weights: Path) -> None:
-    """Load a checkpoint holding only the trainable parameters; its keys must be exactly those."""
+def _checked_weights(model, weights: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, after checking that every one has a parameter or buffer of that name and shape
+    in ``model`` (so a mismatched checkpoint is refused before any weight is copied); with frozen weights (a
+    LoRA adapter) its keys must be exactly the trainable ones."""
     from safetensors.torch import load_file
 
     state = load_file(str(weights))
-    expected = set(_trainable_state(model) or {})
-    if set(state) != expected:
-        raise ValueError(f"it holds {len(state)} tensors, the model trains {len(expected)} others")
-    model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    trainable = _trainable_state(model)
+    if trainable is not None and set(state) != set(trainable):
+        raise ValueError(f"it holds {len(state)} tensors, the model trains {len(trainable)} others")
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape) if k in own else 'none'})"
+             for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{len(wrong)} tensor(s) do not fit the model, e.g. {wrong[0]}")
+    return state
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, tokens: int, history: list[dict],
@@ -271,9 +280,12 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, tokens
             save_model(model, str(tmp / CHECKPOINT_WEIGHTS))
         else:
             save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / CHECKPOINT_WEIGHTS))
+        rng = {"cpu": torch.get_rng_state()}  # dropout's draws go on where they stopped
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                     "tokens": tokens, "fingerprint": fingerprint, "history": json.dumps(history),
-                    "precision": precision},
+                    "precision": precision, "rng": rng},
                    tmp / CHECKPOINT_STATE)
 
 
@@ -323,16 +335,22 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, fingerprint: str)
     if state.get("fingerprint") != fingerprint:
         log.warning("checkpoint %s was made with other settings or data: starting from scratch", folder)
         return None
-    try:
-        if _trainable_state(model) is None:
-            load_model(model, str(weights))
-        else:
-            _load_trainable(model, weights)
+    try:  # checked before anything is copied: a refused checkpoint leaves the model as it was
+        tensors = _checked_weights(model, weights)
     except Exception as exc:  # noqa: BLE001
-        log.warning("checkpoint weights %s are unreadable (%s): starting from scratch", weights, exc)
+        log.warning("checkpoint weights %s are unreadable or do not fit (%s): starting from scratch", weights, exc)
         return None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    rng = state.get("rng") or {}
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    if _trainable_state(model) is None:
+        load_model(model, str(weights))  # handles the tied weights save_model wrote once
+    else:
+        model.load_state_dict(tensors, strict=False)
     return int(state["step"]), int(state["tokens"]), json.loads(state["history"])
 
 
@@ -397,6 +415,21 @@ def load_phase(folder: Path, model, key: str):
     return TrainResult(**saved)
 
 
+# Logged parts normalised by the global batch's token counts (they add up over micro-batches and processes);
+# the others (d_reason, d_act: this micro-batch's mean divergence per span kind) are averaged.
+GLOBAL_PARTS = frozenset({"ce", "kd", "ce_act"})
+
+
+def _global_parts(part_sums: dict[str, float], n_shards: float, accelerator) -> dict[str, float]:
+    """One optimizer step's logged parts over every micro-batch and process (a collective: every rank calls it).
+    ``part_sums`` holds this process's sums over its micro-batches, ``n_shards`` how many of them had windows."""
+    def total(value: float) -> float:
+        return float(accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "sum"))
+
+    shards = total(n_shards)
+    return {key: total(part_sums[key]) / (1.0 if key in GLOBAL_PARTS else max(shards, 1.0)) for key in sorted(part_sums)}
+
+
 def train_lm(
     model,
     windows: pd.DataFrame,
@@ -445,7 +478,7 @@ def train_lm(
     rank, world = accelerator.process_index, accelerator.num_processes
     global_batch = train.batch_size * world
     total_steps = max(1, math.ceil(train.epochs * len(rows) / (global_batch * train.grad_accum)))
-    plan = batch_plan([len(r["input_ids"]) for r in rows], global_batch, total_steps * train.grad_accum, train.seed, world,
+    plan = batch_plan([len(r["input_ids"]) for r in rows], global_batch, total_steps * train.grad_accum, train.seed,
                       curriculum_order, curriculum)
 
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -462,6 +495,7 @@ def train_lm(
         if restored:
             start_step, tokens, history = restored
             log.info("%s: resuming from the checkpoint at step %d of %d", desc, start_step, total_steps)
+    resumed_tokens = tokens
     model, optimizer = accelerator.prepare(model, optimizer)
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
@@ -480,9 +514,14 @@ def train_lm(
         counts = loss_token_counts([rows[i] for b in micro for i in b])
         counts = (float(counts[0]), float(counts[1]))
         step_loss = torch.zeros((), device=accelerator.device)
-        parts: dict[str, float] = {}
+        part_sums: dict[str, float] = {}
+        n_shards = 0.0
         for m, global_indices in enumerate(micro):
-            mine = [rows[i] for i in shard(global_indices, rank, world)]
+            mine_indices = shard(global_indices, rank, world)
+            # a batch with fewer windows than processes: an empty shard runs one window with no weight, so that
+            # every process takes part in the gradient sync and the plan stays that of one process
+            weight = 1.0 if mine_indices else 0.0
+            mine = [rows[i] for i in (mine_indices or global_indices[:1])]
             batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
             sync = m == len(micro) - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
@@ -497,8 +536,11 @@ def train_lm(
                             targets = teacher(input_ids=batch["input_ids"]).logits
                 loss, parts = method_loss(method, out.logits, batch, targets, counts=counts)
                 # DDP averages gradients over processes: scale so that they sum instead.
-                accelerator.backward(loss * world)
-            step_loss += loss.detach() * world
+                accelerator.backward(loss * (world * weight))
+            step_loss += loss.detach() * (world * weight)
+            n_shards += weight
+            for key, value in parts.items():
+                part_sums[key] = part_sums.get(key, 0.0) + value * weight
             tokens += sum(len(rows[i]["input_ids"]) for i in global_indices)
         accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
         optimizer.step()
@@ -507,8 +549,9 @@ def train_lm(
         done = step + 1
         if step % log_every == 0 or done == total_steps:
             last_loss = float(accelerator.reduce(step_loss, "mean"))
-            record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], **parts,
-                      "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9)}
+            record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                      **_global_parts(part_sums, n_shards, accelerator),
+                      "tokens_per_s": (tokens - resumed_tokens) / max(time.perf_counter() - started, 1e-9)}
             history.append(record)
             bar.set_postfix(loss=f"{last_loss:.3f}")
             if on_log and accelerator.is_main_process:
@@ -537,4 +580,5 @@ def train_lm(
     if ckpt is not None and finished and accelerator.is_main_process and ckpt.exists():
         shutil.rmtree(ckpt, ignore_errors=True)  # the finished model supersedes it
     return TrainResult(steps=total_steps, tokens=tokens, seconds=seconds, final_loss=last_loss, history=history,
-                       dev=dev_metrics, resumed_from=start_step, precision="bf16" if autocast == "bf16" else "fp32")
+                       dev=dev_metrics, resumed_from=start_step, precision="bf16" if autocast == "bf16" else "fp32",
+                       resumed_tokens=resumed_tokens)

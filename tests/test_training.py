@@ -245,6 +245,15 @@ def test_a_corrupt_or_foreign_checkpoint_is_ignored_not_half_used(windows, token
                      fingerprint="other-settings", progress=False)
     assert other.resumed_from == 0 and "other settings" in caplog.text
 
+    # the same settings' checkpoint from a model of another shape (two layers): refused before any weight is copied
+    train_lm(tiny_model_factory(hidden=16, layers=2, seed=3), w, method, train, tokenizer.pad_token_id,
+             checkpoint_dir=tmp_path / "deeper", fingerprint="f1", stop_after=3, progress=False)
+    model = tiny_model_factory(hidden=16, seed=2)
+    result = train_lm(model, w, method, train, tokenizer.pad_token_id, checkpoint_dir=tmp_path / "deeper",
+                      fingerprint="f1", progress=False)
+    assert result.resumed_from == 0 and "do not fit" in caplog.text
+    assert torch.equal(_weights(model), _weights(reference))
+
 
 def test_dev_split_holds_out_whole_episodes_and_dev_metrics_are_reported(windows, tokenizer, tiny_model_factory):
     from sad.training import split_dev
@@ -275,3 +284,75 @@ def test_right_padding_leaves_real_positions_unchanged_without_a_mask(tiny_model
         padded = model(input_ids=batch["input_ids"]).logits
         alone = model(input_ids=torch.tensor([[5, 6]])).logits
     assert torch.allclose(padded[1, :2], alone[0], atol=1e-5)
+
+
+def _lora_toy(dropout: float):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sad.config import LoraParams
+    from sad.pretrained import add_lora
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    return add_lora(model, LoraParams(r=4, alpha=8, dropout=dropout), 0)
+
+
+def _toy_windows(n: int = 16):
+    import random
+
+    import pandas as pd
+
+    rng, rows = random.Random(0), []
+    for i in range(n):
+        k = rng.randint(10, 20)
+        rows.append({"input_ids": [rng.randrange(4, 50) for _ in range(k)], "reason_mask": [0] * 3 + [1] * (k - 6) + [0] * 3,
+                     "act_mask": [0] * (k - 3) + [1] * 3, "episode_id": f"e{i}"})
+    return pd.DataFrame(rows)
+
+
+def test_a_resumed_run_with_dropout_ends_with_the_same_weights_and_counts_only_its_own_tokens_per_second(tmp_path):
+    """The checkpoint keeps the random state, so dropout draws go on where they stopped; the resumed run's
+    tokens/s counts the tokens it trained on, not those before its checkpoint."""
+    from sad.training import IMITATION
+
+    w, train = _toy_windows(), TrainParams(epochs=1, batch_size=2, lr=1e-2, precision="fp32", checkpoint_every=1)
+    straight = _lora_toy(0.3)
+    full = train_lm(straight, w, IMITATION, train, 0, progress=False, checkpoint_dir=tmp_path / "a", fingerprint="x")
+    train_lm(_lora_toy(0.3), w, IMITATION, train, 0, progress=False, checkpoint_dir=tmp_path / "b", fingerprint="x",
+             stop_after=4)
+    resumed_model = _lora_toy(0.3)
+    resumed = train_lm(resumed_model, w, IMITATION, train, 0, progress=False, checkpoint_dir=tmp_path / "b",
+                       fingerprint="x")
+    assert resumed.resumed_from == 4 and torch.equal(_weights(resumed_model), _weights(straight))
+    assert resumed.tokens == full.tokens and 0 < resumed.resumed_tokens < resumed.tokens
+    assert resumed.tokens_per_second == (resumed.tokens - resumed.resumed_tokens) / resumed.seconds
+
+
+def test_logged_parts_cover_the_whole_global_batch_whatever_the_accumulation():
+    """ce logged for a step is the step's loss (SFT), also when its windows come as 4 micro-batches (it used to be
+    the last micro-batch's alone, about a quarter of it)."""
+    from sad.training import IMITATION
+
+    w = _toy_windows(8)
+    logged = {}
+    for batch, accum in ((4, 1), (1, 4)):
+        records = []
+        train = TrainParams(epochs=1, batch_size=batch, grad_accum=accum, lr=1e-2, precision="fp32")
+        train_lm(_lora_toy(0.0), w, IMITATION, train, 0, progress=False, log_every=1,
+                 on_log=lambda step, record, out=records: out.append(record))
+        logged[(batch, accum)] = [(r["loss"], r["ce"]) for r in records if "ce" in r]
+    for loss, ce in logged[(1, 4)] + logged[(4, 1)]:
+        assert ce == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_batch_plan_is_the_same_for_any_number_of_processes_and_keeps_every_window():
+    """No window is dropped for a short last batch (it used to be, under several processes, and a plan with fewer
+    windows than processes never ended)."""
+    from sad.training import batch_plan, shard
+
+    plan = batch_plan(list(range(10, 19)), 4, 3, seed=0)
+    assert sorted(i for b in plan for i in b) == list(range(9))
+    few = batch_plan([5, 6, 7], 4, 2, seed=0)  # fewer windows than a global batch of 2 processes x 2
+    assert len(few) == 2 and all(sorted(b) == [0, 1, 2] for b in few)
+    assert [shard([8], r, 2) for r in range(2)] == [[8], []]  # an empty shard: train_lm runs it with no weight
