@@ -78,7 +78,8 @@ def model_source(spec: str) -> ModelSource:
         folder = snapshot_download(spec, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
     except Exception:  # noqa: BLE001 - not in the cache (offline, or never downloaded)
         raise ModelUnavailable(
-            f"{spec!r} is a Hugging Face Hub id that is not downloaded on this machine (the pipeline never "
+            f"{spec!r}: no such folder here ({Path(spec).resolve()}; run from the project's folder, or give "
+            f"an absolute path), nor a Hugging Face Hub id downloaded on this machine (the pipeline never "
             f"downloads at run time{'; HF_HUB_OFFLINE=1 is set' if os.environ.get('HF_HUB_OFFLINE') == '1' else ''}). "
             f"On a machine with Hub access run:  huggingface-cli download {spec} --local-dir models/hub/{spec.replace('/', '--')}  "
             f"and copy that folder here, then set the parameter to 'models/hub/{spec.replace('/', '--')}' "

@@ -93,13 +93,18 @@ def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any]
         raise ValueError(f"{target} holds the adapter this teacher was trained from (teacher.init), which its recipe "
                          f"needs: ship it elsewhere (--to), or copy {target} first (e.g. to {target}-v1, the same "
                          f"content hash {init.get('hash')}) and point teacher.init there")
+    adapter = teacher_dir / "adapter"
+    base = read_card(adapter).get("base") if adapter.is_dir() else None
+    if base and Path(base).expanduser().resolve() == Path(target).resolve():
+        raise ValueError(f"{target} holds this teacher's base model (teacher.source: {base}), which its adapter needs "
+                         f"to load: ship it elsewhere (--to), or copy {target} first (e.g. to {target}-v1) and point "
+                         "teacher.source there")
     profile = params_dump.get("project", {}).get("profile")
     card = {**trained, "role": "teacher", "parameters": count_parameters(model), "recipe": recipe(profile),
             "profile": profile, "commit": _git_commit(),
             "context": params_dump["context"], "train": params_dump["teacher"]["train"],
             "measured": measured_success(json.loads(eval_file.read_text())),
             "action_choice": params_dump.get("agent", {}).get("action_choice", "free")}
-    adapter = teacher_dir / "adapter"
     if adapter.is_dir():  # a LoRA teacher ships its adapter alone; loading merges it into the base
         card = {**read_card(adapter), **card}
         _ship_adapter(adapter, target, card, model_card_markdown(card))

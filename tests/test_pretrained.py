@@ -91,6 +91,9 @@ def test_a_hub_id_that_is_not_downloaded_says_what_to_download_and_where(monkeyp
     message = str(err.value)
     assert "huggingface-cli download openai-community/gpt2-xl --local-dir models/hub/openai-community--gpt2-xl" in message
     assert "never downloads at run time" in message
+    monkeypatch.chdir(tmp_path)  # a relative folder seen from another directory reads like a Hub id: both are said
+    with pytest.raises(ModelUnavailable, match=r"'assets/student_heal': no such folder here \(" + str(tmp_path)):
+        model_source("assets/student_heal")
 
 
 def test_missing_local_sources_are_named(tmp_path):

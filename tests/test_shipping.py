@@ -161,6 +161,9 @@ def test_a_lora_teacher_is_trained_shipped_as_its_adapter_used_as_it_is_and_trai
     files = sorted(f.name for f in (in_tmp / "assets" / "teacher").iterdir())
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "card.json"]
     assert shipped["base"] == str(base) and "LoRA adapter" in (in_tmp / "assets" / "teacher" / "README.md").read_text()
+    with pytest.raises(ValueError, match="holds this teacher's base model"):  # the adapter would lose what it adapts
+        ship_teacher(teacher_dir(p), eval_file, {"project": {}, "context": {}, "teacher": {"train": {}}}, base)
+    assert (base / "config.json").is_file()
 
     q = parse_params({"project": {"models_dir": "models2"}, "teacher": {"source": "assets/teacher", "finetune": False}})
     run_pretrained(q)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +211,8 @@ def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_window
     train = p.distill.train.model_copy(update={"seed": seed, "epochs": o.epochs})
     summaries, histories = [], []
     for r in range(o.rounds):
-        key = fingerprint(key, o.model_dump(), r, *mixed_from)
+        # how the student plays (agent.*, rollout.*) decides the round's episodes, so it is in the key too
+        key = fingerprint(key, o.model_dump(), r, *mixed_from, p.agent.model_dump(), p.rollout.model_dump())
         tasks = round_tasks(by_env, o.tasks, r)
         played = work / "episodes" / f"round-{r}.jsonl"
         key_file = work / "episodes" / f"round-{r}.key"
@@ -253,6 +257,12 @@ def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_window
     return summaries, histories
 
 
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="sad-distill-rank-") as folder:
+        yield Path(folder)
+
+
 def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> dict[str, Any]:
     """Train one student per seed with ``method``'s loss against the teacher (online or cached logits)."""
     import csv
@@ -267,7 +277,9 @@ def run_distill(p: Params, method: str, on_log=None, progress: bool = True) -> d
     curves: list[dict[str, Any]] = []
     finished = FinishedSeeds.for_stage(student_dir(p, method), p, teacher_dir(p), tokenizer_dir(p), student_init_dir(p),
                                        segments_dir(p), teacher_logits_dir(p), demos_file(p), tasks_root(p))
-    with atomic_dir(student_dir(p, method)) as tmp:
+    # only rank 0 writes the stage's output; the other processes of a multi-process run train into a scratch
+    # folder they throw away (committing theirs would replace the output with an empty folder)
+    with (atomic_dir(student_dir(p, method)) if is_main_process() else _scratch_dir()) as tmp:
         for seed in p.distill.seeds:
             log_seed = (lambda step, record, s=seed: on_log(step, {f"seed{s}/{k}": v for k, v in record.items()})) if on_log else None
             metrics, history = _train_student(p, inputs, p.distill.student, seed, tmp / f"seed{seed}", method,

@@ -111,10 +111,11 @@ def apply_heal_adapter(cut, folder: Path, keep: list[int], teacher: dict[str, An
     return PeftModel.from_pretrained(cut, str(folder)).merge_and_unload()
 
 
-def heal(p: Params, student, tokenizer, progress: bool = True) -> tuple[dict[str, Any], Any]:
+def heal(p: Params, student, tokenizer, keep: list[int], progress: bool = True) -> tuple[dict[str, Any], Any]:
     """Train ``student`` with CE on the expert's train demos (``distill.heal``): in place, or through a LoRA
     adapter (``distill.heal.lora``); dev loss on the expert's dev demos. Checkpoints under the stage's output
-    path, so a killed run resumes. Returns (metrics, the peft model to merge and keep, or None)."""
+    path, so a killed run resumes (only into the same cut: ``keep``, the teacher's layers it holds, is in the
+    checkpoint's key). Returns (metrics, the peft model to merge and keep, or None)."""
     from sad.segment import segment_episodes
     from sad.training import IMITATION, train_lm
 
@@ -133,7 +134,7 @@ def heal(p: Params, student, tokenizer, progress: bool = True) -> tuple[dict[str
                                            what=f"expert dev demos ({dev_demos_file(p)})").windows
     train = p.distill.train.model_copy(update={"epochs": h.epochs, "lr": h.lr, "precision": h.precision})
     key = fingerprint("heal", h.model_dump(), train.model_dump(), p.context.model_dump(), file_hash(demos_file(p)),
-                      list(p.distill.student_layers) if isinstance(p.distill.student_layers, list) else p.distill.student_layers,
+                      list(keep),
                       file_hash(teacher_dir(p) / "model.safetensors") if (teacher_dir(p) / "model.safetensors").is_file() else "")
     log.info("healing the student on %d expert demos (%d windows, %d tokens), %.3g epoch(s)%s", len(demos), len(windows),
              int(windows["n_tokens"].sum()), h.epochs, f", LoRA rank {h.lora.r}" if h.lora else "")
@@ -186,7 +187,7 @@ def run_student_init(p: Params, progress: bool = True) -> dict[str, Any]:
         metrics["heal"] = {"source": h.source, **{k: shipped[k] for k in ("recipe", "commit", "heal") if k in shipped}}
         log.info("student_init: the heal adapter %s merged into the cut (its recipe: %s)", h.source, shipped.get("recipe"))
     elif h.epochs > 0:
-        metrics["heal"], adapter = heal(p, student, tokenizer, progress)
+        metrics["heal"], adapter = heal(p, student, tokenizer, keep, progress)
     card = {"role": "student_init", "layers_from_teacher": keep, **read_pretrained_arch(student),
             "healed": "heal" in metrics, **({"heal": metrics["heal"]} if "heal" in metrics else {})}
     with atomic_dir(out) as tmp:

@@ -62,8 +62,9 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
 
         model = add_lora(model, p.teacher.lora, p.teacher.train.seed)
     data_hash = file_hash(demos_file(p))
+    # the tokenizer's files too: a checkpoint's embedding rows are ids of the tokenizer it was trained with
     base_fingerprint = fingerprint(p.teacher.model_dump(exclude={"dagger"}), p.context.model_dump(), data_hash,
-                                   file_hash(pretrained_dir(p) / "card.json"), init_hash)
+                                   file_hash(pretrained_dir(p) / "card.json"), init_hash, dir_hash(tokenizer_dir(p)))
 
     def imitation():
         return train_lm(model, train_w, IMITATION, p.teacher.train, tokenizer.pad_token_id, dev_windows=dev_w,
@@ -171,7 +172,8 @@ def dagger_rounds(p: Params, model, tokenizer, demos: list[Episode], imitation, 
         tasks = dagger_tasks(p, r)
         key = fingerprint(key, d.model_dump(), r, [t.task_id for t in tasks])
         played = round_dir / "takeover.jsonl"
-        if played.exists() and (round_dir / "key").read_text() == key:
+        key_file = round_dir / "key"  # written after the episodes: a run stopped between the two plays again
+        if played.exists() and key_file.is_file() and key_file.read_text() == key:
             takeover = read_episodes(played)
         else:
             log.info("dagger round %d: the teacher plays %d train tasks, the expert takes over at its first mistake",
