@@ -516,7 +516,7 @@ class RegisterParams(_Strict):
     min_improvement: float = Field(0.0, ge=0, description="the gate metric's paired difference to the champion must "
                                                           "have its confidence interval above this")
     confidence: float = Field(0.9, gt=0, lt=1, description="two-sided level of that bootstrap interval")
-    bootstrap: int = Field(2000, ge=100, le=1_000_000, description="bootstrap resamples of the paired difference")
+    bootstrap: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples of the paired difference")
     max_env_regression: float = Field(0.05, ge=0, le=1, description="largest allowed drop of any env's success rate")
 
 

@@ -41,6 +41,9 @@ class Standing:
 
     ``per_task`` holds the gate metric on each task of the split (task id -> value) when the metric
     is defined per task (:data:`PER_TASK_METRICS`): what makes a paired, significant comparison possible.
+    ``candidates``: how many students (methods x seeds) it was picked from as the best on that same split;
+    the comparison with the champion widens its interval for them (Bonferroni), since the best of several
+    equal students beats the champion by chance more often than one does.
     """
 
     gate_metric: str
@@ -50,6 +53,7 @@ class Standing:
     teacher_success_rate: float = 0.0
     invalid_action_rate: float = 0.0
     per_task: dict[str, float] = field(default_factory=dict)
+    candidates: int = 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -122,13 +126,17 @@ def _versus_champion(candidate: Standing, champion: Standing, gates: RegisterPar
         sign = 1.0 if higher else -1.0
         mine_values = [[sign * candidate.per_task[t] for t in tasks]]
         their_values = [[sign * theirs[t] for t in tasks]]
-        cmp = paired_comparison(mine_values, their_values, n_boot=gates.bootstrap, confidence=gates.confidence)
+        k = max(1, candidate.candidates)
+        confidence = 1.0 - (1.0 - gates.confidence) / k  # Bonferroni over the students the candidate was picked from
+        cmp = paired_comparison(mine_values, their_values, n_boot=gates.bootstrap, confidence=confidence)
         d = cmp.difference
         ok = d.low > gates.min_improvement
         verdict = "lies above" if ok else "does not lie above"
+        level = (f"{confidence:.1%} CI (register.confidence {gates.confidence:.0%} for the best of {k} students)"
+                 if k > 1 else f"{gates.confidence:.0%} CI")
         return ok, (f"{'PASS' if ok else 'FAIL'} significance: {metric} {candidate.gate_value:.4f} vs champion "
                     f"{champion.gate_value:.4f}: paired difference ({direction} is better) {d.mean:+.4f}, "
-                    f"{gates.confidence:.0%} CI [{d.low:+.4f}, {d.high:+.4f}] over {len(tasks)} tasks "
+                    f"{level} [{d.low:+.4f}, {d.high:+.4f}] over {len(tasks)} tasks "
                     f"(champion's results {source}), the interval {verdict} register.min_improvement {gates.min_improvement}")
     gain = (candidate.gate_value - champion.gate_value) * (1 if higher else -1)
     why = ("no per-task values for this metric" if metric not in PER_TASK_METRICS

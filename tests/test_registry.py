@@ -48,6 +48,23 @@ def test_a_first_candidate_needs_only_to_pass_the_floors():
     assert not ok and "FAIL floor invalid actions: 0.400 > register.max_invalid_action_rate 0.3" in reasons
 
 
+def test_the_best_of_several_students_needs_a_wider_interval_to_beat_the_champion():
+    """The candidate is the best of methods x seeds on the gate split: its interval is widened for them
+    (Bonferroni), so a win that is significant for one student may not be for the best of 21."""
+    import dataclasses
+
+    champ = paired([1, 0] * 10)
+    one = paired([1] * 14 + [0, 1, 0, 1, 0, 1])  # 17/20
+    lines = {}
+    for k in (1, 21):
+        ok, reasons = check_gates(dataclasses.replace(one, candidates=k), champ, GATES)
+        lines[k] = next(r for r in reasons if "significance" in r)
+    low = {k: float(line.split("[")[1].split(",")[0]) for k, line in lines.items()}
+    assert low[21] < low[1]
+    assert "99.5% CI (register.confidence 90% for the best of 21 students)" in lines[21]
+    assert "90% CI [" in lines[1] and "best of" not in lines[1]
+
+
 def test_a_zero_success_candidate_fails_the_success_floor_even_against_a_zero_teacher():
     ok, reasons = check_gates(standing(0.0, 0.0, teacher=0.0), None, RegisterParams())
     assert not ok

@@ -67,7 +67,8 @@ def run_select(p: Params) -> dict[str, Any]:
                         env_success={env: float(m["success_rate"]) for env, m in student["envs"].items()},
                         teacher_success_rate=float(teacher["success_rate"]),
                         invalid_action_rate=float(student["overall"]["invalid_action_rate"]),
-                        per_task=per_task_values(episodes, p.registration.gate_metric))
+                        per_task=per_task_values(episodes, p.registration.gate_metric),
+                        candidates=len(p.distill.methods) * len(p.distill.seeds))
     model_dir = student_dir(p, method, seed)
     card = {**read_card(model_dir), "method": method, "seed": seed, "gate_split": split}
     out = {"method": method, "seed": seed, "model_dir": str(model_dir), "weights_sha256": weights_hash(model_dir),
