@@ -166,6 +166,10 @@ def validate(df: pd.DataFrame, schema: type[pa.DataFrameModel], what: str) -> pd
         cases = getattr(exc, "failure_cases", None)
         lines = [f"{what}: {schema.__name__} failed"]
         if cases is not None and len(cases):
+            cases = cases.copy()
+            if "schema_context" in cases:  # a check of whole rows fails once per row, not once per column
+                cases.loc[cases["schema_context"] == "DataFrameSchema", "column"] = None
+                cases = cases.drop_duplicates(subset=[c for c in ("check", "column", "index") if c in cases])
             for (check, column), group in cases.groupby(["check", "column"], dropna=False, sort=False):
                 episodes = []
                 if "episode_id" in df.columns and "index" in group:

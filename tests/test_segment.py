@@ -92,8 +92,11 @@ def test_overlapping_spans_fail_the_schema_naming_the_episode():
 def test_non_disjoint_masks_fail_the_window_schema():
     df = pd.DataFrame([{"episode_id": "ep-9", "window": 0, "success": True, "n_tokens": 3,
                         "input_ids": [1, 2, 3], "reason_mask": [0, 1, 1], "act_mask": [0, 0, 1]}])
-    with pytest.raises(SchemaViolation, match="ep-9"):
+    with pytest.raises(SchemaViolation, match="ep-9") as err:
         validate(df, WindowSchema, "windows")
+    # a check of whole rows: one line for the one bad row, not one per column
+    assert str(err.value).splitlines()[1:] == [
+        "  - check masks must be binary and disjoint (m_r + m_a <= 1) in episode(s) ep-9: 1 failure(s)"]
 
 
 def test_wrong_columns_fail_the_schema():

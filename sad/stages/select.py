@@ -24,8 +24,16 @@ def _seed_gate_values(p: Params, method: str, result: dict[str, Any]) -> dict[st
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (run 'sad stage distill --method {method}' first)")
         seeds = json.loads(path.read_text())["seeds"]
+        missing = sorted(s for s, v in seeds.items() if metric not in v)
+        if missing:
+            raise ValueError(f"{path}: seed(s) {', '.join(missing)} have no {metric} (no held-out windows: "
+                             "distill.train.dev_fraction too small for these windows); gate on another metric")
         return {s: float(v[metric]) for s, v in seeds.items()}
     if metric in ("cot_match_rate", "action_agreement"):
+        if "agreement" not in result:
+            raise ValueError(f"register.gate_metric is {metric}, but {method}'s evaluation has no agreement with the "
+                             "teacher (the teacher's test episodes were missing when it ran): run evaluate_teacher, "
+                             f"then `sad stage evaluate --agent {method}`")
         return {s: float(v[metric]) for s, v in result["agreement"]["seeds"].items()}
     if metric == "step_accuracy":
         if "step_accuracy" not in result:
