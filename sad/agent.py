@@ -407,7 +407,7 @@ def forced_items(tokenizer, episodes: list[Episode], budget: int, history_steps:
 
     items = []
     for ep in episodes:
-        prompt_ids = tokenizer.encode(ep.prompt)
+        prompt_ids = tokenizer.encode(ep.prompt, add_special_tokens=False)
         step_ids: list[list[int]] = []
         for i, step in enumerate(ep.steps):
             if step.imitate or not imitated_only:
@@ -415,5 +415,5 @@ def forced_items(tokenizer, episodes: list[Episode], budget: int, history_steps:
                 items.append({"env": ep.env, "episode_id": ep.episode_id, "task_id": ep.task_id, "step": i,
                               "thought": step.thought, "action": step.action,
                               "context": fit_context(prompt_ids, history, budget, evict_to)})
-            step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
+            step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step)), add_special_tokens=False))
     return items

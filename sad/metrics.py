@@ -69,7 +69,7 @@ def summarize(episodes: list[Episode], tokenizer) -> dict[str, float]:
       replaced (``agent.action_choice: repair``): the invalid-action rate free choice would have had there;
     * ``stuck_stop_rate`` - share of episodes ended early after failed steps in a row, where that stop was on.
     """
-    thoughts = [len(tokenizer.encode(s.thought)) if s.thought else 0 for ep in episodes for s in ep.steps]
+    thoughts = [len(tokenizer.encode(s.thought, add_special_tokens=False)) if s.thought else 0 for ep in episodes for s in ep.steps]
     per_episode = []
     i = 0
     for ep in episodes:

@@ -239,8 +239,8 @@ def choose_admissible(agent: LMAgent, context: list[int], parsed: ParsedOutput, 
     """The admissible action the model finds most likely after ``context`` and its own generated thought
     (skipping those ``avoid`` names, unless it names them all)."""
     tok = agent.tokenizer
-    prefix = context + tok.encode(reason_piece(parsed.thought))
-    scores = agent.score_continuations(prefix, [tok.encode(act_piece(a)) for a in admissible])
+    prefix = context + tok.encode(reason_piece(parsed.thought), add_special_tokens=False)
+    scores = agent.score_continuations(prefix, [tok.encode(act_piece(a), add_special_tokens=False) for a in admissible])
     allowed = [i for i in range(len(admissible)) if avoid is None or not avoid(admissible[i])] or list(range(len(admissible)))
     best = max(allowed, key=scores.__getitem__)
     return ParsedOutput(thought=parsed.thought, action=admissible[best], has_action=True)
@@ -336,7 +336,7 @@ def play_agent(
         env = pool.pop() if pool else get_benchmark(task.env).make_env(False)
         obs = env.reset(task, tasks_root)
         prompt = prompt_piece(task.env, obs.text)
-        slots[index] = _Slot(task, env, _new_episode(task, agent_name, prompt), tokenizer.encode(prompt),
+        slots[index] = _Slot(task, env, _new_episode(task, agent_name, prompt), tokenizer.encode(prompt, add_special_tokens=False),
                              admissible=obs.admissible)
 
     while queue or slots:
@@ -378,7 +378,7 @@ def play_agent(
                         valid=obs.valid and parsed.has_action, generated_tokens=gen.n_tokens, latency_s=gen.seconds,
                         repaired_from=repaired_from)
             slot.episode.steps.append(step)
-            slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
+            slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step)), add_special_tokens=False))
             stuck = bool(stop_after_failures) and not obs.done and \
                 trailing_unproductive(slot.episode.steps) >= stop_after_failures
             if obs.done or stuck or slot.episode.n_steps >= slot.env.max_steps:
@@ -473,7 +473,7 @@ def play_takeover(tasks: list[Task], tasks_root: Path, agent: LMAgent, max_token
             expert.reset(task, obs)  # type: ignore[attr-defined]
             prompt = prompt_piece(task.env, obs.text)
             slots[index] = _Shadowed(task, env, expert, _new_episode(task, "takeover", prompt),
-                                     tokenizer.encode(prompt), obs)
+                                     tokenizer.encode(prompt, add_special_tokens=False), obs)
         order = list(slots)
         labels: dict[int, tuple[str, str]] = {}
         for i in order:
@@ -499,7 +499,7 @@ def play_takeover(tasks: list[Task], tasks_root: Path, agent: LMAgent, max_token
             step = Step(thought=thought, action=action, observation=slot.obs.text, valid=slot.obs.valid and not
                         (deviates and not parsed.has_action), imitate=not deviates)
             slot.episode.steps.append(step)
-            slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step))))
+            slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step)), add_special_tokens=False))
             if deviates:
                 slot.episode.meta["takeover_step"] = slot.episode.n_steps - 1
             if deviates or slot.obs.done or slot.episode.n_steps >= slot.env.max_steps:

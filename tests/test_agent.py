@@ -414,3 +414,21 @@ def test_sliced_attention_reads_only_the_written_cache_and_generates_the_same_to
     width = max(len(c) for c in contexts)
     assert seen and all(width < n <= full == width + 24 for n, full in seen) and seen[0][0] == width + 1
     assert trained_model.config._attn_implementation == "sdpa"
+
+
+def test_play_contexts_carry_no_special_tokens_a_tokenizer_would_add(tokenizer, demos):
+    """A tokenizer that adds BOS on encode (as Llama's do) must not put one before the prompt and every step at
+    play: training windows (sad.segment) have none, so play contexts equal the windows' tokens."""
+    from sad.agent import forced_items
+
+    class AddsBos:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def encode(self, text, add_special_tokens=True):
+            ids = self.inner.encode(text, add_special_tokens=False)
+            return ([self.inner.eos_token_id] if add_special_tokens else []) + ids
+
+    plain = forced_items(tokenizer, demos[:2], 4096, 0)
+    bos = forced_items(AddsBos(tokenizer), demos[:2], 4096, 0)
+    assert [i["context"] for i in bos] == [i["context"] for i in plain]

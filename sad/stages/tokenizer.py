@@ -52,7 +52,7 @@ def run_tokenizer(p: Params) -> dict[str, Any]:
         if keep_ids is not None:
             (tmp / DOMAIN_VOCAB_FILE).write_text(json.dumps({"source_vocab_size": metrics["source_vocab_size"],
                                                              "source_ids": keep_ids}) + "\n")
-    lengths = [len(tokenizer.encode(episode_text(e))) for e in episodes]
+    lengths = [len(tokenizer.encode(episode_text(e), add_special_tokens=False)) for e in episodes]
     metrics.update({"vocab_size": len(tokenizer), "avg_episode_tokens": sum(lengths) / max(len(lengths), 1),
                     "max_episode_tokens": max(lengths, default=0)})
     write_json_atomic(p.path("metrics", "tokenizer.json"), metrics)
