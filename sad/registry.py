@@ -128,7 +128,8 @@ def _versus_champion(candidate: Standing, champion: Standing, gates: RegisterPar
         their_values = [[sign * theirs[t] for t in tasks]]
         k = max(1, candidate.candidates)
         confidence = 1.0 - (1.0 - gates.confidence) / k  # Bonferroni over the students the candidate was picked from
-        cmp = paired_comparison(mine_values, their_values, n_boot=gates.bootstrap, confidence=confidence)
+        envs = [t.split("/", 1)[0] if "/" in t else "" for t in tasks]  # task ids are <env>/<split>/<n>
+        cmp = paired_comparison(mine_values, their_values, n_boot=gates.bootstrap, confidence=confidence, strata=envs)
         d = cmp.difference
         ok = d.low > gates.min_improvement
         verdict = "lies above" if ok else "does not lie above"

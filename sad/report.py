@@ -35,11 +35,17 @@ def success_matrix(result: dict[str, Any], split: str, env: str | None = None) -
     return rows
 
 
+def task_envs(result: dict[str, Any], split: str, env: str | None = None) -> list[str]:
+    """The env of each column of :func:`success_matrix` (the strata of a bootstrap over all envs)."""
+    per_task = next(iter(result["seeds"].values()))["splits"][split]["per_task"]
+    return [e for e in sorted(per_task) if env in (None, e) for _ in per_task[e]]
+
+
 def success_interval(result: dict[str, Any], split: str, env: str | None, n_boot: int, confidence: float) -> Interval | None:
     rows = success_matrix(result, split, env)
     if not rows or not rows[0]:
         return None
-    return bootstrap_ci(rows, n_boot, confidence)
+    return bootstrap_ci(rows, n_boot, confidence, strata=task_envs(result, split, env))
 
 
 def success_table(results: dict[str, dict[str, Any]], split: str, n_boot: int, confidence: float) -> str:
@@ -123,7 +129,7 @@ def paired_section(results: dict[str, dict[str, Any]], a: str, b: str, split: st
     out: dict[str, Any] = {}
     for env in [*envs_of(results, split), None]:
         cmp = paired_comparison(success_matrix(results[a], split, env), success_matrix(results[b], split, env),
-                                n_boot, confidence)
+                                n_boot, confidence, strata=task_envs(results[a], split, env))
         d = cmp.difference
         name = env or "all envs"
         out[name] = cmp.as_dict()
@@ -156,12 +162,15 @@ def scaling_points(results: dict[str, dict[str, Any]], scaling: dict[str, dict[s
     if method in results:
         r = results[method]
         first = next(iter(r["seeds"]))
-        ci = bootstrap_ci([success_matrix({"seeds": {first: r["seeds"][first]}}, "test")[0]], n_boot, confidence)
+        ci = bootstrap_ci([success_matrix({"seeds": {first: r["seeds"][first]}}, "test")[0]], n_boot, confidence,
+                          strata=task_envs(r, "test"))
         points.append({"size": "main", "parameters": r["parameters"], "success": ci})
     for size, s in scaling.items():
         per_task = s["splits"]["test"]["per_task"]
         row = [v for e in sorted(per_task) for v in per_task[e]]
-        points.append({"size": size, "parameters": s["parameters"], "success": bootstrap_ci([row], n_boot, confidence)})
+        envs = [e for e in sorted(per_task) for _ in per_task[e]]
+        points.append({"size": size, "parameters": s["parameters"],
+                       "success": bootstrap_ci([row], n_boot, confidence, strata=envs)})
     return sorted(points, key=lambda x: x["parameters"])
 
 

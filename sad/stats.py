@@ -3,7 +3,10 @@
 Results are a matrix ``values[seed][task]`` (e.g. 1.0 if the student trained with that seed
 solved that task). The bootstrap is hierarchical: resample seeds with replacement, then tasks
 with replacement (the same task draw for every seed, since seeds play the same tasks), and
-average. Percentile intervals, a fixed generator seed: the same inputs give the same interval.
+average. Tasks from several environments (``strata``: one label per task) are resampled within
+their environment, so each keeps its share of the tasks, as in the evaluation's design (20 per env:
+an agent that wins one env's tasks and loses another's is not uncertain about either). Percentile
+intervals, a fixed generator seed: the same inputs give the same interval.
 """
 
 from __future__ import annotations
@@ -36,21 +39,37 @@ def _matrix(values: list[list[float]]) -> np.ndarray:
     return m
 
 
-def _resampled_means(m: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def _task_draws(n: int, n_boot: int, rng: np.random.Generator, strata: list[str] | None) -> np.ndarray:
+    """[n_boot, N] task indices drawn with replacement, within each stratum when ``strata`` labels the tasks."""
+    if strata is None:
+        return rng.integers(0, n, size=(n_boot, n))
+    if len(strata) != n:
+        raise ValueError(f"strata label {len(strata)} tasks, the matrix has {n}")
+    labels = np.asarray(strata)
+    draws = np.empty((n_boot, n), dtype=np.int64)
+    for label in sorted(set(strata)):
+        where = np.flatnonzero(labels == label)
+        draws[:, where] = where[rng.integers(0, len(where), size=(n_boot, len(where)))]
+    return draws
+
+
+def _resampled_means(m: np.ndarray, n_boot: int, rng: np.random.Generator, strata: list[str] | None = None) -> np.ndarray:
     """Means of ``n_boot`` hierarchical resamples of m [S, N] -> [n_boot]."""
     s, n = m.shape
     seeds = rng.integers(0, s, size=(n_boot, s))
-    tasks = rng.integers(0, n, size=(n_boot, n))
+    tasks = _task_draws(n, n_boot, rng, strata)
     # m[seeds][:, :, tasks] per resample: gather rows then columns
     rows = m[seeds]  # [n_boot, S, N]
     picked = np.take_along_axis(rows, tasks[:, None, :].repeat(s, axis=1), axis=2)
     return picked.mean(axis=(1, 2))
 
 
-def bootstrap_ci(values: list[list[float]], n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> Interval:
-    """Mean of ``values[seed][task]`` with a percentile bootstrap interval over seeds and tasks."""
+def bootstrap_ci(values: list[list[float]], n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
+                 strata: list[str] | None = None) -> Interval:
+    """Mean of ``values[seed][task]`` with a percentile bootstrap interval over seeds and tasks (tasks
+    resampled within their ``strata`` label when given)."""
     m = _matrix(values)
-    means = _resampled_means(m, n_boot, np.random.default_rng(seed))
+    means = _resampled_means(m, n_boot, np.random.default_rng(seed), strata)
     tail = (1 - confidence) / 2
     return Interval(float(m.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)), *m.shape)
 
@@ -68,13 +87,14 @@ class PairedComparison:
 
 
 def paired_comparison(a: list[list[float]], b: list[list[float]], n_boot: int = 2000, confidence: float = 0.95,
-                      seed: int = 0) -> PairedComparison:
-    """A against B on the same tasks and seed indices: the per-pair difference, bootstrapped."""
+                      seed: int = 0, strata: list[str] | None = None) -> PairedComparison:
+    """A against B on the same tasks and seed indices: the per-pair difference, bootstrapped (tasks within
+    their ``strata`` label when given)."""
     ma, mb = _matrix(a), _matrix(b)
     if ma.shape != mb.shape:
         raise ValueError(f"paired comparison needs equal [seeds][tasks] shapes, got {ma.shape} and {mb.shape}")
     diff = ma - mb
-    means = _resampled_means(diff, n_boot, np.random.default_rng(seed))
+    means = _resampled_means(diff, n_boot, np.random.default_rng(seed), strata)
     tail = (1 - confidence) / 2
     interval = Interval(float(diff.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)), *diff.shape)
     return PairedComparison(interval, float((means <= 0).mean()), int((diff > 0).sum()), int((diff < 0).sum()))

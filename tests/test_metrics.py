@@ -56,6 +56,21 @@ def test_interval_is_reproducible_and_validates_its_input():
         bootstrap_ci([])
 
 
+def test_tasks_of_several_envs_are_resampled_within_their_env():
+    """An agent that wins all 20 ALFWorld tasks and loses all 20 HotPotQA ones is at 50% with no doubt about
+    either env: stratified, the interval collapses; pooled, it spans about +-15 points."""
+    row, envs = [1.0] * 20 + [0.0] * 20, ["alfworld"] * 20 + ["hotpotqa"] * 20
+    stratified, pooled = bootstrap_ci([row], strata=envs), bootstrap_ci([row])
+    assert (stratified.low, stratified.mean, stratified.high) == (0.5, 0.5, 0.5)
+    assert pooled.low < 0.4 and pooled.high > 0.6
+    mixed = [1.0, 0.0] * 10 + [1.0] * 5 + [0.0] * 15
+    assert bootstrap_ci([mixed], strata=envs).mean == pytest.approx(0.375)
+    cmp = paired_comparison([row], [[0.0] * 40], strata=envs)
+    assert (cmp.difference.low, cmp.difference.high) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="strata label 3 tasks, the matrix has 40"):
+        bootstrap_ci([row], strata=["a", "b", "c"])
+
+
 def test_paired_comparison_by_hand():
     a = [[1, 1, 0, 1], [1, 0, 0, 1]]
     b = [[0, 1, 0, 0], [1, 0, 1, 0]]
