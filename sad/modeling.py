@@ -185,13 +185,15 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def save_model(model, tokenizer, path: str | Path, card: dict | None = None) -> None:
-    """Write model (safetensors) + tokenizer + an optional card, atomically."""
+def save_model(model, tokenizer, path: str | Path, card: dict | None = None, readme: str | None = None) -> None:
+    """Write model (safetensors) + tokenizer + an optional card (and its README.md), atomically."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if card is not None:
             (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        if readme is not None:
+            (tmp / "README.md").write_text(readme, encoding="utf-8")
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None):

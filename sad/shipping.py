@@ -110,8 +110,7 @@ def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any]
         _ship_adapter(adapter, target, card, model_card_markdown(card))
         weights = target / "adapter_model.safetensors"
     else:
-        save_model(model, tokenizer, target, card)
-        (target / "README.md").write_text(model_card_markdown(card))
+        save_model(model, tokenizer, target, card, readme=model_card_markdown(card))  # one folder, written whole
         weights = target / "model.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     return {**card, "weights_sha256": digest}
