@@ -187,12 +187,13 @@ def dvc_stage_names(dvc_yaml: Path, params_yaml: Path) -> list[str]:
 # Params naming a local folder that a stage reads, and the dvc.yaml stage that must list it in its deps:
 # dvc.yaml cannot interpolate them (each may be null), so it names the shipped folders.
 SOURCE_PARAMS: tuple[tuple[str, str], ...] = (
-    ("teacher.source", "pretrained"), ("teacher.init", "teacher"), ("distill.heal.source", "student_init"))
+    ("teacher.source", "pretrained"), ("teacher.init", "teacher"), ("distill.heal.source", "student_init"),
+    ("tasks.alfworld.official", "tasks"), ("tasks.hotpotqa.official", "tasks"), ("tasks.webshop.official", "tasks"))
 
 
 def untracked_sources(params, dvc_yaml: Path) -> list[str]:
-    """One line per local folder a ``SOURCE_PARAMS`` key names that its stage's deps in ``dvc_yaml`` do not
-    cover (the dep itself or a folder above it): DVC would not rerun that stage when the folder changes."""
+    """One line per local folder or file a ``SOURCE_PARAMS`` key names that its stage's deps in ``dvc_yaml`` do
+    not cover (the dep itself or a folder above it): DVC would not rerun that stage when it changes."""
     import yaml
 
     stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})

@@ -76,11 +76,14 @@ def test_a_source_folder_no_stage_lists_as_a_dep_is_named_with_the_line_to_add(t
     assert untracked_sources(load_params(tmp_path / "params.yaml"), tmp_path / "dvc.yaml") == []  # the default
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
     raw["distill"]["heal"]["source"] = "./my/heal/"
+    (tmp_path / "hotpot_dev.json").write_text("[]")
+    raw["tasks"]["hotpotqa"]["official"] = "hotpot_dev.json"
     raw["teacher"]["source"] = "assets/teacher/"  # the same folder, spelt otherwise
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     lines = untracked_sources(load_params(tmp_path / "params.yaml"), tmp_path / "dvc.yaml")
-    assert len(lines) == 1 and lines[0].startswith("distill.heal.source: ./my/heal/ is not a dep of dvc.yaml stage "
+    assert len(lines) == 2 and lines[0].startswith("distill.heal.source: ./my/heal/ is not a dep of dvc.yaml stage "
                                                   "'student_init'") and "add `- ./my/heal/` to its deps" in lines[0]
+    assert lines[1].startswith("tasks.hotpotqa.official: hotpot_dev.json is not a dep of dvc.yaml stage 'tasks'")
 
 
 @pytest.mark.slow
