@@ -49,6 +49,21 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: (-slow.get(file_of(item), 0), order[file_of(item)]))
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_in_its_test():
+    """``mlflow.set_tracking_uri`` also sets MLFLOW_TRACKING_URI in os.environ (mlflow 3), and
+    ``sad.tracking.tracking_uri`` prefers the environment: one test's store must not become the next test's
+    (or that of the processes it starts)."""
+    keys = ("MLFLOW_TRACKING_URI", "SAD_MLFLOW_URI")
+    before = {key: os.environ.get(key) for key in keys}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
     """One cache of converted models (``SAD_CACHE_DIR``: SmolLM2's GGUF dequantised once) for the whole

@@ -44,7 +44,11 @@ def test_written_files_get_normal_permissions(tmp_path):
     path = tmp_path / "m.json"
     write_json_atomic(path, {"x": 1})
     assert json.loads(path.read_text()) == {"x": 1}
-    assert path.stat().st_mode & 0o044  # readable by others, unlike a raw mkstemp file
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as open() would make it, unlike mkstemp's 0o600
 
 
 def test_bad_jsonl_line_is_named(tmp_path):

@@ -241,16 +241,17 @@ def test_the_champions_stored_results_are_reused_and_replayed_when_missing(tmp_p
     from sad.modeling import save_model
     from sad.tracking import stage_run
 
-    for seed in range(3):
+    for seed in range(4):
         save_model(tiny_model_factory(seed=seed), tokenizer, tmp_path / f"s{seed}", {"method": "sad"})
     gates = RegisterParams(max_env_regression=1.0)
     calls: list[tuple[str, list[str]]] = []
+    replayed_as = 0.0
 
     def replay(version, task_ids):
         calls.append((version, task_ids))
         model, tok = load_version(tracking, version)  # the champion, loaded back through MLflow
         assert model.config.hidden_size == 32 and tok.eos_token_id == tokenizer.eos_token_id
-        return {t: 0.0 for t in task_ids}
+        return {t: replayed_as for t in task_ids}
 
     def retrain(seed, s):
         with stage_run(tracking, "retrain"):
@@ -264,6 +265,9 @@ def test_the_champions_stored_results_are_reused_and_replayed_when_missing(tmp_p
     third = retrain(2, paired([1] * 20, prefix="newdev"))  # other tasks: the champion is replayed on them
     assert calls == [(second.version, [f"newdev-{i}" for i in sorted(range(20), key=str)])]
     assert third.promoted and "champion's results replayed" in third.reason
+    replayed_as = 1.0  # the replayed values decide: a champion that wins every replayed task is not beaten
+    fourth = retrain(3, paired([1] * 20, prefix="otherdev"))
+    assert not fourth.promoted and "champion's results replayed" in fourth.reason and "does not lie above" in fourth.reason
 
 
 def test_replay_plays_a_model_on_the_gate_tasks(rollout_project, tokenizer, tiny_model_factory, monkeypatch):
