@@ -49,6 +49,29 @@ def test_preloaded_command_gives_the_same_output_and_exit_code(preload_socket, t
 
 
 @pytest.mark.slow
+def test_the_preload_server_runs_the_command_not_the_fallback(preload_socket, tmp_path, monkeypatch, capfd):
+    """delegate returns None (and sad runs as a plain process) when no server answers: here it must return the
+    command's exit code, with the forked child's output on this process's own stdout and stderr."""
+    import signal
+
+    from flows.preload_client import delegate
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAD_PRELOAD_SOCKET", str(preload_socket))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert delegate(["profile", "tiny", "--dry-run"]) == 0
+        assert "profile: tiny" in capfd.readouterr().out
+        assert delegate(["profile", "does-not-exist"]) == 2
+        assert "profiles/does-not-exist.yaml: parameter file not found" in capfd.readouterr().err
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.slow
 def test_preloaded_command_reports_failure(preload_socket, tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     result = _sad(["profile", "does-not-exist"], tmp_path, preload_socket)
