@@ -136,7 +136,9 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     assert out["rollout"]["play_dtype"] == "fp32"
     assert (out["rollout"]["bf16_play_speedup_per_step"] is None) == (not cpu_has_native_bf16())
     assert out["targets"]["admissible_cost_per_step"]["target"] == "<= 2.0"
-    assert 0 < out["training"]["mfu"]["sft"] < 1.5 and out["training"]["mfu"]["matmul_peak_flops_per_s"] > 1e8
+    mfu = out["training"]["mfu"]
+    assert 0 < mfu["sft"] < 1.5 and mfu["matmul_peak_flops_per_s"] == max(mfu["peak_readings"]) > 1e8
+    assert len(mfu["peak_readings"]) == 2 and mfu["peak_spread"] >= 0  # read before and after the training runs
     assert set(out["training"]["tokens_per_s"]) == {"sad", "token_kd", "sft", "sad_online", "token_kd_online", "teacher_sft"}
     setup = out["training"]["setup"]  # the tiny profile trains its teacher from scratch: teacher.arch, distill.student
     assert "from scratch" in setup["models"]["as"] and setup["teacher"]["layers"] == 1 and setup["student"]["hidden_size"] == 16

@@ -116,3 +116,17 @@ def test_training_benchmark_times_the_projects_own_teacher_and_layer_subset_stud
     from sad.modeling import cpu_bf16_is_fast
 
     assert out["mfu"]["dtype"] == ("bfloat16" if cpu_bf16_is_fast() else "float32")
+
+
+def test_a_configurations_peak_memory_is_its_own_not_its_parents():
+    """The bench runs each configuration in a child process; fork+exec hands the child its parent's ru_maxrss,
+    so the child must read its own peak (VmHWM)."""
+    import subprocess
+    import sys
+
+    held = bytearray(300 * 1024 * 1024)
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page: 300 MB resident in this process
+    code = "from sad.bench.training import _rss_mb; print(_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 250, child
+    del held

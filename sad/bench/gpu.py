@@ -70,10 +70,13 @@ def rollout_throughput(model, vocab: int, contexts: int, context_len: int, new_t
             return " ".join(map(str, ids))
 
     model.eval()
-    agent = LMAgent(model, _Tok(), new_tokens)
     rng = torch.Generator().manual_seed(0)
-    ctxs = [torch.randint(4, vocab, (context_len,), generator=rng).tolist() for _ in range(contexts)]
-    agent.generate(ctxs[:2])
+    ctxs = [torch.randint(4, vocab, (context_len,), generator=rng).tolist() for _ in range(contexts + 2)]
+    warm, ctxs = ctxs[:2], ctxs[2:]
+    # no prefix store: each timed run encodes its contexts (a store would hand the one-at-a-time run the
+    # batched run's prefill, comparing prefill + decode against decode alone)
+    agent = LMAgent(model, _Tok(), new_tokens, prefix_cache=0)
+    agent.generate(warm)
     out = {}
     for label, groups in (("batched", [ctxs]), ("one_at_a_time", [[c] for c in ctxs[:4]])):
         synchronize(device)
