@@ -115,9 +115,9 @@ def run_suite(p: Params, project: Path, quick: bool = False, log=print) -> dict[
     tr = out["training"]
     costs = pipeline["stage_costs"]
     out["targets"] = verdicts({
-        "rollout_batched_speedup": out["rollout"]["speedup_episodes_per_s"],
+        "rollout_batched_speedup": out["rollout"]["speedup_steps_per_s"],
         "prefill_tokens_cut": out["rollout"]["prefill_tokens_cut"],
-        "admissible_cost_per_step": out["rollout"]["admissible_cost_per_step"],
+        "admissible_cost_per_step": out["rollout"]["admissible_cost_per_scored_step"],
         "repair_cost_per_step": out["rollout"]["repair_cost_per_step"],
         "training_mfu_sft": tr["mfu"]["sft"],
         "training_mfu_teacher_sft": tr["mfu"]["teacher_sft"],

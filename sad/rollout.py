@@ -203,6 +203,8 @@ class PlayStats:
     generated_tokens: int = 0
     env_seconds: float = 0.0
     batches: int = 0
+    scored_steps: int = 0  # steps whose action was chosen by scoring the listed actions (admissible, repair)
+    scoring_seconds: float = 0.0  # the time of that scoring (part of env_seconds)
 
     @property
     def tokens_per_second(self) -> float:
@@ -214,6 +216,8 @@ class PlayStats:
         self.generated_tokens += other.generated_tokens
         self.env_seconds += other.env_seconds
         self.batches += other.batches
+        self.scored_steps += other.scored_steps
+        self.scoring_seconds += other.scoring_seconds
 
 
 # Plays tasks with an agent and returns (episodes in task order, stats): in-process by default,
@@ -365,7 +369,11 @@ def play_agent(
                     not (action_choice == "repair" and listed_action(parsed, slot.admissible)):
                 history = slot.episode.steps
                 avoid = (lambda action, steps=history: repeats_a_failure(steps, action) is not None) if redraws else None
+                scoring_started = time.perf_counter()
                 chosen = choose_admissible(agent, context, parsed, slot.admissible, avoid)
+                if stats is not None:
+                    stats.scored_steps += 1
+                    stats.scoring_seconds += time.perf_counter() - scoring_started
                 if action_choice == "repair":  # steps whose generated action was not a listed one
                     slot.episode.meta["repaired_steps"] += 1
                     repaired_from = parsed.action if parsed.has_action else ""

@@ -126,6 +126,12 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     assert out["rollout"]["prefill_tokens_cut"] >= out["rollout"]["prefill_tokens_cut_contexts_only"] > 1
     assert out["rollout"]["prefill_tokens_cut_block_eviction"] > 1 and out["rollout"]["block_eviction_step_speedup"] > 0
     assert out["rollout"]["admissible_cost_per_step"] > 0 and out["rollout"]["repair_cost_per_step"] > 0
+    rollout = out["rollout"]
+    assert rollout["speedup_steps_per_s"] == pytest.approx(rollout["runs"]["batched"]["steps_per_s"]
+                                                          / rollout["runs"]["one_at_a_time"]["steps_per_s"])
+    assert rollout["runs"]["batched_admissible"]["scored_steps"] > 0 and rollout["admissible_cost_per_scored_step"] > 1
+    assert out["targets"]["admissible_cost_per_step"]["measured"] == rollout["admissible_cost_per_scored_step"]
+    assert out["targets"]["rollout_batched_speedup"]["measured"] == rollout["speedup_steps_per_s"]
     # decoding over the written cache only plays the same greedy steps (an untrained fp32 model here); bf16 play is
     # timed against it where the CPU has bf16 instructions
     assert out["rollout"]["same_steps_sliced_attention"] is True and out["rollout"]["sliced_attention_speedup"] > 0

@@ -103,11 +103,15 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
                                   "steps": steps, "steps_per_s": steps / seconds,
                                   "generated_tokens_per_s": stats.tokens_per_second,
                                   "prefill_tokens_per_generated_token": agent.prefill_computed / max(stats.generated_tokens, 1),
-                                  "prefill_reused_share": agent.prefill_reused / max(agent.prefill_computed + agent.prefill_reused, 1)}
+                                  "prefill_reused_share": agent.prefill_reused / max(agent.prefill_computed + agent.prefill_reused, 1),
+                                  "scored_steps": stats.scored_steps, "scoring_seconds": stats.scoring_seconds}
     if other is not None:
         agent.model.to(played).load_state_dict(saved)
     b, one = out["runs"]["batched"], out["runs"]["one_at_a_time"]
     out["speedup_episodes_per_s"] = b["episodes_per_s"] / one["episodes_per_s"]
+    # per step: equal to the episodes/s ratio when both play the same steps, and fair when they do not (bf16
+    # rounding can end an episode a step earlier in one of them)
+    out["speedup_steps_per_s"] = b["steps_per_s"] / one["steps_per_s"]
     out["same_steps"] = b["steps"] == one["steps"]
     fresh = out["runs"]["batched_no_prefix_reuse"]
     out["prefix_reuse_speedup"] = b["episodes_per_s"] / fresh["episodes_per_s"]
@@ -129,6 +133,11 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
     for choice in ("admissible", "repair"):
         run = out["runs"][f"batched_{choice}"]
         out[f"{choice}_cost_per_step"] = run["seconds"] / max(run["steps"], 1) / per_step
+        # on the steps that score (HotPotQA lists no actions, and repair scores only rejected ones): a free
+        # step's cost plus the scoring's own time per scored step
+        out[f"{choice}_cost_per_scored_step"] = (
+            (per_step + run["scoring_seconds"] / run["scored_steps"]) / per_step if run["scored_steps"] else None)
+        out[f"{choice}_scored_step_share"] = run["scored_steps"] / max(run["steps"], 1)
     if compare_cache:
         grow = out["runs"]["batched_growing_cache"]
         out["cache_path_speedup"] = b["episodes_per_s"] / grow["episodes_per_s"]

@@ -9,9 +9,9 @@ from sad.config import Params
 
 # (name, target, how "met" is decided)
 TARGETS = {
-    "rollout_batched_speedup": (8.0, "ge"),
+    "rollout_batched_speedup": (8.0, "ge"),  # steps/s batched against one at a time, same tasks and model
     "prefill_tokens_cut": (4.0, "ge"),
-    "admissible_cost_per_step": (2.0, "le"),  # seconds per step against free generation, same tasks and model
+    "admissible_cost_per_step": (2.0, "le"),  # seconds per scored step against a free step, same tasks and model
     "repair_cost_per_step": (2.0, "le"),
     "training_mfu_sft": (0.5, "ge"),  # the default student's training (sft: no teacher in the step)
     "training_mfu_teacher_sft": (0.5, "ge"),  # the teacher's architecture, trained the same way
