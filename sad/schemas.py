@@ -167,9 +167,10 @@ def validate(df: pd.DataFrame, schema: type[pa.DataFrameModel], what: str) -> pd
         lines = [f"{what}: {schema.__name__} failed"]
         if cases is not None and len(cases):
             cases = cases.copy()
-            if "schema_context" in cases:  # a check of whole rows fails once per row, not once per column
-                cases.loc[cases["schema_context"] == "DataFrameSchema", "column"] = None
-                cases = cases.drop_duplicates(subset=[c for c in ("check", "column", "index") if c in cases])
+            if "schema_context" in cases and "index" in cases:  # a check of whole rows: once per row, not per column
+                rows = (cases["schema_context"] == "DataFrameSchema") & cases["index"].notna()
+                cases.loc[rows, "column"] = None
+                cases = cases[~rows | ~cases.duplicated(subset=["check", "column", "index"])]
             for (check, column), group in cases.groupby(["check", "column"], dropna=False, sort=False):
                 episodes = []
                 if "episode_id" in df.columns and "index" in group:

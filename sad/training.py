@@ -260,6 +260,13 @@ def _checked_weights(model, weights: Path) -> dict[str, torch.Tensor]:
              for k, v in state.items() if k not in own or own[k].shape != v.shape]
     if wrong:
         raise ValueError(f"{len(wrong)} tensor(s) do not fit the model, e.g. {wrong[0]}")
+    if trainable is None:  # every weight of the model, each tied group (one storage, several names) once
+        shared: dict[int, list[str]] = {}
+        for name, tensor in own.items():
+            shared.setdefault(tensor.data_ptr(), []).append(name)
+        missing = [names[0] for names in shared.values() if not any(n in state for n in names)]
+        if missing:
+            raise ValueError(f"{len(missing)} of the model's tensors are not in it, e.g. {missing[0]}")
     return state
 
 
@@ -322,7 +329,6 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, fingerprint: str)
 
     A checkpoint that cannot be read is reported and ignored (training starts over), never half-used.
     """
-    from safetensors.torch import load_model
 
     state_file, weights = folder / CHECKPOINT_STATE, folder / CHECKPOINT_WEIGHTS
     if not (state_file.is_file() and weights.is_file()):
@@ -347,10 +353,8 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, fingerprint: str)
         torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    if _trainable_state(model) is None:
-        load_model(model, str(weights))  # handles the tied weights save_model wrote once
-    else:
-        model.load_state_dict(tensors, strict=False)
+    # every tensor was checked (a tied group may be stored under one of its names: loading it fills the group)
+    model.load_state_dict(tensors, strict=False)
     return int(state["step"]), int(state["tokens"]), json.loads(state["history"])
 
 

@@ -207,7 +207,7 @@ BAD_TRAJECTORIES = [
     ("duplicate episode ids", _rows_case(lambda rs: [*rs, rs[1]]),
      ValueError, r"rollouts\.jsonl:5: duplicate episode id .* \(first on line 2\)"),
     ("empty action in a valid step", _rows_case(lambda rs: [_step(rs[0], 1, action=""), *rs[1:]]),
-     ValueError, r"an action must be a single non-empty line.*\n.*alfworld"),
+     ValueError, r"an action must be a single non-empty line.* in episode\(s\) expert:alfworld"),
     ("marker inside a field", _rows_case(lambda rs: [rs[0], _step(rs[1], 0, thought="fine\nAction: take all"), *rs[2:]]),
      ValueError, r"episode expert:alfworld/train/00001: line \d+: nested marker 'Action:' inside a REASON line"),
     ("thought of extreme length", _rows_case(lambda rs: [rs[0], _step(rs[1], 2, thought="think " * 5000), *rs[2:]]),

@@ -101,8 +101,10 @@ def test_non_disjoint_masks_fail_the_window_schema():
 
 def test_wrong_columns_fail_the_schema():
     df = pd.DataFrame([{"episode_id": "ep-1", "window": 0, "tokens": [1]}])
-    with pytest.raises(SchemaViolation, match="WindowSchema"):
+    with pytest.raises(SchemaViolation, match="WindowSchema") as err:
         validate(df, WindowSchema, "windows")
+    for column in ("input_ids", "reason_mask", "act_mask"):  # every missing column is named, not only the first
+        assert column in str(err.value)
 
 
 def test_every_later_window_shows_its_first_step_the_whole_step_before_it_as_at_play(tokenizer):

@@ -254,6 +254,19 @@ def test_a_corrupt_or_foreign_checkpoint_is_ignored_not_half_used(windows, token
     assert result.resumed_from == 0 and "do not fit" in caplog.text
     assert torch.equal(_weights(model), _weights(reference))
 
+    # and the other way: a one-layer model's checkpoint lacks the second layer of a two-layer model
+    from sad.training import load_checkpoint
+
+    ckpt = tmp_path / "shallow"
+    train_lm(tiny_model_factory(hidden=16, seed=3), w, method, train, tokenizer.pad_token_id, checkpoint_dir=ckpt,
+             fingerprint="f1", stop_after=3, progress=False)
+    deeper = tiny_model_factory(hidden=16, layers=2, seed=4)
+    before = {k: v.clone() for k, v in deeper.state_dict().items()}
+    optimizer = torch.optim.AdamW(deeper.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    assert load_checkpoint(ckpt, deeper, optimizer, scheduler, "f1") is None and "are not in it" in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in deeper.state_dict().items())
+
 
 def test_dev_split_holds_out_whole_episodes_and_dev_metrics_are_reported(windows, tokenizer, tiny_model_factory):
     from sad.training import split_dev

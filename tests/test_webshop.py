@@ -327,9 +327,9 @@ def test_expert_gives_up_with_a_reason_instead_of_repeating_a_failed_search(tmp_
     instructions = {"B0KETTLE01": [{"asin": "B0KETTLE01", "instruction": "a glass teapot for loose leaf tea",
                                     "instruction_attributes": [], "instruction_options": [], "price_upper": 10.0}],
                     "B0TSHIRT03": [{"asin": "B0TSHIRT03", "instruction": "men's t shirt, large",
-                                    "instruction_attributes": [], "instruction_options": ["large"]},
+                                    "instruction_attributes": ["cotton"], "instruction_options": ["large"]},
                                    {"asin": "B0TSHIRT03", "instruction": "a large t shirt for men",
-                                    "instruction_attributes": [], "instruction_options": ["large"]}]}
+                                    "instruction_attributes": ["cotton"], "instruction_options": ["large"]}]}
     root, tasks = _official_shop(tmp_path, products, {}, instructions)
     episodes = {e.meta.get("description", e.task_id): e for e in play_expert(tasks, root)}
     teapot = next(e for e in episodes.values() if "teapot" in e.prompt)

@@ -191,7 +191,7 @@ def _price_bound(instruction: str, price: float, rng: random.Random) -> tuple[st
     """WebShop's ``get_human_goals`` rule: an upper bound drawn from the next price steps."""
     steps = [p for p in PRICE_RANGE if p > price][:4]
     if len(steps) < 2:
-        return instruction, 1_000_000.0
+        return instruction.strip("."), 1_000_000.0
     upper = sorted(rng.sample(steps, 2))[1]
     return f"{instruction.strip('.')}, and price lower than {upper:.2f} dollars", upper
 
@@ -929,15 +929,18 @@ def read_official(folder: Path) -> tuple[list[dict[str, Any]], dict[str, list[di
             entry = attrs.get(str(p.get("asin")), {})
             if isinstance(entry, dict) and "attributes" in entry and "attributes" not in p:
                 p["attributes"] = entry["attributes"]
+    first: dict[str, tuple[int, dict[str, Any]]] = {}
     for i, rec in enumerate(products):
         if not isinstance(rec, dict):
             raise ValueError(f"{products_files[0]}: product #{i} is not an object")
+        asin = str(rec.get("asin"))
+        if asin != "nan" and len(asin) <= 10:  # as WebShop: 'nan' or overlong asins skipped, a repeated one's first kept
+            first.setdefault(asin, (i, rec))
+    for i, rec in first.values():
         _product_from_record(rec, f"{products_files[0]}: product #{i} ({rec.get('asin', '?')})")
-    first = {}
-    for rec in products:  # as WebShop: a repeated asin keeps its first record
-        first.setdefault(str(rec.get("asin")), rec)
-    products, known = list(first.values()), set(first)
-    # as WebShop's get_human_goals: only listed products, and no instruction without attributes
-    instructions = {a: kept for a, es in instructions.items() if a in known
-                    and (kept := [e for e in es if not isinstance(e, dict) or e.get("instruction_attributes")])}
+    products, known = [rec for _, rec in first.values()], set(first)
+    # as WebShop's get_human_goals: only listed products, and no human instruction without attributes (an entry
+    # that states its own price_upper is not in WebShop's format: kept as it is)
+    instructions = {a: kept for a, es in instructions.items() if a in known and (kept := [
+        e for e in es if not isinstance(e, dict) or e.get("instruction_attributes") or "price_upper" in e])}
     return products, instructions

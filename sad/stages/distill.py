@@ -225,6 +225,7 @@ def onpolicy_rounds(p: Params, spec, student, teacher, tokenizer, teacher_window
                             seed=p.rollout.seed)
             episodes = play_round(agent, tasks, tasks_root(p), p, o.at_round(o.takeover_start, o.takeover_end, r), seed,
                                   r, progress)
+            key_file.unlink(missing_ok=True)  # an earlier key must not vouch for the episodes written next
             write_jsonl_atomic(played, (e.to_dict() for e in episodes))
             write_text_atomic(key_file, key)
         fraction = o.at_round(o.fraction_start, o.fraction_end, r)

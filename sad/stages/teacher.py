@@ -183,8 +183,9 @@ def dagger_rounds(p: Params, model, tokenizer, demos: list[Episode], imitation, 
             takeover = play_takeover(tasks, tasks_root(p), agent, p.context.max_tokens, p.rollout.batch_size,
                                      p.context.history_steps, progress=progress, evict_to=p.context.evict_to)
             round_dir.mkdir(parents=True, exist_ok=True)
+            key_file.unlink(missing_ok=True)  # an earlier key must not vouch for the episodes written next
             write_jsonl_atomic(played, (e.to_dict() for e in takeover))
-            write_text_atomic(round_dir / "key", key)
+            write_text_atomic(key_file, key)
         mixed = list(demos)
         random.Random(f"{d.train.seed}:{r}").shuffle(mixed)
         seg = segment_episodes(takeover + mixed[:d.demos], tokenizer, p.context.max_tokens, p.context.history_steps,
