@@ -420,18 +420,21 @@ def load_phase(folder: Path, model, key: str):
 
 
 # Logged parts normalised by the global batch's token counts (they add up over micro-batches and processes);
-# the others (d_reason, d_act: this micro-batch's mean divergence per span kind) are averaged.
+# the others, a micro-batch's mean divergence over one span kind, are averaged weighted by its tokens of that kind.
 GLOBAL_PARTS = frozenset({"ce", "kd", "ce_act"})
+SPAN_PARTS = {"d_reason": 0, "d_act": 1}  # part -> index into loss_token_counts
 
 
-def _global_parts(part_sums: dict[str, float], n_shards: float, accelerator) -> dict[str, float]:
+def _global_parts(part_sums: dict[str, float], span_tokens: tuple[float, float], accelerator) -> dict[str, float]:
     """One optimizer step's logged parts over every micro-batch and process (a collective: every rank calls it).
-    ``part_sums`` holds this process's sums over its micro-batches, ``n_shards`` how many of them had windows."""
+    ``part_sums`` holds this process's sums over its micro-batches (a span part weighted by its tokens there),
+    ``span_tokens`` this process's (REASON, ACT) loss tokens."""
     def total(value: float) -> float:
         return float(accelerator.reduce(torch.tensor(float(value), device=accelerator.device), "sum"))
 
-    shards = total(n_shards)
-    return {key: total(part_sums[key]) / (1.0 if key in GLOBAL_PARTS else max(shards, 1.0)) for key in sorted(part_sums)}
+    tokens = (total(span_tokens[0]), total(span_tokens[1]))
+    return {key: total(part_sums[key]) / (max(tokens[SPAN_PARTS[key]], 1.0) if key in SPAN_PARTS else 1.0)
+            for key in sorted(part_sums)}
 
 
 def train_lm(
@@ -519,7 +522,7 @@ def train_lm(
         counts = (float(counts[0]), float(counts[1]))
         step_loss = torch.zeros((), device=accelerator.device)
         part_sums: dict[str, float] = {}
-        n_shards = 0.0
+        span_tokens = [0.0, 0.0]
         for m, global_indices in enumerate(micro):
             mine_indices = shard(global_indices, rank, world)
             # a batch with fewer windows than processes: an empty shard runs one window with no weight, so that
@@ -542,9 +545,12 @@ def train_lm(
                 # DDP averages gradients over processes: scale so that they sum instead.
                 accelerator.backward(loss * (world * weight))
             step_loss += loss.detach() * (world * weight)
-            n_shards += weight
+            mine_counts = loss_token_counts(mine)
+            for kind in (0, 1):
+                span_tokens[kind] += weight * mine_counts[kind]
             for key, value in parts.items():
-                part_sums[key] = part_sums.get(key, 0.0) + value * weight
+                share = mine_counts[SPAN_PARTS[key]] if key in SPAN_PARTS else 1.0
+                part_sums[key] = part_sums.get(key, 0.0) + value * weight * share
             tokens += sum(len(rows[i]["input_ids"]) for i in global_indices)
         accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
         optimizer.step()
@@ -554,7 +560,7 @@ def train_lm(
         if step % log_every == 0 or done == total_steps:
             last_loss = float(accelerator.reduce(step_loss, "mean"))
             record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                      **_global_parts(part_sums, n_shards, accelerator),
+                      **_global_parts(part_sums, (span_tokens[0], span_tokens[1]), accelerator),
                       "tokens_per_s": (tokens - resumed_tokens) / max(time.perf_counter() - started, 1e-9)}
             history.append(record)
             bar.set_postfix(loss=f"{last_loss:.3f}")
