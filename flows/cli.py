@@ -197,9 +197,9 @@ def untracked_sources(params, dvc_yaml: Path) -> list[str]:
     import yaml
 
     stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
-    lines = []
+    lines, dumped = [], params.model_dump()
     for key, stage in SOURCE_PARAMS:
-        value = params.model_dump()
+        value = dumped
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if not isinstance(value, str) or not Path(value).exists():
