@@ -212,6 +212,35 @@ def untracked_sources(params, dvc_yaml: Path) -> list[str]:
     return lines
 
 
+def params_with_overrides(params_yaml: Path, set_params: list[str]):
+    """The params a ``sad pipeline --set`` experiment runs with: ``params_yaml`` with the overrides to it applied
+    as ``dvc exp run -S`` applies them (DVC's own Hydra override code, on a temporary copy), validated.
+    Raises ``ConfigError`` naming the overrides when they make the params invalid."""
+    import shutil
+    import tempfile
+
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import apply_overrides
+
+    from sad.config import ConfigError, load_params
+
+    overrides = [o for path, group in to_path_overrides(set_params).items()
+                 if Path(path).resolve() == params_yaml.resolve() for o in group]
+    if not overrides:
+        return load_params(params_yaml)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "params.yaml"
+        shutil.copyfile(params_yaml, copy)
+        try:
+            apply_overrides(copy, overrides)
+            return load_params(copy)
+        except (ConfigError, InvalidArgumentError) as exc:
+            detail = str(exc.__cause__ or exc) if isinstance(exc, InvalidArgumentError) else str(exc)
+            detail = detail.replace(str(copy), str(params_yaml))
+            raise ConfigError(f"--set {' '.join(overrides)}: {detail}") from None
+
+
 def _check_pipeline_args(target: str | None, set_params: list[str]) -> None:
     """Fail at once, before any server starts, on a target that is no stage or a --set without '='."""
     for item in set_params:
@@ -361,6 +390,13 @@ def pipeline(
     _setup_logging()
     p = _load_params(Path("params.yaml"))
     _check_pipeline_args(target, set_params)
+    if set_params:  # the experiment's params, validated before any server starts
+        from sad.config import ConfigError
+
+        try:
+            p = params_with_overrides(Path("params.yaml"), set_params)
+        except ConfigError as exc:
+            _fail(str(exc))
     if Path("dvc.yaml").is_file():
         for line in untracked_sources(p, Path("dvc.yaml")):
             log.warning(line)

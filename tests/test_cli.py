@@ -55,6 +55,12 @@ def test_a_pipeline_target_that_is_no_stage_fails_at_once_with_the_names_that_ar
     assert result.exit_code == 2 and "no dvc.yaml stage 'evalute_teacher'; did you mean evaluate_teacher" in result.output
     result = CliRunner().invoke(app, ["pipeline", "--set", "distill.train.lr"])
     assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
+    # a --set that makes the params invalid is refused with the key, as DVC would apply it
+    result = CliRunner().invoke(app, ["pipeline", "--set", "distill.train.lr=fast"])
+    assert result.exit_code == 2 and "--set distill.train.lr=fast" in result.output
+    assert "distill.train.lr: Input should be a valid number" in result.output
+    result = CliRunner().invoke(app, ["pipeline", "-S", "distill.train.lr=0.001", "-S", "distill.nosuch=1"])
+    assert result.exit_code == 2 and "Could not override 'distill.nosuch'" in result.output
     assert not (tmp_path / ".retrain.lock").exists()  # refused before the single-flight lock
 
 
@@ -84,6 +90,29 @@ def test_a_source_folder_no_stage_lists_as_a_dep_is_named_with_the_line_to_add(t
     assert len(lines) == 2 and lines[0].startswith("distill.heal.source: ./my/heal/ is not a dep of dvc.yaml stage "
                                                   "'student_init'") and "add `- ./my/heal/` to its deps" in lines[0]
     assert lines[1].startswith("tasks.hotpotqa.official: hotpot_dev.json is not a dep of dvc.yaml stage 'tasks'")
+
+
+def test_pipeline_set_overrides_are_the_params_its_source_folders_are_checked_on(tmp_path, monkeypatch):
+    """`sad pipeline --set distill.heal.source=my/heal` runs a DVC experiment whose student_init reads my/heal:
+    the source check sees the overridden params (applied as `dvc exp run -S` applies them), not params.yaml's."""
+    import shutil
+
+    from flows.cli import params_with_overrides, untracked_sources
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(repo / name, tmp_path / name)
+    (tmp_path / "my" / "heal").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / "params.yaml").read_bytes()
+    p = params_with_overrides(Path("params.yaml"), ["distill.heal.source=my/heal", "params.yaml:distill.train.lr=1e-4",
+                                                    "other.yaml:x=1"])
+    assert p.distill.heal.source == "my/heal" and p.distill.train.lr == 1e-4
+    assert (tmp_path / "params.yaml").read_bytes() == before  # applied to a copy
+    lines = untracked_sources(p, Path("dvc.yaml"))
+    assert len(lines) == 1 and lines[0].startswith("distill.heal.source: my/heal is not a dep of dvc.yaml stage "
+                                                  "'student_init'")
+    assert params_with_overrides(Path("params.yaml"), []).distill.heal.source == "assets/student_heal"
 
 
 @pytest.mark.slow
