@@ -6,6 +6,8 @@ import functools
 import json
 import logging
 import os
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -185,8 +187,10 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def save_model(model, tokenizer, path: str | Path, card: dict | None = None, readme: str | None = None) -> None:
-    """Write model (safetensors) + tokenizer + an optional card (and its README.md), atomically."""
+def save_model(model, tokenizer, path: str | Path, card: dict | None = None, readme: str | None = None,
+               files: Mapping[str, Path] | None = None) -> None:
+    """Write model (safetensors) + tokenizer + an optional card (and its README.md) + ``files`` (name in the
+    folder -> file to copy there), atomically: the folder appears whole or not at all."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -194,6 +198,14 @@ def save_model(model, tokenizer, path: str | Path, card: dict | None = None, rea
             (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
         if readme is not None:
             (tmp / "README.md").write_text(readme, encoding="utf-8")
+        copy_files_into(tmp, files or {})
+
+
+def copy_files_into(folder: Path, files: Mapping[str, Path]) -> None:
+    """Copy each ``files`` value to ``folder / key`` (creating subfolders)."""
+    for name, source in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, folder / name)
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None):

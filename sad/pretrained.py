@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,14 +329,17 @@ def save_adapter(peft_model, folder: Path, base: str, card: dict | None = None) 
     (folder / ADAPTER_CARD).write_text(json.dumps({**(card or {}), "base": base}, indent=2, sort_keys=True) + "\n")
 
 
-def save_lora_teacher(peft_model, tokenizer, path: str | Path, base: str, card: dict) -> Any:
+def save_lora_teacher(peft_model, tokenizer, path: str | Path, base: str, card: dict,
+                      files: Mapping[str, Path] | None = None) -> Any:
     """Write a LoRA-trained teacher atomically: the merged model (what every stage loads) with the
-    tokenizer and card, and its adapter alone under ``adapter/`` (what ``sad ship-teacher`` ships).
+    tokenizer and card, its adapter alone under ``adapter/`` (what ``sad ship-teacher`` ships), and ``files``
+    (name in the folder -> file to copy there).
 
     Returns the merged model (``peft_model`` is unwrapped by the merge)."""
     import json
 
     from sad.io import atomic_dir
+    from sad.modeling import copy_files_into
 
     with atomic_dir(path) as tmp:
         save_adapter(peft_model, tmp / "adapter", base, card)
@@ -343,4 +347,5 @@ def save_lora_teacher(peft_model, tokenizer, path: str | Path, base: str, card: 
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        copy_files_into(tmp, files or {})
     return merged

@@ -165,8 +165,19 @@ def test_the_teacher_stage_runs_a_dagger_round_and_resumes_without_replaying(tmp
         run_teacher(p, progress=False)
     assert calls == ["teacher", "play", "teacher dagger 0"]
     monkeypatch.setattr(training, "train_lm", train_lm)
-    metrics = run_teacher(p, progress=False)
+    import sad.modeling
+
+    def copy_fails(*args, **kwargs):
+        raise OSError("disk full while the teacher folder is written")
+
+    with monkeypatch.context() as m:  # a crash while the teacher is written: no folder, the phases stay
+        m.setattr(sad.modeling, "copy_files_into", copy_fails)
+        with pytest.raises(OSError):
+            run_teacher(p, progress=False)
     assert calls[3:] == ["teacher dagger 0"]  # resumed: neither imitation nor the round's play is redone
+    assert not teacher_dir(p).exists() and (dagger_dir(p) / "round-0" / "takeover.jsonl").is_file()
+    metrics = run_teacher(p, progress=False)
+    assert calls[4:] == []  # the round's trained phase is loaded
     assert not dagger_dir(p).exists()  # the phases kept for resuming are gone once the teacher is written
     episodes = [json.loads(line) for line in (teacher_dir(p) / "dagger" / "round-0.jsonl").read_text().splitlines()]
     assert [e["task_id"] for e in episodes] == ["alfworld/train/00000", "alfworld/train/00001"]

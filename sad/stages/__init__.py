@@ -50,10 +50,10 @@ from sad.stages.select import _seed_gate_values, best_student, replay_per_task, 
 from sad.stages.student_init import INFLUENCE_WINDOWS, heal, resolve_student_layers, run_student_init
 from sad.stages.tasks import run_tasks
 from sad.stages.teacher import (
+    dagger_files,
     dagger_rounds,
     dagger_summary,
     dagger_tasks,
-    keep_dagger_episodes,
     run_teacher,
     use_teacher_as_is,
 )

@@ -157,11 +157,9 @@ def _train_student(p: Params, inputs, arch, seed: int, out_dir: Path, method: st
         "curriculum": order is not None, "data_hash": data_hash,
         **({"onpolicy_rounds": rounds} if rounds else {}),
     }
-    save_model(student, tokenizer, out_dir, card)
-    if rounds:  # each round's student data, versioned with the student (a rerun reproduces it)
-        import shutil
-
-        shutil.copytree(ckpt / "onpolicy" / "episodes", out_dir / "onpolicy")
+    played = ckpt / "onpolicy" / "episodes"  # each round's student data, versioned with the student (a rerun
+    save_model(student, tokenizer, out_dir, card,  # reproduces it), written with it
+               files={f"onpolicy/{f.name}": f for f in sorted(played.iterdir()) if f.is_file()} if rounds else None)
     metrics = {"parameters": n_student, "compression": card["compression"], "final_loss": result.final_loss,
                "steps": result.steps, "train_tokens_per_s": result.tokens_per_second,
                "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,

@@ -5,6 +5,7 @@ shipped teacher as it is.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sad.config import Params
@@ -96,11 +97,13 @@ def run_teacher(p: Params, on_log=None, progress: bool = True) -> dict[str, Any]
         card["lora"] = p.teacher.lora.model_dump()
         card["adapter_parameters"] = sum(t.numel() for t in model.parameters() if t.requires_grad)
         card["parameters"] -= card["adapter_parameters"]  # the merged model has the base's size
-        model = save_lora_teacher(model, tokenizer, teacher_dir(p), p.teacher.source, card)
+        model = save_lora_teacher(model, tokenizer, teacher_dir(p), p.teacher.source, card, files=dagger_files(p))
     else:
-        save_model(model, tokenizer, teacher_dir(p), card)
-    if dagger:
-        keep_dagger_episodes(p)
+        save_model(model, tokenizer, teacher_dir(p), card, files=dagger_files(p))
+    if dagger:  # kept in the teacher folder now: the phases kept for resuming go
+        import shutil
+
+        shutil.rmtree(dagger_dir(p), ignore_errors=True)
     metrics = {"parameters": card["parameters"], "final_loss": result.final_loss, "steps": result.steps,
                "train_tokens_per_s": result.tokens_per_second, "train_seconds": result.seconds,
                "train_precision": result.precision,
@@ -205,17 +208,12 @@ def dagger_rounds(p: Params, model, tokenizer, demos: list[Episode], imitation, 
     return result, summaries
 
 
-def keep_dagger_episodes(p: Params) -> None:
-    """Once the teacher is written: each round's takeover episodes go into its folder (``dagger/round-<r>.jsonl``,
-    what the teacher got wrong and how the expert recovered) and the phases kept for resuming are removed."""
-    import shutil
-
-    root = dagger_dir(p)
-    kept = teacher_dir(p) / "dagger"
-    kept.mkdir(exist_ok=True)
-    for r in range(p.teacher.dagger.rounds):
-        shutil.copyfile(root / f"round-{r}" / "takeover.jsonl", kept / f"round-{r}.jsonl")
-    shutil.rmtree(root, ignore_errors=True)
+def dagger_files(p: Params) -> dict[str, Path]:
+    """Each DAgger round's takeover episodes (what the teacher got wrong and how the expert recovered), to be
+    written into the teacher folder with the model as ``dagger/round-<r>.jsonl``; none without DAgger."""
+    if p.teacher.dagger is None:
+        return {}
+    return {f"dagger/round-{r}.jsonl": dagger_dir(p) / f"round-{r}" / "takeover.jsonl" for r in range(p.teacher.dagger.rounds)}
 
 
 def dagger_summary(takeover: list[Episode], windows: int) -> dict[str, Any]:
