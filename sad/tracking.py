@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import resource
 import subprocess
 import time
@@ -16,7 +17,9 @@ from sad.config import TrackingParams
 
 log = logging.getLogger(__name__)
 
-SECRET_MARKERS = ("password", "secret", "token", "apikey", "api_key", "credential")
+# A key is a secret when its last part names one (`auth.api_token`, `db_password`), not when a setting's name
+# merely contains a marker (`distill.methods.token_kd.loss`, `context.max_new_tokens`, `tokenizer.vocab_size`).
+SECRET_KEY = re.compile(r"(password|passwd|secret|credentials?|api[_-]?key|token)$", re.IGNORECASE)
 
 
 def tracking_uri(tracking: TrackingParams) -> str:
@@ -60,7 +63,7 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
     """Drop values whose key looks like a secret, and secrets embedded in URIs."""
     out = {}
     for k, v in params.items():
-        if any(m in k.lower() for m in SECRET_MARKERS):
+        if SECRET_KEY.search(k):
             out[k] = "***"
         elif isinstance(v, str) and "://" in v and "@" in v.split("://", 1)[1].split("/", 1)[0]:
             scheme, rest = v.split("://", 1)
