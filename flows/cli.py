@@ -152,6 +152,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _store_of(p) -> str:
+    """The tracking URI this command uses, any credentials in it hidden."""
+    from sad.tracking import redact, tracking_uri
+
+    return redact({"uri": tracking_uri(p.tracking)})["uri"]
+
+
 def _load_params(path: Path):
     """Validated params, or a clear error naming the file and key (exit code 2)."""
     from sad.config import ConfigError, load_params
@@ -501,7 +508,12 @@ def registry_promote(version: str = typer.Argument(..., help="the version to mak
             promote(p.tracking, version, reason)
     except (RegistryError, RetrainBusy) as exc:
         _fail(str(exc))
-    typer.echo(f"{p.tracking.registered_model} v{version} is now @champion")
+    except Exception as exc:  # noqa: BLE001 - the store's own errors (MlflowException, unreachable server): one line
+        if _debug():
+            raise
+        _fail(f"the MLflow store at {_store_of(p)} failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} "
+              "(nothing or only part was changed: run `sad registry list`, then the command again; --debug shows the traceback)")
+    typer.echo(f"{p.tracking.registered_model} v{version.strip().removeprefix('v')} is now @champion")
 
 
 @registry_app.command("rollback")
@@ -517,6 +529,11 @@ def registry_rollback(params: Path = typer.Option(Path("params.yaml"), help="par
             before, after = rollback(p.tracking)
     except (RegistryError, RetrainBusy) as exc:
         _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the store's own errors (MlflowException, unreachable server): one line
+        if _debug():
+            raise
+        _fail(f"the MLflow store at {_store_of(p)} failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} "
+              "(nothing or only part was changed: run `sad registry list`, then the command again; --debug shows the traceback)")
     typer.echo(f"{p.tracking.registered_model}: @champion rolled back from v{before} to v{after}")
 
 

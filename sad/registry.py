@@ -339,9 +339,10 @@ def promote(tracking: TrackingParams, version: str, reason: str) -> None:
     except MlflowException:
         raise RegistryError(f"{name} has no version {version!r} (see `sad registry list`)") from None
     history = _history(client, name)
-    client.set_registered_model_alias(name, CHAMPION, version)
+    # the history first, then the alias: if the alias write fails, promoting again adds no second entry
     if not history or history[-1] != version:  # promoting the champion again adds no step to roll back
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [version]))
+    client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, DECISION_TAG, "promoted: " + reason)
     log.info("%s v%s is @%s: %s", name, version, CHAMPION, reason)
 
@@ -415,8 +416,10 @@ def rollback(tracking: TrackingParams) -> tuple[str, str]:
     if current is None or not history:
         raise RegistryError(f"{name}: no previous champion to roll back to (history: {_history(client, name) or 'empty'})")
     previous = history[-1]
-    client.set_registered_model_alias(name, CHAMPION, previous)
+    # the trimmed history first, then the alias: if the alias write fails, a second rollback goes to the same
+    # version (alias first, a failed history write would make it go forward again to the version rolled back from)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_model_version_tag(name, current[0], DECISION_TAG, f"rolled back: champion returned to v{previous}")
     log.info("%s: @%s rolled back from v%s to v%s", name, CHAMPION, current[0], previous)
     return current[0], previous

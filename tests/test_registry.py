@@ -1,5 +1,7 @@
 """The registry against a real MLflow SQLite store: gates, register, promote, roll back."""
 
+from unittest import mock
+
 import pytest
 
 from sad.config import RegisterParams, TrackingParams
@@ -206,6 +208,25 @@ def test_register_gate_promote_and_roll_back(tmp_path, tracking, tiny_model_fact
     promote(tracking, worse.version, "by hand, again")  # no second step in the history
     assert champion(tracking)[0] == worse.version
     assert rollback(tracking) == (worse.version, first.version)  # a real step back, not v2 -> v2
+    promote(tracking, worse.version, "by hand")
+    # the store fails on the second of a rollback's two registry writes (alias, history): running it again
+    # still goes back to the previous champion, never forward to the version it rolled back from
+    writes = []
+    real_alias, real_tag = mlflow.MlflowClient.set_registered_model_alias, mlflow.MlflowClient.set_registered_model_tag
+
+    def second_write_fails(real):
+        def write(self, *args, **kwargs):
+            writes.append(args)
+            if len(writes) == 2:
+                raise mlflow.exceptions.MlflowException("the store went away")
+            return real(self, *args, **kwargs)
+        return write
+
+    with mock.patch.object(mlflow.MlflowClient, "set_registered_model_alias", second_write_fails(real_alias)), \
+            mock.patch.object(mlflow.MlflowClient, "set_registered_model_tag", second_write_fails(real_tag)):
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            rollback(tracking)
+    assert len(writes) == 2 and rollback(tracking)[1] == first.version and champion(tracking)[0] == first.version
     promote(tracking, worse.version, "by hand")
     with pytest.raises(RegistryError, match="no version '99'"):
         promote(tracking, "99", "typo")
