@@ -244,8 +244,28 @@ def params_with_overrides(params_yaml: Path, set_params: list[str]):
             return load_params(copy)
         except (ConfigError, InvalidArgumentError) as exc:
             detail = str(exc.__cause__ or exc) if isinstance(exc, InvalidArgumentError) else str(exc)
-            detail = detail.replace(str(copy), str(params_yaml))
+            detail = _unknown_override_key(params_yaml, detail) or detail.replace(str(copy), str(params_yaml))
             raise ConfigError(f"--set {' '.join(overrides)}: {detail}") from None
+
+
+def _unknown_override_key(params_yaml: Path, hydra_error: str) -> str | None:
+    """For Hydra's "Could not override 'KEY'" on a KEY that is no setting at all: that, with close setting names
+    (Hydra's advice, +KEY, is right only for a setting params.yaml leaves out, such as a method's default)."""
+    import difflib
+    import re
+
+    from sad.config import load_params
+    from sad.tracking import flatten
+
+    found = re.search(r"Could not override '([^']+)'", hydra_error)
+    if not found:
+        return None
+    key = found.group(1)
+    names = list(flatten(load_params(params_yaml).model_dump()))
+    if any(n == key or n.startswith(key + ".") for n in names):
+        return None
+    close = difflib.get_close_matches(key, names, n=3)
+    return f"no setting {key!r} in {params_yaml}" + (f"; did you mean {', '.join(close)}?" if close else "")
 
 
 def _check_pipeline_args(target: str | None, set_params: list[str]) -> None:
