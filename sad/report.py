@@ -124,7 +124,7 @@ def paired_section(results: dict[str, dict[str, Any]], a: str, b: str, split: st
         return f"(`{a}` or `{b}` is not among the methods: no paired comparison)", {}
     if len(results[a]["seeds"]) != len(results[b]["seeds"]):
         return f"(`{a}` and `{b}` have different seed counts: no paired comparison)", {}
-    lines = [f"| env | {a} - {b} (success, points) | {int(confidence * 100)}% CI | P({a} not better) | wins / losses |",
+    lines = [f"| env | {a} - {b} (success, points) | {ci_level(confidence)}% CI | P({a} not better) | wins / losses |",
              "|---|---|---|---|---|"]
     out: dict[str, Any] = {}
     for env in [*envs_of(results, split), None]:
@@ -138,13 +138,21 @@ def paired_section(results: dict[str, dict[str, Any]], a: str, b: str, split: st
     return "\n".join(lines), out
 
 
+def ci_level(confidence: float) -> str:
+    """``0.95`` -> ``"95"``, ``0.975`` -> ``"97.5"``."""
+    return f"{100 * confidence:.10g}"
+
+
 def verdict(comparison: dict[str, Any], a: str, b: str, confidence: float) -> str:
     """One plain sentence on whether ``a`` beats ``b`` overall."""
     overall = comparison.get("all envs")
     if not overall:
         return ""
     d = overall["difference"]
-    level = int(confidence * 100)
+    level = ci_level(confidence)
+    if overall.get("wins") == 0 and overall.get("losses") == 0:
+        return (f"**No difference between {a} and {b}**: identical on every task and seed (0 won, 0 lost), "
+                "so no interval can say which is better.")
     if d["low"] > 0:
         return (f"**{a} beats {b}**: +{100 * d['mean']:.1f} points of test success over all environments, "
                 f"{level}% CI [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}].")
@@ -229,7 +237,7 @@ def success_plot(results: dict[str, dict[str, Any]], path: Path, n_boot: int, co
     ax.set_xticks(range(len(groups)), [g or "all envs" for g in groups])
     ax.set_ylabel(f"{split} success (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"Success by method and environment ({int(confidence * 100)}% CI over episodes and seeds)")
+    ax.set_title(f"Success by method and environment ({ci_level(confidence)}% CI over episodes and seeds)")
     ax.legend(fontsize=8, ncol=min(len(agents), 4))
     fig.tight_layout()
     _save(fig, path)
@@ -355,13 +363,14 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
                   objectives: dict[str, str], scaling_md: str, paired: list[tuple[str, str, str, str]],
                   n_boot: int, confidence: float, onpolicy_md: str = "", gate_split: str = "dev") -> str:
     """results.md; ``paired``: (a, b, verdict, table) per paired comparison."""
-    level = int(confidence * 100)
+    level = ci_level(confidence)
     parts = [
         "# Structured Agent Distillation: results",
         "",
         f"Profile: `{profile}`. Held-out **test** tasks. Success in percent with {level}% bootstrap confidence "
-        f"intervals over episodes and training seeds ({n_boot} resamples). The promotion gate uses the {gate_split} "
-        "split.",
+        f"intervals over episodes and training seeds ({n_boot} resamples; success intervals at least the Wilson "
+        f"interval over the tasks, so that no or every task won is not read as certain). The promotion gate uses "
+        f"the {gate_split} split.",
         "Objective per method: " + "; ".join(f"`{m}`: {n}" for m, n in sorted(objectives.items())) + ".",
         "",
         "## Success (test)",

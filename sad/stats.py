@@ -4,9 +4,13 @@ Results are a matrix ``values[seed][task]`` (e.g. 1.0 if the student trained wit
 solved that task). The bootstrap is hierarchical: resample seeds with replacement, then tasks
 with replacement (the same task draw for every seed, since seeds play the same tasks), and
 average. Tasks from several environments (``strata``: one label per task) are resampled within
-their environment, so each keeps its share of the tasks, as in the evaluation's design (20 per env:
-an agent that wins one env's tasks and loses another's is not uncertain about either). Percentile
-intervals, a fixed generator seed: the same inputs give the same interval.
+their environment, so each keeps its share of the tasks, as in the evaluation's design (20 per env).
+Percentile intervals, a fixed generator seed: the same inputs give the same interval.
+
+A percentile bootstrap collapses where every resample is alike: 0 of 20 tasks won gives [0, 0], as if
+the agent could never win. For success (0/1 values) the interval is therefore widened, where it is
+narrower, to the Wilson score interval of the observed rate over the tasks (within each stratum,
+weighted by its share of the tasks; seeds do not add tasks): 0/20 -> [0, 16.1%], 20/20 -> [83.9%, 100%].
 """
 
 from __future__ import annotations
@@ -64,14 +68,42 @@ def _resampled_means(m: np.ndarray, n_boot: int, rng: np.random.Generator, strat
     return picked.mean(axis=(1, 2))
 
 
+def wilson_interval(rate: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a success ``rate`` observed over ``n`` trials."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(max(rate * (1 - rate), 0.0) / n + z * z / (4 * n * n))
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
+def _stratified_wilson(m: np.ndarray, confidence: float, strata: list[str] | None) -> tuple[float, float]:
+    """Wilson intervals of each stratum's rate over its tasks ([S, N] -> the mean of the task columns),
+    combined by each stratum's share of the tasks."""
+    labels = np.asarray(strata if strata is not None else ["all"] * m.shape[1])
+    low = high = 0.0
+    for label in sorted(set(labels.tolist())):
+        columns = m[:, labels == label]
+        lo, hi = wilson_interval(float(columns.mean()), columns.shape[1], confidence)
+        share = columns.shape[1] / m.shape[1]
+        low, high = low + share * lo, high + share * hi
+    return low, high
+
+
 def bootstrap_ci(values: list[list[float]], n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
                  strata: list[str] | None = None) -> Interval:
     """Mean of ``values[seed][task]`` with a percentile bootstrap interval over seeds and tasks (tasks
-    resampled within their ``strata`` label when given)."""
+    resampled within their ``strata`` label when given); for 0/1 values at least the (stratified) Wilson
+    interval over the tasks, so that 0 or all tasks won is not reported as certain."""
     m = _matrix(values)
     means = _resampled_means(m, n_boot, np.random.default_rng(seed), strata)
     tail = (1 - confidence) / 2
-    return Interval(float(m.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)), *m.shape)
+    low, high = float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    if np.isin(m, (0.0, 1.0)).all():
+        w_low, w_high = _stratified_wilson(m, confidence, strata)
+        low, high = min(low, w_low), max(high, w_high)
+    return Interval(float(m.mean()), low, high, *m.shape)
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,16 @@ def test_action_agreement_ignores_case_and_spacing_only():
     assert not action_agrees("", "")  # two missing actions are not agreement
 
 
-def test_interval_collapses_on_constant_results():
-    ci = bootstrap_ci([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
-    assert (ci.mean, ci.low, ci.high) == (1.0, 1.0, 1.0)
-    assert (ci.n_seeds, ci.n_tasks) == (2, 3)
+def test_all_or_no_tasks_won_is_not_reported_as_certain():
+    """Every resample of 20/20 wins is 20/20: the percentile bootstrap says [100, 100]. The interval is the
+    Wilson score interval over the tasks there (seeds do not add tasks); non-binary values keep the bootstrap's."""
+    ci = bootstrap_ci([[1.0] * 20, [1.0] * 20])
+    assert (ci.mean, ci.high) == (1.0, 1.0) and ci.low == pytest.approx(0.8389, abs=1e-4)
+    assert (ci.n_seeds, ci.n_tasks) == (2, 20)
+    none = bootstrap_ci([[0.0] * 20])
+    assert (none.mean, none.low) == (0.0, 0.0) and none.high == pytest.approx(0.1611, abs=1e-4)
+    assert none.fmt() == "0.0 [0.0, 16.1]"
+    assert bootstrap_ci([[0.5] * 20]).low == 0.5  # a score, not success: nothing to widen
 
 
 def test_interval_matches_the_normal_approximation_for_many_episodes():
@@ -57,11 +63,12 @@ def test_interval_is_reproducible_and_validates_its_input():
 
 
 def test_tasks_of_several_envs_are_resampled_within_their_env():
-    """An agent that wins all 20 ALFWorld tasks and loses all 20 HotPotQA ones is at 50% with no doubt about
-    either env: stratified, the interval collapses; pooled, it spans about +-15 points."""
+    """An agent that wins all 20 ALFWorld tasks and loses all 20 HotPotQA ones is at 50%, each env's rate
+    uncertain only as 20 tasks leave it: stratified, the interval is the two envs' Wilson intervals weighted
+    by their tasks (+-8 points); pooled, as if the env did not matter, it spans about +-15 points."""
     row, envs = [1.0] * 20 + [0.0] * 20, ["alfworld"] * 20 + ["hotpotqa"] * 20
     stratified, pooled = bootstrap_ci([row], strata=envs), bootstrap_ci([row])
-    assert (stratified.low, stratified.mean, stratified.high) == (0.5, 0.5, 0.5)
+    assert stratified.mean == 0.5 and (stratified.low, stratified.high) == pytest.approx((0.4194, 0.5806), abs=1e-4)
     assert pooled.low < 0.4 and pooled.high > 0.6
     mixed = [1.0, 0.0] * 10 + [1.0] * 5 + [0.0] * 15
     assert bootstrap_ci([mixed], strata=envs).mean == pytest.approx(0.375)
@@ -82,3 +89,14 @@ def test_paired_comparison_by_hand():
     assert paired_comparison(b, b).difference.mean == 0.0
     with pytest.raises(ValueError, match="equal"):
         paired_comparison([[1, 0]], [[1, 0, 1]])
+
+
+def test_the_verdict_of_two_agents_that_won_the_same_tasks_says_so():
+    from sad.report import ci_level, verdict
+
+    same = paired_comparison([[1, 0, 0, 1]], [[1, 0, 0, 1]]).as_dict()
+    text = verdict({"all envs": same}, "sad", "token_kd", 0.95)
+    assert text.startswith("**No difference between sad and token_kd**: identical on every task")
+    better = paired_comparison([[1] * 30], [[0] * 30]).as_dict()
+    assert verdict({"all envs": better}, "sad", "token_kd", 0.975).startswith("**sad beats token_kd**: +100.0 points")
+    assert "97.5% CI" in verdict({"all envs": better}, "sad", "token_kd", 0.975) and ci_level(0.95) == "95"
