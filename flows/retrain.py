@@ -223,6 +223,8 @@ def register_and_gate(p: Params, repro: dict[str, Any]) -> dict[str, Any]:
                                     holder, holder, candidate["standing"])
         else:  # new weights, or registered but never gated (a crash or a retry between the two steps)
             card = {**candidate["card"], **provenance}
+            if existing is not None:
+                reg.complete_registration(p.tracking, existing, card, standing)
             version = existing or reg.register_candidate(Path(candidate["model_dir"]), card, standing, p.tracking)
 
             def replay(champion_version: str, task_ids: list[str]) -> dict[str, float]:
@@ -234,9 +236,13 @@ def register_and_gate(p: Params, repro: dict[str, Any]) -> dict[str, Any]:
                "reasons": decision.reasons, "champion_before": decision.champion_before,
                "champion_after": decision.champion_after, "standing": candidate["standing"], **provenance}
         out["summary"] = reg.decision_summary(decision)
-        mlflow.log_dict(out, "decision.json")
-        mlflow.log_text(reg.decision_markdown(decision), "promotion.md")
-        mlflow.set_tag("sad.decision", ("promoted v" if decision.promoted else "not promoted v") + str(decision.version))
+        try:  # the decision is taken: a retry after this point would report "unchanged" instead of it
+            mlflow.log_dict(out, "decision.json")
+            mlflow.log_text(reg.decision_markdown(decision), "promotion.md")
+            mlflow.set_tag("sad.decision", ("promoted v" if decision.promoted else "not promoted v") + str(decision.version))
+        except Exception as exc:  # noqa: BLE001 - any store error
+            log.warning("the decision was not logged to the retrain run (%s); it is in reports/registry.json and on "
+                        "the version's tags", exc)
     write_json_atomic(p.path("reports", "registry.json"), out)
     log.info("retrain: %s", out["summary"])
     return out

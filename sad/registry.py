@@ -240,10 +240,9 @@ def champion(tracking: TrackingParams) -> tuple[str, Standing | None] | None:
 def find_version(tracking: TrackingParams, weights_sha256: str) -> str | None:
     """The registered version holding exactly these weights, if any."""
     client = _client(tracking)
-    try:
-        versions = client.search_model_versions(f"name='{tracking.registered_model}'")
-    except Exception:
-        return None
+    # no catch-all here: a store that fails to answer must not read as "not registered" (the same weights
+    # would be registered twice); its error fails the task, which Prefect retries
+    versions = client.search_model_versions(f"name='{tracking.registered_model}'")
     for mv in versions:
         if mv.tags.get(WEIGHTS_TAG) == weights_sha256:
             return str(mv.version)
@@ -299,6 +298,16 @@ def register_candidate(model_dir: Path, card: dict[str, Any], standing: Standing
     client.set_registered_model_alias(name, CHALLENGER, version)
     log.info("registered %s v%s (@%s)", name, version, CHALLENGER)
     return version
+
+
+def complete_registration(tracking: TrackingParams, version: str, card: dict[str, Any], standing: Standing) -> None:
+    """Finish the registration of a version found by its weights but never gated (a stop or a store error
+    right after ``register_model``): its model card and ``@challenger``, as ``register_candidate`` sets them."""
+    client = _client(tracking)
+    name = tracking.registered_model
+    if not (client.get_model_version(name, version).description or "").strip():
+        client.update_model_version(name, version, description=model_card_markdown({**card, "standing": asdict(standing)}))
+    client.set_registered_model_alias(name, CHALLENGER, version)
 
 
 def model_card_markdown(card: dict[str, Any]) -> str:
@@ -362,6 +371,11 @@ def gate_and_promote(tracking: TrackingParams, version: str, standing: Standing,
     current = champion(tracking)
     before = current[0] if current else None
     if before == version:
+        if decision_of(tracking, version) is None:  # this gating moved the alias, then stopped: it promoted
+            earlier = [v for v in _history(client, tracking.registered_model) if v != version]
+            reason = "promoted: the gates passed and @champion moved before the gating was interrupted"
+            client.set_model_version_tag(tracking.registered_model, version, DECISION_TAG, reason)
+            return Decision(version, True, [reason], earlier[-1] if earlier else None, version, asdict(standing))
         return Decision(version, False, ["already the champion"], before, before, asdict(standing))
     champ = current[1] if current else None
     theirs, source = None, "stored"
@@ -379,9 +393,12 @@ def gate_and_promote(tracking: TrackingParams, version: str, standing: Standing,
         client.set_model_version_tag(tracking.registered_model, version, DECISION_TAG, f"{kept}: " + "; ".join(reasons))
     after = version if promoted else before
     decision = Decision(version, promoted, reasons, before, after, asdict(standing))
-    mv = client.get_model_version(tracking.registered_model, version)
-    base = (mv.description or "").split("\n\n## Promotion decision")[0]
-    client.update_model_version(tracking.registered_model, version, description=base + "\n\n" + decision_markdown(decision))
+    try:  # the decision is taken and recorded: a failure to describe it must not make a retry misreport it
+        mv = client.get_model_version(tracking.registered_model, version)
+        base = (mv.description or "").split("\n\n## Promotion decision")[0]
+        client.update_model_version(tracking.registered_model, version, description=base + "\n\n" + decision_markdown(decision))
+    except Exception as exc:  # noqa: BLE001 - any store error
+        log.warning("v%s: the decision is recorded in its tags, but its description was not updated (%s)", version, exc)
     log.info("gates for v%s: %s -> %s", version, "; ".join(reasons), "promoted" if promoted else "not promoted")
     return decision
 

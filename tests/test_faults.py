@@ -391,6 +391,65 @@ def test_a_crash_between_registration_and_promotion_leaves_the_champion_and_conc
     assert len(versions) == 2 and _champion(project) == "2"
 
 
+def test_a_store_error_during_registration_or_after_the_decision_is_retried_into_the_true_outcome(
+        registry_project, monkeypatch):
+    """register_and_gate is retried on a store error. Failing right after the version is created (before its
+    card and @challenger), or after @champion moved (before the decision tag), or while the decision is logged
+    to the run: what the retry (or the run) reports is what happened, and the version gets its card."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from flows import retrain
+    from sad import registry as reg
+    from sad.config import load_params
+
+    project, candidate = registry_project
+    monkeypatch.chdir(project)
+    for var in ("SAD_MLFLOW_URI", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    p = load_params("params.yaml")
+    client = MlflowClient(p.tracking.uri)
+
+    def fails(real, when):
+        def call(*args, **kwargs):
+            if when(*args, **kwargs):
+                raise MlflowException("the store went away")
+            return real(*args, **kwargs)
+        return call
+
+    def gate():
+        return retrain.register_and_gate.fn(p, {"seconds": 0.0, "stages_run": 0})
+
+    candidate(0, 0.3)  # the decision is taken, then logging it to the run fails: still reported as promoted
+    with monkeypatch.context() as m:
+        m.setattr(mlflow, "log_dict", fails(mlflow.log_dict, lambda d, name: name == "decision.json"))
+        first = gate()
+    assert first["promoted"] and first["version"] == "1" and _champion(project) == "1"
+
+    candidate(1, 0.6)  # created with its tags, then the store fails before its card and @challenger
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "update_model_version", fails(MlflowClient.update_model_version, lambda *a, **k: True))
+        with pytest.raises(MlflowException):
+            gate()
+    assert reg.find_version(p.tracking, json.loads((project / "reports" / "candidate.json").read_text())["weights_sha256"]) == "2"
+    second = gate()  # the retry
+    assert second["promoted"] and second["version"] == "2" and second["champion_before"] == "1"
+    assert "method `sad`, seed 1" in client.get_model_version("sad-student", "2").description
+
+    candidate(2, 0.9)  # @champion moved to v3, then the decision tag failed
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "set_model_version_tag",
+                  fails(MlflowClient.set_model_version_tag, lambda self, name, version, key, value: key == reg.DECISION_TAG))
+        with pytest.raises(MlflowException):
+            gate()
+    assert _champion(project) == "3"
+    third = gate()
+    assert third["promoted"] and third["version"] == "3" and third["champion_before"] == "2", third
+    assert reg.decision_of(p.tracking, "3").startswith("promoted")
+    assert "unchanged" in gate()["reason"]  # a later retrain with the same weights changes nothing
+
+
 def test_a_torn_dvc_lock_left_by_a_killed_run_is_cleared_before_dvc_runs(tmp_path):
     """SIGKILL while DVC writes .dvc/tmp/rwlock leaves it empty; DVC then refuses every repro (seen in CI)."""
     from flows.retrain import clear_torn_dvc_lock
