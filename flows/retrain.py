@@ -46,22 +46,29 @@ class RetrainTerminated(RetrainStopped, TerminationSignal):
         self.signal = signum
 
 
+# DVC's own failures that pass on a retry: another DVC process held the repo's lock for a moment.
+DVC_TRANSIENT = ("Unable to acquire lock", "Unable to read RWLock-file", "database is locked")
+
+
 class StageFailed(RuntimeError):
     """``dvc repro`` stopped on a failing stage (whose own output already said why); ``stage_exit`` is the
-    stage's exit status as DVC reports it (2: bad input), if it reported one."""
+    stage's exit status as DVC reports it (2: bad input; negative: killed by that signal), if it reported one.
+    ``transient``: worth a retry: a stage that failed otherwise than on bad input, or DVC's lock busy; not DVC's
+    own errors (a missing dependency, a broken dvc.yaml), which fail the same way again."""
 
-    def __init__(self, message: str, stage_exit: int | None = None):
+    def __init__(self, message: str, stage_exit: int | None = None, transient: bool | None = None):
         super().__init__(message)
         self.stage_exit = stage_exit
+        self.transient = (stage_exit is not None and stage_exit != 2) if transient is None else transient
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn`` of the DVC run: a stage that exited 2 (bad input) fails the same way
-    again, so it is not retried; any other failure is."""
+    """Prefect ``retry_condition_fn`` of the DVC run: a stage that exited 2 (bad input) or DVC's own error
+    fails the same way again, so it is not retried; a stage that crashed or was killed is."""
     try:
         state.result()
     except StageFailed as exc:
-        return exc.stage_exit != 2
+        return exc.transient
     except Exception:  # noqa: BLE001 - the task's own exception, re-raised by Prefect
         return True
     return True
@@ -168,16 +175,41 @@ def reproduce(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
         raise
     code = proc.wait()
     if code != 0:
-        reported = re.findall(r"exited with (\d+)", "".join(tail))
+        text = "".join(tail)
+        reported = re.findall(r"exited with (-?\d+)", text)
         stage_exit = int(reported[-1]) if reported else None
         why = f"a stage exited with {stage_exit}, see its message above" if stage_exit is not None else f"exit code {code}"
-        raise StageFailed(f"{' '.join(cmd[1:])} failed ({why}):\n" + "".join(tail), stage_exit)
+        transient = (stage_exit is not None and stage_exit != 2) or any(m in text for m in DVC_TRANSIENT)
+        raise StageFailed(f"{' '.join(cmd[1:])} failed ({why}):\n" + text, stage_exit, transient)
     return {"seconds": time.perf_counter() - started, "stages_run": stages_run}
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
 def push(remote: str, env: dict[str, str]) -> None:
     subprocess.run([_dvc(), "push", "-r", remote], env=env, check=True)
+
+
+def push_or_warn(remote: str, env: dict[str, str]) -> bool:
+    """Push the outputs to ``remote`` (with the push task's retries); a push that still fails is an error in
+    the log with the command to push by hand, not a failed retrain (its stages and registration stand)."""
+    try:
+        push(remote, env)
+        return True
+    except subprocess.CalledProcessError as exc:
+        log.error("dvc push -r %s failed (exit code %s) after its retries; the retrain's outputs are in the local "
+                  "DVC cache: push them by hand with `dvc push -r %s`", remote, exc.returncode, remote)
+        return False
+
+
+def check_dvc_remote(remote: str, env: dict[str, str]) -> None:
+    """``retrain.dvc_remote`` must name a remote of this repo (``dvc remote list``): checked before the
+    repro, so a typo fails in seconds, not after hours of stages (and is not retried as a network error)."""
+    listed = subprocess.run([_dvc(), "remote", "list"], env=env, capture_output=True, text=True)
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    if listed.returncode != 0 or remote not in names:
+        raise ValueError(f"retrain.dvc_remote: {remote!r} is not a DVC remote of this repo (remotes: "
+                         f"{', '.join(names) or 'none'}); add it with `dvc remote add {remote} <url>` or set "
+                         "retrain.dvc_remote: null")
 
 
 def file_sha256(path: Path) -> str:
@@ -274,15 +306,20 @@ def retrain_flow(project_dir: str | None = None, params_path: str = "params.yaml
             os.environ.update(services)
             try:
                 env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+                remote = p.retrain.dvc_remote
+                if remote:
+                    check_dvc_remote(remote, env)
                 log.info("retrain in %s: %s", project, " ".join(cmd[1:]))
                 repro = reproduce.with_options(retries=p.retrain.retries, retry_delay_seconds=p.retrain.retry_delay_s,
                                                retry_condition_fn=retry_unless_bad_input)(cmd, env)
-                if p.retrain.dvc_remote:
-                    push(p.retrain.dvc_remote, env)
                 if target:
+                    if remote:
+                        push_or_warn(remote, env)
                     return {"target": target, **repro}
                 p = load_params(params_path)  # `dvc exp run -S` rewrote params.yaml
-                decision = register_and_gate(p, repro)
+                decision = register_and_gate(p, repro)  # before the push: a failed push does not undo the retrain
+                if remote:
+                    decision["pushed"] = push_or_warn(remote, env)
                 log.info("retrain finished: %s", decision["summary"])
                 return {**decision, "repro": repro}
             finally:

@@ -480,3 +480,33 @@ def test_a_torn_dvc_lock_file_left_by_a_stopped_run_is_restored_from_the_copy_be
     copy.unlink()
     lock.write_text("")
     assert keep_or_restore_dvc_lock_file(tmp_path) == "removed" and not lock.exists()
+
+
+def test_dvc_failures_are_retried_only_when_they_may_pass_and_a_bad_remote_fails_before_the_repro(tmp_path):
+    """A stage that crashed (exit 1) or was killed is worth a retry; a stage's bad input (exit 2) and DVC's own
+    errors (a dependency that does not exist) fail the same way again. `retrain.dvc_remote` naming no remote of
+    the repo is refused before any stage runs."""
+    from flows.retrain import StageFailed, check_dvc_remote, dvc_command, reproduce
+
+    env = {**ENV, "DVC_NO_ANALYTICS": "1"}
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    assert subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, env=env).returncode == 0
+    stages = {"crash": "exit 1", "bad": "exit 2", "killed": "kill -9 $$"}
+    dvc_yaml = {"stages": {name: {"cmd": f"sh -c '{cmd}'"} for name, cmd in stages.items()}}
+    dvc_yaml["stages"]["missing"] = {"cmd": "true", "deps": ["no/such/file"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        failures = {}
+        for name in [*stages, "missing"]:
+            with pytest.raises(StageFailed) as caught:
+                reproduce.fn(dvc_command([], False, name), env)
+            failures[name] = (caught.value.stage_exit, caught.value.transient)
+        assert failures == {"crash": (1, True), "bad": (2, False), "killed": (-9, True), "missing": (None, False)}, failures
+        with pytest.raises(ValueError, match=r"retrain.dvc_remote: 'backup' is not a DVC remote of this repo \(remotes: none\)"):
+            check_dvc_remote("backup", env)
+        assert subprocess.run([dvc, "remote", "add", "backup", str(tmp_path / "store")], env=env).returncode == 0
+        check_dvc_remote("backup", env)
+    finally:
+        os.chdir(cwd)
