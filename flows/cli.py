@@ -340,7 +340,9 @@ def _guard_hand_run(p):
 
 
 def _exit_on_sigterm(signum: int, _frame) -> None:
-    """A stopped stage unwinds: its MLflow run ends FAILED and its Prefect flow run is marked, not left running."""
+    """A stopped stage unwinds: its MLflow run ends FAILED and its Prefect flow run is marked, not left running.
+    A second SIGTERM (its process group signalled again) does not interrupt that unwinding."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

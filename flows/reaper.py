@@ -35,6 +35,11 @@ def kill_groups(groups: list[int], grace_s: float = 5.0, pids: list[int] | None 
             send(ident, signal.SIGKILL)
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` still exists."""
+    return _alive(os.killpg, pgid)
+
+
 def _alive(send, ident: int) -> bool:
     """Whether the process (``os.kill``) or process group (``os.killpg``) ``ident`` still exists."""
     try:

@@ -148,16 +148,20 @@ def watch_group(pgid: int) -> None:
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group led by ``proc``, SIGKILL the group once its leader has exited (or after
-    ``grace_s``); waits for ``proc``. A stage child killed before it ended its MLflow run leaves it RUNNING
-    for the reaper to mark KILLED (``Reaper.close(interrupted=True)``)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
+    """SIGTERM the process group led by ``proc``; SIGKILL what is left of it once the whole group has exited or
+    ``grace_s`` has passed; waits for ``proc``. The leader (DVC) dies at once on SIGTERM while the stage it ran
+    unwinds (ends its MLflow run FAILED, marks its Prefect flow run): the grace is for the group, not the
+    leader. A stage killed before it ended its MLflow run leaves it RUNNING for the reaper to mark KILLED
+    (``Reaper.close(interrupted=True)``)."""
+    from flows.reaper import group_alive
+
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    while time.monotonic() < deadline and group_alive(proc.pid):
+        time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, even when its leader is gone
     with contextlib.suppress(subprocess.TimeoutExpired):

@@ -84,3 +84,45 @@ def test_unreachable_preload_socket_falls_back_to_a_plain_process(tmp_path):
     shutil.copytree(REPO / "profiles", tmp_path / "profiles")
     result = _sad(["profile", "tiny", "--dry-run"], tmp_path, tmp_path / "missing.sock")
     assert result.returncode == 0 and "profile: tiny" in result.stdout
+
+
+CHILD_THAT_UNWINDS = r"""
+import os, signal, sys, time
+from pathlib import Path
+done = Path(sys.argv[1])
+def stopped(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as `sad stage` does
+    raise SystemExit(143)
+signal.signal(signal.SIGTERM, stopped)
+(done.parent / "ready").write_text("")
+try:
+    time.sleep(60)
+finally:  # ends its MLflow run, marks its flow run: it takes a moment
+    time.sleep(0.5)
+    done.write_text("unwound")
+"""
+
+
+def test_stopping_a_group_lets_its_stage_unwind_after_the_leader_died(tmp_path):
+    """DVC (the group's leader) dies at once on SIGTERM; the stage it ran gets the same SIGTERM and needs a
+    moment to end its runs: the group is killed only once it is empty or the grace is over."""
+    import subprocess
+    import sys
+    import time
+
+    from flows.reaper import group_alive
+    from flows.server import stop_group
+
+    (tmp_path / "child.py").write_text(CHILD_THAT_UNWINDS)
+    leader = ("import subprocess, sys, time; subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]]); "
+              "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", leader, str(tmp_path / "child.py"), str(tmp_path / "done")],
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    started = time.monotonic()
+    stop_group(proc, grace_s=10)
+    assert (tmp_path / "done").read_text() == "unwound"
+    assert time.monotonic() - started < 8 and not group_alive(proc.pid)
