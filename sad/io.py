@@ -12,11 +12,20 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+
+class MissingEntryError(KeyError):
+    """An entry the user's input should hold is not there (a task's question in its file, a product's
+    instruction); the message names the file and the entry. A plain ``KeyError`` is a bug, not bad input."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 # Errors that mean the user's input (a file, a record, a parameter) is wrong, not the code: the project's
 # own (ConfigError, SchemaViolation, SegmentationError, StaleCacheError, UnsafePathError, ExpertBelowFloor,
-# ModelUnavailable) subclass these and name what is wrong. The CLI prints them in one line (exit 2); the
-# orchestrator never retries them.
-BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError)
+# ModelUnavailable, MissingEntryError) subclass these and name what is wrong. The CLI prints them in one line
+# (exit 2); the orchestrator never retries them.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, MissingEntryError, FileNotFoundError)
 
 
 def _tmp_prefix(path: Path) -> str:

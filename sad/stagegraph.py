@@ -16,6 +16,8 @@ import re
 from functools import cache
 from pathlib import Path
 
+from sad.io import MissingEntryError
+
 LIBRARY = Path(__file__).resolve().parent
 ROOT = LIBRARY.parent
 
@@ -100,7 +102,7 @@ def imported_modules(module: str) -> frozenset[str]:
 def stage_modules(stage: str) -> set[str]:
     """Every library module a stage runs (its entries and all they import, transitively)."""
     if stage not in STAGE_ENTRIES:
-        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ENTRIES)}")
+        raise MissingEntryError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ENTRIES)}")
     seen: set[str] = set()
     todo = list(STAGE_ENTRIES[stage])
     while todo:

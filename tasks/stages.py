@@ -21,9 +21,10 @@ from sad.envs.base import Task
 from sad.io import BAD_INPUT_ERRORS
 from sad.react import Episode
 
-# Bad input fails the same way every time: retrying it only delays the error. Everything else
-# (a locked SQLite store, a dropped connection, a full disk freed meanwhile) gets its retries.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (*BAD_INPUT_ERRORS, TypeError, NotADirectoryError,
+# Bad input fails the same way every time: retrying it only delays the error; so do the bugs TypeError and
+# KeyError. Everything else (a locked SQLite store, a dropped connection, a full disk freed meanwhile) gets
+# its retries.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (*BAD_INPUT_ERRORS, TypeError, KeyError, NotADirectoryError,
                                                      IsADirectoryError, PermissionError)
 
 

@@ -491,3 +491,30 @@ def test_model_output_that_never_emits_an_action_is_a_counted_invalid_step(task_
     game = get_benchmark("webshop").make_env(False)
     game.reset(task, task_root)
     assert not game.step(parsed.action).valid
+
+
+def test_evaluation_files_that_do_not_pair_up_are_named_before_the_report(tmp_path, monkeypatch):
+    """results.md pairs every agent's tasks: an evaluation file that is not JSON, or whose agent played other
+    envs or another number of tasks than the teacher, is named with what to rerun (not a bare KeyError)."""
+    from sad.io import BAD_INPUT_ERRORS
+    from sad.stages.layout import eval_metrics_file, load_eval_results
+
+    monkeypatch.chdir(tmp_path)
+    p = parse_params({})
+
+    def write(agent: str, per_task: dict[str, list[float]]) -> Path:
+        path = eval_metrics_file(p, agent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seeds": {"0": {"splits": {"test": {"per_task": per_task}}}}}))
+        return path
+
+    write("teacher", {"alfworld": [1.0, 0.0], "hotpotqa": [1.0, 1.0]})
+    write("sad", {"alfworld": [0.0, 0.0], "hotpotqa": [1.0, 0.0]})
+    assert set(load_eval_results(p, ["teacher", "sad"])) == {"teacher", "sad"}
+    path = write("sad", {"alfworld": [0.0, 0.0]})
+    with pytest.raises(ValueError, match=re.escape(f"{path}: seed 0 played {{'test': {{'alfworld': 2}}}}")):
+        load_eval_results(p, ["teacher", "sad"])
+    path.write_text('{"seeds": ')
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not valid JSON")):
+        load_eval_results(p, ["teacher", "sad"])
+    assert not issubclass(KeyError, BAD_INPUT_ERRORS)  # a bare KeyError is a bug: its traceback is shown

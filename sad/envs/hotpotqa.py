@@ -32,6 +32,7 @@ from typing import Any
 from sad.envs.base import Observation, Task, task_location
 from sad.envs.text import BM25Index
 from sad.envs.text import words as _tokens
+from sad.io import MissingEntryError
 
 ENV_NAME = "hotpotqa"
 MAX_STEPS = 7  # ReAct's HotPotQA runs stop after 7 steps
@@ -165,7 +166,7 @@ class HotpotEnv:
         qid = task.meta.get("qid")
         question = _questions_by_id(str(file)).get(qid)
         if question is None:
-            raise KeyError(f"{task.task_id}: question {qid!r} not in {file}")
+            raise MissingEntryError(f"{task.task_id}: question {qid!r} not in {file}")
         self._question = question
         self._corpus = load_corpus(str(file.parent))
         self._page, self._lookup_keyword, self._lookup_list, self._lookup_cnt = None, None, [], 0

@@ -32,6 +32,7 @@ from typing import Any
 from sad.envs.base import ExpertGaveUp, Observation, Task, content_split, task_location
 from sad.envs.text import BM25Index
 from sad.envs.text import words as _tokens
+from sad.io import MissingEntryError
 
 ENV_NAME = "webshop"
 MAX_STEPS = 15
@@ -274,7 +275,7 @@ class WebShopEnv:
         asin, index = task.meta.get("asin"), int(task.meta.get("goal_index", 0))
         goals = self.catalogue.goals.get(asin, [])
         if index >= len(goals):
-            raise KeyError(f"{task.task_id}: no instruction #{index} for product {asin!r} in {folder}")
+            raise MissingEntryError(f"{task.task_id}: no instruction #{index} for product {asin!r} in {folder}")
         self.goal = goals[index]
         self.steps = 0
         self.max_steps = int(task.meta.get("max_steps", MAX_STEPS))

@@ -147,13 +147,39 @@ def mean_over_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def load_eval_results(p: Params, agents: list[str]) -> dict[str, dict[str, Any]]:
     """Each agent's evaluation metrics (metrics/eval/<agent>.json)."""
-    out = {}
+    out, files = {}, {}
     for agent in agents:
-        path = eval_metrics_file(p, agent)
+        path = files[agent] = eval_metrics_file(p, agent)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (run 'sad stage evaluate --agent {agent}' first)")
-        out[agent] = json.loads(path.read_text())
+        try:
+            out[agent] = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); rerun 'sad stage evaluate --agent {agent}'") from None
+    check_same_tasks(out, files)
     return out
+
+
+def check_same_tasks(results: dict[str, dict[str, Any]], files: dict[str, Path]) -> None:
+    """Every agent's every seed played the same splits and environments, with as many tasks each, as the first
+    agent's first seed (the paired comparisons and the table need it); else a ValueError naming the file."""
+    def shape(seed_result: dict[str, Any]) -> dict[str, dict[str, int]]:
+        return {split: {env: len(v) for env, v in r.get("per_task", {}).items()}
+                for split, r in seed_result.get("splits", {}).items()}
+
+    reference = None
+    for agent, result in results.items():
+        seeds = result.get("seeds") or {}
+        if not seeds:
+            raise ValueError(f"{files[agent]}: no seeds' results (rerun 'sad stage evaluate --agent {agent}')")
+        for seed, seed_result in seeds.items():
+            mine = shape(seed_result)
+            if reference is None:
+                reference = (agent, seed, mine)
+            elif mine != reference[2]:
+                raise ValueError(f"{files[agent]}: seed {seed} played {mine} (split: env: tasks), {reference[0]} seed "
+                                 f"{reference[1]} {reference[2]}; evaluate every agent on the same tasks (rerun "
+                                 f"'sad stage evaluate --agent {agent}' with the same params)")
 
 
 def load_scaling_results(p: Params) -> dict[str, dict[str, Any]]:
