@@ -152,6 +152,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _is_number(value) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _store_of(p) -> str:
     """The tracking URI this command uses, any credentials in it hidden."""
     from sad.tracking import redact, tracking_uri
@@ -367,6 +375,13 @@ def stage(
         _fail("the evaluate stage needs --agent ('teacher' or a method)")
     if name is Stage.scale and not size:
         _fail("the scale stage needs --size (one of: " + ", ".join(p.distill.scaling.sizes) + ")")
+    # a typo fails here, in a second, not after Prefect has started a server and a flow run
+    if name is Stage.distill and method not in p.distill.methods:
+        _fail(f"unknown method {method!r}; {params} distill.methods has: {', '.join(p.distill.methods)}")
+    if name is Stage.evaluate and agent != "teacher" and agent not in p.distill.methods:
+        _fail(f"unknown agent {agent!r}; use 'teacher' or one of {params} distill.methods: {', '.join(p.distill.methods)}")
+    if name is Stage.scale and size not in p.distill.scaling.sizes:
+        _fail(f"unknown size {size!r}; {params} distill.scaling.sizes has: {', '.join(p.distill.scaling.sizes)}")
     runners = {
         Stage.tasks: lambda: f.tasks_flow(path),
         Stage.demos: lambda: f.demos_flow_for(p)(path),
@@ -499,18 +514,22 @@ app.add_typer(registry_app, name="registry")
 @registry_app.command("list")
 def registry_list(params: Path = typer.Option(Path("params.yaml"), help="parameter file (tracking URI, model name)"),
                   as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Every registered version, newest first, with aliases, gate value and the promotion decision."""
+    """Every registered version, newest first, with aliases, method, gate value and the promotion decision."""
     from sad.registry import list_versions
 
     _setup_logging()
-    rows = list_versions(_load_params(params).tracking)
+    p = _load_params(params)
+    rows = list_versions(p.tracking)
     if as_json:
         typer.echo(json.dumps(rows))
         return
+    if not rows:
+        typer.echo(f"no versions of {p.tracking.registered_model} in {_store_of(p)} (`sad pipeline` registers one)")
     for r in rows:
         aliases = ",".join("@" + a for a in r["aliases"]) or "-"
         verdict, _, gates = (r["decision"] or "not gated").partition(": ")
-        typer.echo(f"v{r['version']:<4} {aliases:<24} {r['method'] or '-':<10} {r['gate_metric']}={r['gate_value']}  {verdict}")
+        value = f"{float(r['gate_value']):.4g}" if _is_number(r["gate_value"]) else r["gate_value"]
+        typer.echo(f"v{r['version']:<4} {aliases:<24} {r['method'] or '-':<10} {r['gate_metric']}={value}  {verdict}")
         for gate in gates.split("; ") if gates else []:
             typer.echo(f"      {gate}")
 
@@ -647,12 +666,18 @@ def profile(
     from sad.io import write_text_atomic
 
     source = f"profiles/{name}.yaml"
+    if not Path(source).is_file():
+        known = sorted(f.stem for f in Path("profiles").glob("*.yaml"))
+        _fail(f"no profile {name!r} ({source} not found); profiles: {', '.join(known) or 'none in ./profiles'}")
     try:
         override = read_yaml(Path(source))
         base = read_yaml(params)
         replaced = profile_replaced_paths(base, override, source)
         merged = apply_profile(base, override, source)
-        merged.setdefault("project", {})["profile"] = name
+        before = str((base.get("project") or {}).get("profile", "default"))
+        # a profile applied over another one: both show in reports (results.md says which params ran)
+        stacked = name if before in ("default", name) else f"{before}+{name}"
+        merged.setdefault("project", {})["profile"] = stacked
         parse_params(merged, f"{params} + {source}")
     except ConfigError as exc:
         _fail(str(exc))
@@ -670,7 +695,7 @@ def profile(
 
     for keys in replaced:  # the profile's mapping replaces these whole (their comments go with them)
         delete_path(doc, keys)
-    merge_into(doc, {**override, "project": {**override.get("project", {}), "profile": name}})
+    merge_into(doc, {**override, "project": {**override.get("project", {}), "profile": stacked}})
     buffer = io.StringIO()
     yaml.dump(doc, buffer)
     text = buffer.getvalue()
@@ -678,7 +703,8 @@ def profile(
         typer.echo(text)
         return
     write_text_atomic(params, text)
-    typer.echo(f"{params}: applied profile '{name}' (restore with: git checkout {params})")
+    on_top = f" on top of profile '{before}' (project.profile: {stacked})" if stacked != name else ""
+    typer.echo(f"{params}: applied profile '{name}'{on_top} (restore with: git checkout {params})")
 
 
 class EnvName(str, Enum):
@@ -714,7 +740,7 @@ def _task_set(env: str, split: str, n: int | None, tasks_root: Path, generate: b
 def expert(
     env: EnvName = typer.Option(EnvName.alfworld, help="environment"),
     split: SplitName = typer.Option(SplitName.test, help="split"),
-    n: int | None = typer.Option(None, help="play the first N tasks of the split (default: all; 200 with --generate)"),
+    n: int | None = typer.Option(None, min=1, help="play the first N tasks of the split (default: all; 200 with --generate)"),
     tasks_root: Path = typer.Option(Path("data/tasks"), help="tasks folder written by the tasks stage"),
     generate: bool = typer.Option(False, "--generate", help="generate N fresh tasks (seeded by params.yaml) in a temp folder"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -731,7 +757,9 @@ def expert(
         started = time.perf_counter()
         episodes = play_expert(tasks, root, progress=not as_json)
         seconds = time.perf_counter() - started
-    count = max(len(episodes), 1)
+    if not episodes:
+        _fail(f"no {env.value} {split.value} tasks to play in {root}")
+    count = len(episodes)
     result = {
         "env": env.value, "split": split.value, "episodes": len(episodes), "generated": generate,
         "success_rate": sum(e.success for e in episodes) / count,

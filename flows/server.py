@@ -38,11 +38,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(api_url: str, timeout_s: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+def wait_healthy(api_url: str, timeout_s: float = 90.0, proc: subprocess.Popen | None = None,
+                 log_file: Path | None = None) -> None:
+    """Wait until ``api_url``/health answers; a server that exits or never answers is an error naming its log."""
+    where = f"see {log_file}" if log_file is not None else "see its log"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server for {api_url} exited early with code {proc.returncode} (see its log)")
+            tail = _last_line(log_file)
+            raise RuntimeError(f"server for {api_url} exited early with code {proc.returncode} ({where}"
+                               + (f"; its last line: {tail}" if tail else "") + ")")
         try:
             with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -50,7 +55,15 @@ def wait_healthy(api_url: str, timeout_s: float = 90.0, proc: subprocess.Popen |
         except OSError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"server at {api_url} not healthy after {timeout_s:.0f}s (see its log)")
+    raise TimeoutError(f"server at {api_url} not healthy after {timeout_s:.0f}s ({where})")
+
+
+def _last_line(log_file: Path | None) -> str:
+    """The last non-empty line of a server's log (often its error), or ''."""
+    if log_file is None or not log_file.is_file():
+        return ""
+    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines()[-50:] if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def _tool(name: str) -> str:
@@ -203,7 +216,7 @@ def start_server(log_file: Path, port: int | None = None) -> tuple[subprocess.Po
     """Start a Prefect server on 127.0.0.1 and wait until it is healthy."""
     proc, api_url = spawn_prefect(log_file, port)
     try:
-        wait_healthy(api_url, proc=proc)
+        wait_healthy(api_url, proc=proc, log_file=log_file)
     except Exception:
         stop_server(proc)
         raise
@@ -245,7 +258,7 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
     Servers are started (in parallel) only for what is not configured already, and stopped on exit.
     """
     env: dict[str, str] = {}
-    procs: list[tuple[subprocess.Popen, str]] = []
+    procs: list[tuple[subprocess.Popen, str, Path]] = []
     preload_proc: subprocess.Popen | None = None
     interrupted = False
     reaper = Reaper(log_dir / "reaper.log")
@@ -257,11 +270,11 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
             env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
         else:
             proc, url = spawn_prefect(log_dir / "prefect-server.log")
-            procs.append((proc, url + "/health"))
+            procs.append((proc, url + "/health", log_dir / "prefect-server.log"))
             env["PREFECT_API_URL"] = url
         if not os.environ.get("SAD_MLFLOW_URI") and is_local_store(mlflow_uri):
             proc, url = spawn_mlflow(mlflow_uri, artifact_root, log_dir / "mlflow-server.log")
-            procs.append((proc, url + "/health"))
+            procs.append((proc, url + "/health", log_dir / "mlflow-server.log"))
             env["SAD_MLFLOW_URI"] = url
         if os.environ.get("SAD_PRELOAD_SOCKET"):
             env["SAD_PRELOAD_SOCKET"] = os.environ["SAD_PRELOAD_SOCKET"]
@@ -269,8 +282,8 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
         if preload:
             # Started with the final environment: libraries that read settings at import see it.
             preload_proc, sock = spawn_preload(log_dir / "preload.log", {**os.environ, **env})
-        for proc, health in procs:
-            wait_healthy(health.rsplit("/health", 1)[0], proc=proc)
+        for proc, health, log_file in procs:
+            wait_healthy(health.rsplit("/health", 1)[0], proc=proc, log_file=log_file)
         if preload_proc is not None:
             if wait_for_socket(sock, preload_proc):
                 env["SAD_PRELOAD_SOCKET"] = str(sock)
@@ -285,7 +298,7 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
         if preload_proc is not None:  # first the stage processes it forked, while the servers still record them
             stop_group(preload_proc, grace_s=2.0)
             shutil.rmtree(sock.parent, ignore_errors=True)
-        for proc, _ in procs:
+        for proc, _, _ in procs:
             stop_server(proc)
         _reapers.remove(reaper)
         reaper.close(interrupted)

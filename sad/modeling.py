@@ -213,6 +213,9 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.d
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model folder (the stage that writes it has not run: `dvc status` "
+                                "lists what is missing, `sad pipeline` or `dvc repro` writes it)")
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors checkpoints are loaded)")
     try:

@@ -83,11 +83,14 @@ def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any]
     from sad.modeling import count_parameters, load_model, read_card, save_model
     from sad.tokenizer import load_tokenizer
 
-    model, tokenizer = load_model(teacher_dir), load_tokenizer(teacher_dir)
-    trained = read_card(teacher_dir)
+    if not Path(teacher_dir).is_dir():
+        raise FileNotFoundError(f"{teacher_dir}: not found; train the teacher first (a profile with a teacher recipe, "
+                                "e.g. `sad profile teacher && dvc repro evaluate_teacher`)")
     if not eval_file.is_file():
         raise FileNotFoundError(f"{eval_file}: not found; evaluate the teacher first (dvc repro evaluate_teacher), "
                                 "so that its card states what it does")
+    model, tokenizer = load_model(teacher_dir), load_tokenizer(teacher_dir)
+    trained = read_card(teacher_dir)
     init = trained.get("init") or {}
     if init and Path(init["folder"]).resolve() == Path(target).resolve():
         raise ValueError(f"{target} holds the adapter this teacher was trained from (teacher.init), which its recipe "

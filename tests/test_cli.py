@@ -64,6 +64,23 @@ def test_a_pipeline_target_that_is_no_stage_fails_at_once_with_the_names_that_ar
     assert not (tmp_path / ".retrain.lock").exists()  # refused before the single-flight lock
 
 
+def test_a_stage_method_agent_or_size_typo_fails_before_any_flow_starts(tmp_path, monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    for args, message in ((["distill", "--method", "sda"], "unknown method 'sda'; params.yaml distill.methods has: sad, "),
+                          (["evaluate", "--agent", "techer"], "unknown agent 'techer'; use 'teacher' or one of"),
+                          (["scale", "--size", "xxl"], "unknown size 'xxl'; params.yaml distill.scaling.sizes has: xs")):
+        result = CliRunner().invoke(app, ["stage", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 def test_a_source_folder_no_stage_lists_as_a_dep_is_named_with_the_line_to_add(tmp_path, monkeypatch):
     """dvc.yaml names the shipped folders; a heal or teacher folder of the user's own would not rerun its stage."""
     import shutil
@@ -235,3 +252,19 @@ def test_bad_official_file_through_sad_stage_is_one_short_error(tmp_path):
     assert result.returncode == 2 and len(lines) <= 5, lines
     assert "hotpot_dev.json: question #3 lacks field(s) ['context']" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "data" / "tasks").exists()  # nothing half-written
+
+
+def test_an_empty_registry_and_a_non_positive_task_count_say_so(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
+    monkeypatch.chdir(tmp_path)
+    for var in ("SAD_MLFLOW_URI", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    listed = CliRunner().invoke(app, ["registry", "list"])
+    assert listed.exit_code == 0 and f"no versions of sad-student in sqlite:///{tmp_path}/mlflow.db" in listed.output
+    played = CliRunner().invoke(app, ["expert", "--env", "hotpotqa", "--generate", "--n", "0"])
+    assert played.exit_code == 2 and "--n" in played.output

@@ -116,6 +116,11 @@ def test_sad_profile_writes_the_profiles_methods_as_the_whole_set(tmp_path, monk
     p = load_params(tmp_path / "params.yaml")
     assert list(p.distill.methods) == ["sad", "token_kd", "sft", "sad_takeover"] and p.project.profile == "takeover"
     assert "# Every knob of the SAD pipeline" in written and "replace:" not in written
+    result = CliRunner().invoke(app, ["profile", "heal"])  # on top of another: both named
+    assert result.exit_code == 0 and "on top of profile 'takeover'" in result.output, result.output
+    assert load_params(tmp_path / "params.yaml").project.profile == "takeover+heal"
+    result = CliRunner().invoke(app, ["profile", "takover"])
+    assert result.exit_code == 2 and "no profile 'takover'" in result.output and "takeover, teacher" in result.output
 
 
 def test_envs_are_checked_with_the_key_named():

@@ -126,3 +126,19 @@ def test_stopping_a_group_lets_its_stage_unwind_after_the_leader_died(tmp_path):
     stop_group(proc, grace_s=10)
     assert (tmp_path / "done").read_text() == "unwound"
     assert time.monotonic() - started < 8 and not group_alive(proc.pid)
+
+
+def test_a_server_that_exits_at_start_is_named_with_its_log_and_last_line(tmp_path):
+    import subprocess
+    import sys
+
+    import pytest
+
+    from flows.server import wait_healthy
+
+    log = tmp_path / "mlflow-server.log"
+    log.write_text("starting\nERROR: the store was written by a newer MLflow (mlflow db upgrade)\n\n")
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait()
+    with pytest.raises(RuntimeError, match=rf"exited early with code 3 \(see {log}; its last line: ERROR: the store was"):
+        wait_healthy("http://127.0.0.1:9", proc=proc, log_file=log)

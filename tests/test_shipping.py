@@ -100,8 +100,12 @@ def test_ship_teacher_writes_weights_tokenizer_and_a_model_card(in_tmp, tokenize
     from sad.shipping import ship_teacher
 
     trained = in_tmp / "models" / "teacher"
-    save_model(tiny_model_factory(hidden=32, layers=1), tokenizer, trained, {"data_hash": "abc", "final_loss": 0.1})
     eval_file = in_tmp / "teacher.json"
+    with pytest.raises(FileNotFoundError, match="models/teacher: not found; train the teacher first"):
+        ship_teacher(trained, eval_file, {}, in_tmp / "assets" / "teacher")
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        load_model(trained)
+    save_model(tiny_model_factory(hidden=32, layers=1), tokenizer, trained, {"data_hash": "abc", "final_loss": 0.1})
     with pytest.raises(FileNotFoundError, match="evaluate the teacher first"):
         ship_teacher(trained, eval_file, {}, in_tmp / "assets" / "teacher")
     eval_file.write_text(json.dumps({
