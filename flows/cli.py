@@ -152,6 +152,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _gate_record(p, version: str) -> str:
+    """The promotion decision recorded on ``version`` ('' if none or no such version: promote says which)."""
+    from sad.registry import decision_of
+
+    try:
+        return decision_of(p.tracking, version.strip().removeprefix("v")) or ""
+    except Exception:  # noqa: BLE001 - no such version: promote() names it
+        return ""
+
+
 def _is_number(value) -> bool:
     try:
         float(value)
@@ -546,6 +556,10 @@ def registry_promote(version: str = typer.Argument(..., help="the version to mak
     p = _load_params(params)
     try:
         with single_flight(Path.cwd(), p.retrain.lock_timeout_s):
+            gates = _gate_record(p, version)
+            if "FAIL floor" in gates:
+                typer.secho(f"warning: v{version.strip().removeprefix('v')} failed a floor gate ({gates}); promoting it "
+                            "by hand, as asked", fg=typer.colors.YELLOW, err=True)
             promote(p.tracking, version, reason)
     except (RegistryError, RetrainBusy) as exc:
         _fail(str(exc))

@@ -352,6 +352,12 @@ def promote(tracking: TrackingParams, version: str, reason: str) -> None:
     if not history or history[-1] != version:  # promoting the champion again adds no step to roll back
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [version]))
     client.set_registered_model_alias(name, CHAMPION, version)
+    earlier = client.get_model_version(name, version).tags.get(DECISION_TAG)
+    gates_said = "; the gates had decided: "
+    if earlier and not earlier.startswith("promoted"):  # promoted by hand over the gates: their record stays
+        reason = f"{reason}{gates_said}{earlier}"
+    elif earlier and gates_said in earlier:  # promoted by hand again
+        reason = f"{reason}{gates_said}{earlier.split(gates_said, 1)[1]}"
     client.set_model_version_tag(name, version, DECISION_TAG, "promoted: " + reason)
     log.info("%s v%s is @%s: %s", name, version, CHAMPION, reason)
 

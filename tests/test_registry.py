@@ -205,7 +205,9 @@ def test_register_gate_promote_and_roll_back(tmp_path, tracking, tiny_model_fact
         rollback(tracking)
     assert list_versions(tracking.model_copy(update={"registered_model": "nothing-yet"})) == []  # not a traceback
     promote(tracking, f"v{worse.version}", "by hand, as `sad registry list` prints it")
+    assert "the gates had decided: kept champion" in decision_of(tracking, worse.version)  # their record stays
     promote(tracking, worse.version, "by hand, again")  # no second step in the history
+    assert decision_of(tracking, worse.version).count("the gates had decided") == 1
     assert champion(tracking)[0] == worse.version
     assert rollback(tracking) == (worse.version, first.version)  # a real step back, not v2 -> v2
     promote(tracking, worse.version, "by hand")
