@@ -53,7 +53,7 @@ def success_table(results: dict[str, dict[str, Any]], split: str, n_boot: int, c
     success (point estimates), + each benchmark's own score."""
     envs = envs_of(results, split)
     header = ["agent", "seeds", *[f"{env} success %" for env in envs], "all envs success %", "share of teacher"]
-    header += [f"{env} {label}" for env, (_, label) in ENV_SCORE.items() if env in envs]
+    header += [f"{env} {label} (0-1)" for env, (_, label) in ENV_SCORE.items() if env in envs]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     teacher = success_interval(results["teacher"], split, None, n_boot, confidence) if "teacher" in results else None
     for agent in order_agents(list(results)):
@@ -91,11 +91,10 @@ def behaviour_table(results: dict[str, dict[str, Any]], split: str = "test") -> 
             f"{teacher_params / params:.1f}x" if teacher_params and params else "-",
             f"{100 * agreement['cot_match_rate']:.1f}%" if agreement else "-",
             f"{100 * agreement['action_agreement']:.1f}%" if agreement else "-",
-            f"{o.get('avg_steps', 0):.1f}", f"{o.get('avg_thought_tokens', 0):.1f}",
-            f"{o.get('avg_reasoning_tokens', 0):.1f}", f"{100 * o.get('invalid_action_rate', 0):.1f}%",
-            f"{100 * o['repaired_step_rate']:.1f}%" if "repaired_step_rate" in o else "-",
-            f"{100 * o['stuck_stop_rate']:.1f}%" if "stuck_stop_rate" in o else "-",
-            f"{o.get('latency_per_step_s', 0):.3f}", f"{o.get('generated_tokens_per_s', 0):.0f}",
+            _num(o.get("avg_steps"), ".1f"), _num(o.get("avg_thought_tokens"), ".1f"),
+            _num(o.get("avg_reasoning_tokens"), ".1f"), _pct(o.get("invalid_action_rate")),
+            _pct(o.get("repaired_step_rate")), _pct(o.get("stuck_stop_rate")),
+            _num(o.get("latency_per_step_s"), ".3f"), _num(o.get("generated_tokens_per_s"), ".0f"),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -334,6 +333,7 @@ def onpolicy_table(distill_metrics: dict[str, dict[str, Any]], envs: list[str]) 
     lines = ["| method | seed | round | own success | " + " | ".join(envs) + " | invalid actions | taken over | "
              "own windows / all | expert labels | final loss |",
              "|---|---|---|---|" + "---|" * len(envs) + "---|---|---|---|---|"]
+    unmeasured = False
     for method, metrics in sorted(distill_metrics.items()):
         for seed, m in sorted(metrics.get("seeds", {}).items()):
             r = 0
@@ -342,6 +342,7 @@ def onpolicy_table(distill_metrics: dict[str, dict[str, Any]], envs: list[str]) 
                     return m.get(f"onpolicy_r{r}_{key}")
 
                 invalid = [get(f"{env}_invalid") for env in envs if get(f"{env}_invalid") is not None]
+                unmeasured = unmeasured or get("success") is None
                 row = [f"`{method}`", str(seed), str(r), _pct(get("success")),
                        *[_pct(get(f"{env}_success")) for env in envs],
                        _pct(sum(invalid) / len(invalid)) if invalid else "-", str(int(get("taken_over") or 0)),
@@ -349,11 +350,20 @@ def onpolicy_table(distill_metrics: dict[str, dict[str, Any]], envs: list[str]) 
                        f"{get('final_loss'):.4f}" if get("final_loss") is not None else "-"]
                 lines.append("| " + " | ".join(row) + " |")
                 r += 1
-    return "\n".join(lines) if len(lines) > 2 else "No on-policy method (a method with `onpolicy:` in distill.methods)."
+    if len(lines) <= 2:
+        return "No on-policy method (a method with `onpolicy:` in distill.methods)."
+    return "\n".join(lines) + ("" if not unmeasured else "\n\n\"-\": no episode the student played alone (with `takeover_start` and "
+                               "`takeover_end` at 1.0 the expert shadows every episode and takes over at the "
+                               "student's first mistake, so own success is not measured in the rounds).")
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, spec: str) -> str:
+    """A metric an evaluation did not record is "-", not 0."""
+    return "-" if value is None else format(value, spec)
 
 
 PLOTS = ("success.png", "scaling.png", "reasoning.png", "learning_curves.png")
@@ -419,10 +429,13 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
         parts += ["", "## Dev split", "", success_table(results, "dev", n_boot, confidence)]
     if registry:
         st = registry.get("standing", {})
+        metric = st.get("gate_metric")
+        value = st.get("gate_value", float("nan"))
+        shown = f"{100 * value:.1f}%" if metric == "success_rate" else f"{value:.4f}"
+        success = "" if metric == "success_rate" else f", success {100 * st.get('success_rate', 0):.1f}%"
         parts += ["", "## Registry candidate", "",
-                  f"- `{registry.get('method')}` seed {registry.get('seed')}: {st.get('gate_metric')} = "
-                  f"{st.get('gate_value', float('nan')):.4f}, success {st.get('success_rate', 0):.3f} "
-                  f"(teacher {st.get('teacher_success_rate', 0):.3f})",
+                  f"- `{registry.get('method')}` seed {registry.get('seed')}, on the {gate_split} split: {metric} "
+                  f"{shown}{success} (teacher {100 * st.get('teacher_success_rate', 0):.1f}%)",
                   "- registered and gated by the retrain flow (`sad pipeline`); decision: `reports/registry.json`,"
                   " `sad registry list`"]
     return "\n".join(parts) + "\n"

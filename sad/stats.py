@@ -9,8 +9,9 @@ Percentile intervals, a fixed generator seed: the same inputs give the same inte
 
 A percentile bootstrap collapses where every resample is alike: 0 of 20 tasks won gives [0, 0], as if
 the agent could never win. For success (0/1 values) the interval is therefore widened, where it is
-narrower, to the Wilson score interval of the observed rate over the tasks (within each stratum,
-weighted by its share of the tasks; seeds do not add tasks): 0/20 -> [0, 16.1%], 20/20 -> [83.9%, 100%].
+narrower, to the Wilson score interval of the observed rate over the tasks (seeds do not add tasks):
+0/20 -> [0, 16.1%], 20/20 -> [83.9%, 100%]; over several strata, the observed rate +- z standard errors,
+each stratum's read off its Wilson interval and combined as independent estimates weighted by their tasks.
 """
 
 from __future__ import annotations
@@ -79,16 +80,24 @@ def wilson_interval(rate: float, n: int, confidence: float = 0.95) -> tuple[floa
 
 
 def _stratified_wilson(m: np.ndarray, confidence: float, strata: list[str] | None) -> tuple[float, float]:
-    """Wilson intervals of each stratum's rate over its tasks ([S, N] -> the mean of the task columns),
-    combined by each stratum's share of the tasks."""
+    """A score interval of the mean of m [S, N]: the observed mean +- z standard errors, each stratum's standard
+    error read off its Wilson interval over its tasks (which stays positive at 0% and 100%), combined as
+    independent estimates weighted by their share of the tasks; with one stratum, or when every value is the
+    same, the Wilson interval itself."""
+    from statistics import NormalDist
+
     labels = np.asarray(strata if strata is not None else ["all"] * m.shape[1])
-    low = high = 0.0
-    for label in sorted(set(labels.tolist())):
+    groups = sorted(set(labels.tolist()))
+    if len(groups) == 1 or np.all(m == m.flat[0]):
+        return wilson_interval(float(m.mean()), m.shape[1], confidence)
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    variance = 0.0
+    for label in groups:
         columns = m[:, labels == label]
-        lo, hi = wilson_interval(float(columns.mean()), columns.shape[1], confidence)
-        share = columns.shape[1] / m.shape[1]
-        low, high = low + share * lo, high + share * hi
-    return low, high
+        low, high = wilson_interval(float(columns.mean()), columns.shape[1], confidence)
+        variance += (columns.shape[1] / m.shape[1] * (high - low) / (2 * z)) ** 2
+    half, mean = z * float(np.sqrt(variance)), float(m.mean())
+    return max(0.0, mean - half), min(1.0, mean + half)
 
 
 def bootstrap_ci(values: list[list[float]], n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
