@@ -333,16 +333,17 @@ def _guard_hand_run(p):
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    from flows.server import Reaper, _reapers, is_local_store
-    from sad.tracking import tracking_uri
+    from flows.server import Reaper, _reapers, is_local_store, new_run_session
+    from sad.tracking import SESSION_ENV, tracking_uri
 
     interrupted = False
     reaper = Reaper(Path(os.environ["PREFECT_HOME"]) / "reaper.log")
     _reapers.append(reaper)
     try:
         uri = tracking_uri(p.tracking)
+        os.environ.setdefault(SESSION_ENV, new_run_session())  # this stage's runs: the reaper marks only these
         if not os.environ.get("SAD_MLFLOW_URI") and is_local_store(uri):
-            reaper.watch_store(uri, int(time.time() * 1000))
+            reaper.watch_store(uri, int(time.time() * 1000), os.environ[SESSION_ENV])
         server = SubprocessASGIServer()  # the instance Prefect's client would start itself
         server.start()
         if server.server_process is not None:

@@ -51,16 +51,20 @@ def _alive(send, ident: int) -> bool:
     return True
 
 
-def mark_killed_runs(backend_uri: str, since_ms: int) -> list[str]:
-    """Mark the MLflow runs started since ``since_ms`` and still RUNNING as KILLED; returns their ids."""
+def mark_killed_runs(backend_uri: str, since_ms: int, session: str | None = None) -> list[str]:
+    """Mark the MLflow runs started since ``since_ms`` and still RUNNING as KILLED (only those tagged with
+    ``session`` when given: another retrain's or stage's runs on the same store are not ours); returns their ids."""
     if not _may_have_running_runs(backend_uri, since_ms):
         return []
     from mlflow.tracking import MlflowClient
 
+    from sad.tracking import SESSION_TAG
+
     client = MlflowClient(tracking_uri=backend_uri)
     marked = []
     experiments = [e.experiment_id for e in client.search_experiments()]
-    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000):
+    query = "attributes.status = 'RUNNING'" + (f" and tags.`{SESSION_TAG}` = '{session}'" if session else "")
+    for run in client.search_runs(experiments, query, max_results=1000):
         if run.info.start_time >= since_ms:
             client.set_terminated(run.info.run_id, "KILLED")
             marked.append(run.info.run_id)
@@ -84,7 +88,7 @@ def _may_have_running_runs(backend_uri: str, since_ms: int) -> bool:
 def main() -> None:
     groups: list[int] = []
     pids: list[int] = []
-    store: tuple[str, int] | None = None
+    store: tuple[str, int, str | None] | None = None
     kind = ""
     for line in sys.stdin:
         kind, _, value = line.strip().partition(" ")
@@ -92,9 +96,11 @@ def main() -> None:
             groups.append(int(value))
         elif kind == "pid":
             pids.append(int(value))
-        elif kind == "mlflow":
-            uri, since = value.rsplit(" ", 1)
-            store = (uri, int(since))
+        elif kind == "mlflow":  # "<uri> <since_ms> [<session>]"
+            parts = value.split(" ")
+            uri, since, session = (" ".join(parts[:-2]), parts[-2], parts[-1]) if len(parts) >= 3 and not parts[-1].isdigit() \
+                else (" ".join(parts[:-1]), parts[-1], None)
+            store = (uri, int(since), session)
         elif kind == "done":
             return
         elif kind == "reap":  # the retrain was interrupted and stopped what it could: check the rest

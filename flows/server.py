@@ -136,8 +136,10 @@ class Reaper:
     def watch_pid(self, pid: int) -> None:
         self._send(f"pid {pid}")
 
-    def watch_store(self, backend_uri: str, since_ms: int) -> None:
-        self._send(f"mlflow {backend_uri} {since_ms}")
+    def watch_store(self, backend_uri: str, since_ms: int, session: str | None = None) -> None:
+        """Mark RUNNING runs of ``backend_uri`` started since ``since_ms`` (tagged ``session``, if given) KILLED
+        should the guarded run die or be interrupted."""
+        self._send(f"mlflow {backend_uri} {since_ms}" + (f" {session}" if session else ""))
 
     def close(self, interrupted: bool = False) -> None:
         """Everything was stopped here: the reaper exits without touching anything; ``interrupted``: it first
@@ -227,6 +229,13 @@ def stop_server(proc: subprocess.Popen) -> None:
     stop_group(proc)
 
 
+def new_run_session() -> str:
+    """A new id for the MLflow runs of one retrain or hand-run stage (``sad.tracking.SESSION_ENV``)."""
+    import uuid
+
+    return uuid.uuid4().hex
+
+
 def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
@@ -263,8 +272,12 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
     interrupted = False
     reaper = Reaper(log_dir / "reaper.log")
     _reapers.append(reaper)
+    from sad.tracking import SESSION_ENV
+
+    session = os.environ.get(SESSION_ENV) or new_run_session()
+    env[SESSION_ENV] = session  # the stages' MLflow runs carry it: the reaper marks only these
     if is_local_store(mlflow_uri):
-        reaper.watch_store(mlflow_uri, int(time.time() * 1000))
+        reaper.watch_store(mlflow_uri, int(time.time() * 1000), session)
     try:
         if os.environ.get("PREFECT_API_URL"):
             env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]

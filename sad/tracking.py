@@ -80,14 +80,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+# The retrain (or hand-run stage) a run belongs to: set by whoever guards the runs (flows.server), inherited
+# by the stages it starts, tagged on each run, so that a clean-up marks only its own runs KILLED.
+SESSION_ENV = "SAD_RUN_SESSION"
+SESSION_TAG = "sad.session"
+
+
 @contextlib.contextmanager
 def stage_run(tracking: TrackingParams, stage: str, params: Mapping[str, Any] | None = None,
               tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage execution, tagged with the stage, git commit and profile."""
+    """An MLflow run for one stage execution, tagged with the stage, git commit, profile and session."""
     import mlflow
 
     configure(tracking)
-    all_tags = {"sad.stage": stage, "git.commit": git_commit(), **(tags or {})}
+    session = {SESSION_TAG: os.environ[SESSION_ENV]} if os.environ.get(SESSION_ENV) else {}
+    all_tags = {"sad.stage": stage, "git.commit": git_commit(), **session, **(tags or {})}
     started = time.perf_counter()
     with mlflow.start_run(run_name=stage, tags=all_tags) as run:
         if params:

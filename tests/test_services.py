@@ -65,7 +65,7 @@ def test_the_preload_server_runs_the_command_not_the_fallback(preload_socket, tm
         assert delegate(["profile", "tiny", "--dry-run"]) == 0
         assert "profile: tiny" in capfd.readouterr().out
         assert delegate(["profile", "does-not-exist"]) == 2
-        assert "profiles/does-not-exist.yaml: parameter file not found" in capfd.readouterr().err
+        assert "no profile 'does-not-exist' (profiles/does-not-exist.yaml not found)" in capfd.readouterr().err
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -76,7 +76,7 @@ def test_preloaded_command_reports_failure(preload_socket, tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     result = _sad(["profile", "does-not-exist"], tmp_path, preload_socket)
     assert result.returncode == 2
-    assert "profiles/does-not-exist.yaml: parameter file not found" in result.stderr
+    assert "no profile 'does-not-exist' (profiles/does-not-exist.yaml not found)" in result.stderr
 
 
 def test_unreachable_preload_socket_falls_back_to_a_plain_process(tmp_path):
@@ -142,3 +142,29 @@ def test_a_server_that_exits_at_start_is_named_with_its_log_and_last_line(tmp_pa
     proc.wait()
     with pytest.raises(RuntimeError, match=rf"exited early with code 3 \(see {log}; its last line: ERROR: the store was"):
         wait_healthy("http://127.0.0.1:9", proc=proc, log_file=log)
+
+
+def test_the_reaper_marks_only_its_own_sessions_runs_killed(tmp_path, monkeypatch):
+    """A retrain that dies leaves its stage's MLflow run RUNNING; the reaper marks it KILLED, not the run of
+    another retrain or hand-run stage on the same store (each tags its runs with its session)."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from flows.reaper import mark_killed_runs
+    from sad.config import TrackingParams
+    from sad.tracking import SESSION_ENV, SESSION_TAG, stage_run
+
+    for var in ("SAD_MLFLOW_URI", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    tracking = TrackingParams(uri=f"sqlite:///{tmp_path}/mlflow.db", artifacts=str(tmp_path / "art"), experiment="reap")
+    since = int(time.time() * 1000) - 1000
+    monkeypatch.setenv(SESSION_ENV, "ours")
+    with stage_run(tracking, "stage") as run:
+        pass
+    client = MlflowClient(tracking.uri)
+    assert client.get_run(run.info.run_id).data.tags[SESSION_TAG] == "ours"
+    # two stages left RUNNING, as by a SIGKILL: one of this session, one of another retrain on the same store
+    ours, theirs = (client.create_run(run.info.experiment_id, tags={SESSION_TAG: s}).info.run_id for s in ("ours", "theirs"))
+    assert mark_killed_runs(tracking.uri, since, "ours") == [ours]
+    assert client.get_run(ours).info.status == "KILLED" and client.get_run(theirs).info.status == "RUNNING"
