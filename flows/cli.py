@@ -303,12 +303,21 @@ def _check_pipeline_args(target: str | None, set_params: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _api_for_workers(p, name: Stage):
+def _api_for_workers(p, name: Stage, flow_api_url: str | None = None):
     """Dask workers report their task runs to the flow's Prefect API: without a configured server each
-    worker would start its own temporary one, so start one local server for the stage (127.0.0.1)."""
+    worker would start its own temporary one. They get the server this stage's flow reports to
+    (``flow_api_url``: the temporary server a hand-run stage started), else one local server for the stage
+    (127.0.0.1)."""
     if p.workers.task_runner != "dask" or name not in (Stage.demos, Stage.rollout, Stage.evaluate) \
             or os.environ.get("PREFECT_API_URL"):
         yield
+        return
+    if flow_api_url:  # one server, one writer of PREFECT_HOME's database
+        os.environ["PREFECT_API_URL"] = flow_api_url
+        try:
+            yield
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
         return
     from flows.server import start_server, stop_server
 
@@ -327,9 +336,10 @@ def _api_for_workers(p, name: Stage):
 def _guard_hand_run(p):
     """A ``sad stage`` run by hand (or by ``dvc repro`` alone, no ``PREFECT_API_URL``) starts Prefect's
     temporary server: started here first, it is registered with a reaper process, which stops it and marks
-    the stage's MLflow runs KILLED should this process be SIGKILLed (SIGTERM unwinds normally)."""
+    the stage's MLflow runs KILLED should this process be SIGKILLed (SIGTERM unwinds normally). Yields that
+    server's API URL (None under `sad pipeline`), which Dask workers then report to."""
     if os.environ.get("PREFECT_API_URL"):  # under `sad pipeline`: its reaper guards the run
-        yield
+        yield None
         return
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -348,7 +358,7 @@ def _guard_hand_run(p):
         server.start()
         if server.server_process is not None:
             reaper.watch_pid(server.server_process.pid)
-        yield
+        yield server.api_url
     except BaseException:
         interrupted = True
         raise
@@ -412,7 +422,7 @@ def stage(
     _quiet_console()
     started = time.perf_counter()
     try:
-        with _guard_hand_run(p), _api_for_workers(p, name):
+        with _guard_hand_run(p) as flow_api_url, _api_for_workers(p, name, flow_api_url):
             runners[name]()
     except _bad_input_types() as exc:
         _report_bad_input(exc, f"stage {name.value}")

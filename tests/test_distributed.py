@@ -95,6 +95,8 @@ def test_rollouts_on_a_two_worker_dask_cluster_equal_the_single_process_run(roll
     t_single = time.perf_counter() - started
     t_dask, log = _sad_stage(sharded, "rollout")  # the CLI: Prefect server, Dask cluster, 2 shards
     assert "play-agent-shard" in log
+    # the workers report to the server the flow reports to: one server on PREFECT_HOME's database, not two
+    assert "Prefect server for the Dask workers" not in log and not (sharded / ".prefect" / "stage-server.log").exists()
     assert _episodes(sharded) == _episodes(single) and len(_episodes(single)) == 12
     metrics = json.loads((sharded / "metrics/rollout.json").read_text())
     assert metrics["episodes"] == 12
