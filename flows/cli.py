@@ -153,11 +153,11 @@ def _fail(message: str) -> None:
 
 
 def _gate_record(p, version: str) -> str:
-    """The promotion decision recorded on ``version`` ('' if none or no such version: promote says which)."""
-    from sad.registry import decision_of
+    """What the gates decided for ``version`` ('' if never gated or no such version: promote says which)."""
+    from sad.registry import gates_verdict
 
     try:
-        return decision_of(p.tracking, version.strip().removeprefix("v")) or ""
+        return gates_verdict(p.tracking, version.strip().removeprefix("v")) or ""
     except Exception:  # noqa: BLE001 - no such version: promote() names it
         return ""
 

@@ -249,10 +249,12 @@ def register_and_gate(p: Params, repro: dict[str, Any]) -> dict[str, Any]:
                 mlflow.log_artifact(name)
         existing = reg.find_version(p.tracking, candidate["weights_sha256"])
         if existing is not None and reg.decision_of(p.tracking, existing) is not None:
-            current = reg.champion(p.tracking)
-            holder = current[0] if current else None
-            decision = reg.Decision(existing, False, [f"unchanged: this student is already registered as v{existing}"],
-                                    holder, holder, candidate["standing"])
+            decision = reg.decision_of_this_retrain(p.tracking, existing, candidate["standing"])
+            if decision is None:  # gated by an earlier retrain: nothing changes now
+                current = reg.champion(p.tracking)
+                holder = current[0] if current else None
+                decision = reg.Decision(existing, False, [f"unchanged: this student is already registered as v{existing}"],
+                                        holder, holder, candidate["standing"])
         else:  # new weights, or registered but never gated (a crash or a retry between the two steps)
             card = {**candidate["card"], **provenance}
             if existing is not None:
@@ -268,14 +270,14 @@ def register_and_gate(p: Params, repro: dict[str, Any]) -> dict[str, Any]:
                "reasons": decision.reasons, "champion_before": decision.champion_before,
                "champion_after": decision.champion_after, "standing": candidate["standing"], **provenance}
         out["summary"] = reg.decision_summary(decision)
-        try:  # the decision is taken: a retry after this point would report "unchanged" instead of it
+        write_json_atomic(p.path("reports", "registry.json"), out)  # the decision is taken: written at once
+        try:  # a store error from here on fails the task; its retry reports this decision (same session)
             mlflow.log_dict(out, "decision.json")
             mlflow.log_text(reg.decision_markdown(decision), "promotion.md")
             mlflow.set_tag("sad.decision", ("promoted v" if decision.promoted else "not promoted v") + str(decision.version))
         except Exception as exc:  # noqa: BLE001 - any store error
             log.warning("the decision was not logged to the retrain run (%s); it is in reports/registry.json and on "
                         "the version's tags", exc)
-    write_json_atomic(p.path("reports", "registry.json"), out)
     log.info("retrain: %s", out["summary"])
     return out
 

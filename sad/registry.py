@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from sad.config import GATE_METRICS, RegisterParams, TrackingParams
+from sad.tracking import SESSION_ENV
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ STANDING_TAG = "sad.standing"
 WEIGHTS_TAG = "sad.weights_sha256"
 DECISION_TAG = "sad.promotion"
 HISTORY_TAG = "sad.champion_history"
+GATES_TAG = "sad.gates"  # the gates' verdict and reasons, written by gate_and_promote only
+GATED_IN_TAG = "sad.gated_in"  # the session (sad.tracking.SESSION_ENV) of the retrain that gated the version
 
 PIP_REQUIREMENTS = ["torch", "transformers", "tokenizers", "safetensors"]
 
@@ -336,8 +340,17 @@ def _history(client, name: str) -> list[str]:
     return json.loads(text) if text else []
 
 
-def promote(tracking: TrackingParams, version: str, reason: str) -> None:
-    """Point ``@champion`` at ``version`` and record the move (used by the gates and by hand)."""
+def gates_verdict(tracking: TrackingParams, version: str) -> str | None:
+    """What the promotion gates decided for ``version`` (kept whatever is promoted or rolled back later), or
+    None if it was never gated."""
+    tags = _client(tracking).get_model_version(tracking.registered_model, version).tags
+    decision = tags.get(DECISION_TAG) or ""
+    return tags.get(GATES_TAG) or (decision if decision.startswith(("kept", "not promoted")) else None)
+
+
+def promote(tracking: TrackingParams, version: str, reason: str, by_hand: bool = True) -> None:
+    """Point ``@champion`` at ``version`` and record the move (by the gates, ``by_hand=False``, or by hand:
+    then the gates' verdict on the version, if any, stays in the recorded decision)."""
     client = _client(tracking)
     name = tracking.registered_model
     from mlflow.exceptions import MlflowException
@@ -348,16 +361,15 @@ def promote(tracking: TrackingParams, version: str, reason: str) -> None:
     except MlflowException:
         raise RegistryError(f"{name} has no version {version!r} (see `sad registry list`)") from None
     history = _history(client, name)
-    # the history first, then the alias: if the alias write fails, promoting again adds no second entry
+    # the alias first, then the history: if the history write fails, the champion's entry is missing (a
+    # rollback then goes back to a real earlier champion, and promoting again adds it); history first, a
+    # failed alias write would leave an entry of a version that never was champion for a rollback to go to
+    client.set_registered_model_alias(name, CHAMPION, version)
     if not history or history[-1] != version:  # promoting the champion again adds no step to roll back
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [version]))
-    client.set_registered_model_alias(name, CHAMPION, version)
-    earlier = client.get_model_version(name, version).tags.get(DECISION_TAG)
-    gates_said = "; the gates had decided: "
-    if earlier and not earlier.startswith("promoted"):  # promoted by hand over the gates: their record stays
-        reason = f"{reason}{gates_said}{earlier}"
-    elif earlier and gates_said in earlier:  # promoted by hand again
-        reason = f"{reason}{gates_said}{earlier.split(gates_said, 1)[1]}"
+    gates = client.get_model_version(name, version).tags.get(GATES_TAG) if by_hand else None
+    if gates and not gates.startswith("promoted"):  # promoted by hand over the gates: their verdict stays readable
+        reason = f"{reason}; the gates had decided: {gates}"
     client.set_model_version_tag(name, version, DECISION_TAG, "promoted: " + reason)
     log.info("%s v%s is @%s: %s", name, version, CHAMPION, reason)
 
@@ -392,11 +404,15 @@ def gate_and_promote(tracking: TrackingParams, version: str, standing: Standing,
     promoted, reasons = check_gates(standing, champ, gates, theirs, source)
     if current is not None and champ is None:
         promoted, reasons = False, reasons + [f"FAIL champion v{before} has no recorded standing"]
+    verdict = "promoted" if promoted else ("kept champion" if before else "not promoted, no champion yet")
+    client.set_model_version_tag(tracking.registered_model, version, GATES_TAG, f"{verdict}: " + "; ".join(reasons))
+    session = os.environ.get(SESSION_ENV)
+    if session:  # a retry of this retrain (same session) reports this decision, a later retrain "unchanged"
+        client.set_model_version_tag(tracking.registered_model, version, GATED_IN_TAG, session)
     if promoted:
-        promote(tracking, version, "; ".join(reasons))
+        promote(tracking, version, "; ".join(reasons), by_hand=False)
     else:
-        kept = "kept champion" if before else "not promoted, no champion yet"
-        client.set_model_version_tag(tracking.registered_model, version, DECISION_TAG, f"{kept}: " + "; ".join(reasons))
+        client.set_model_version_tag(tracking.registered_model, version, DECISION_TAG, f"{verdict}: " + "; ".join(reasons))
     after = version if promoted else before
     decision = Decision(version, promoted, reasons, before, after, asdict(standing))
     try:  # the decision is taken and recorded: a failure to describe it must not make a retry misreport it
@@ -407,6 +423,24 @@ def gate_and_promote(tracking: TrackingParams, version: str, standing: Standing,
         log.warning("v%s: the decision is recorded in its tags, but its description was not updated (%s)", version, exc)
     log.info("gates for v%s: %s -> %s", version, "; ".join(reasons), "promoted" if promoted else "not promoted")
     return decision
+
+
+def decision_of_this_retrain(tracking: TrackingParams, version: str, standing: dict[str, Any]) -> Decision | None:
+    """The decision the running retrain (its session, ``sad.tracking.SESSION_ENV``) already took for
+    ``version``, rebuilt from the version's tags: what a retried register-and-gate reports. None when an
+    earlier retrain gated it (or no session is set)."""
+    session = os.environ.get(SESSION_ENV)
+    client = _client(tracking)
+    tags = client.get_model_version(tracking.registered_model, version).tags
+    if not session or tags.get(GATED_IN_TAG) != session:
+        return None
+    verdict, _, reasons = (tags.get(GATES_TAG) or tags.get(DECISION_TAG) or "").partition(": ")
+    current = champion(tracking)
+    holder = current[0] if current else None
+    if verdict == "promoted" and holder == version:
+        earlier = [v for v in _history(client, tracking.registered_model) if v != version]
+        return Decision(version, True, reasons.split("; "), earlier[-1] if earlier else None, version, standing)
+    return Decision(version, False, reasons.split("; "), holder, holder, standing)
 
 
 def decision_summary(decision: Decision) -> str:

@@ -449,6 +449,20 @@ def test_a_store_error_during_registration_or_after_the_decision_is_retried_into
     assert reg.decision_of(p.tracking, "3").startswith("promoted")
     assert "unchanged" in gate()["reason"]  # a later retrain with the same weights changes nothing
 
+    from sad.tracking import SESSION_ENV
+
+    candidate(3, 0.95)  # the retrain run fails to close after the decision: its retry (same session) reports it
+    monkeypatch.setenv(SESSION_ENV, "retrain-a")
+    with monkeypatch.context() as m:
+        m.setattr(mlflow, "log_metrics", fails(mlflow.log_metrics, lambda metrics, *a, **k: "stage/seconds" in metrics))
+        with pytest.raises(MlflowException):
+            gate()
+    assert json.loads((project / "reports" / "registry.json").read_text())["promoted"]  # written at the decision
+    retried = gate()
+    assert retried["promoted"] and retried["version"] == "4" and retried["champion_before"] == "3", retried
+    monkeypatch.setenv(SESSION_ENV, "retrain-b")  # a later retrain
+    assert "unchanged" in gate()["reason"]
+
 
 def test_a_torn_dvc_lock_left_by_a_killed_run_is_cleared_before_dvc_runs(tmp_path):
     """SIGKILL while DVC writes .dvc/tmp/rwlock leaves it empty; DVC then refuses every repro (seen in CI)."""

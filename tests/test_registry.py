@@ -229,7 +229,18 @@ def test_register_gate_promote_and_roll_back(tmp_path, tracking, tiny_model_fact
         with pytest.raises(mlflow.exceptions.MlflowException):
             rollback(tracking)
     assert len(writes) == 2 and rollback(tracking)[1] == first.version and champion(tracking)[0] == first.version
+    # a hand promotion whose alias write fails leaves no history entry of a version that never was champion
+    with mock.patch.object(mlflow.MlflowClient, "set_registered_model_alias",
+                           side_effect=mlflow.exceptions.MlflowException("the store went away")):
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            promote(tracking, better.version, "by hand")
+    assert champion(tracking)[0] == first.version
+    with pytest.raises(RegistryError, match="no previous champion"):  # not "to v{better}"
+        rollback(tracking)
     promote(tracking, worse.version, "by hand")
+    rollback(tracking)
+    promote(tracking, worse.version, "by hand, after a rollback")  # the gates' verdict survives both
+    assert "the gates had decided: kept champion" in decision_of(tracking, worse.version)
     with pytest.raises(RegistryError, match="no version '99'"):
         promote(tracking, "99", "typo")
     rows = list_versions(tracking)
