@@ -246,7 +246,7 @@ def params_with_overrides(params_yaml: Path, set_params: list[str]):
 
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.cli_parse import to_path_overrides
-    from dvc.utils.hydra import apply_overrides
+    from dvc.utils.hydra import apply_overrides, to_hydra_overrides
 
     from sad.config import ConfigError, load_params
 
@@ -254,14 +254,23 @@ def params_with_overrides(params_yaml: Path, set_params: list[str]):
                  if Path(path).resolve() == params_yaml.resolve() for o in group]
     if not overrides:
         return load_params(params_yaml)
+    try:
+        sweep = any(o.is_sweep_override() for o in to_hydra_overrides(overrides))
+    except Exception:  # noqa: BLE001 - a malformed override: apply_overrides below names it
+        sweep = False
+    if sweep:
+        raise ConfigError(f"--set {' '.join(overrides)}: a sweep (several values, range(), choice()) runs several "
+                          "experiments, which `dvc exp run` queues: run `dvc exp run --queue -S ...`, then "
+                          "`dvc queue start`; `sad pipeline --set` runs one")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "params.yaml"
         shutil.copyfile(params_yaml, copy)
         try:
             apply_overrides(copy, overrides)
             return load_params(copy)
-        except (ConfigError, InvalidArgumentError) as exc:
-            detail = str(exc.__cause__ or exc) if isinstance(exc, InvalidArgumentError) else str(exc)
+        except Exception as exc:  # noqa: BLE001 - Hydra, YAML and validation errors: one message naming them
+            cause = exc.__cause__ if isinstance(exc, InvalidArgumentError) and exc.__cause__ else exc
+            detail = str(cause).strip() or type(cause).__name__
             detail = _unknown_override_key(params_yaml, detail) or detail.replace(str(copy), str(params_yaml))
             raise ConfigError(f"--set {' '.join(overrides)}: {detail}") from None
 
@@ -279,18 +288,44 @@ def _unknown_override_key(params_yaml: Path, hydra_error: str) -> str | None:
     if not found:
         return None
     key = found.group(1)
-    names = list(flatten(load_params(params_yaml).model_dump()))
-    if any(n == key or n.startswith(key + ".") for n in names):
+    if is_setting(key):
         return None
+    names = list(flatten(load_params(params_yaml).model_dump()))
     close = difflib.get_close_matches(key, names, n=3)
     return f"no setting {key!r} in {params_yaml}" + (f"; did you mean {', '.join(close)}?" if close else "")
+
+
+def is_setting(key: str) -> bool:
+    """Whether dotted ``key`` names a setting of the params schema, including those of sections params.yaml
+    leaves null (``teacher.lora.r``) and of any named entry of a mapping (``distill.methods.<name>.onpolicy.rounds``)."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    from sad.config import Params
+
+    def walk(node, parts: list[str]) -> bool:
+        if not parts:
+            return True
+        if typing.get_origin(node) in (typing.Union, types.UnionType):  # Optional[...] and other unions: any
+            return any(walk(a, parts) for a in typing.get_args(node) if a is not type(None))
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(parts[0]) or next(
+                (f for f in node.model_fields.values() if f.alias == parts[0]), None)
+            return field is not None and walk(field.annotation, parts[1:])
+        if typing.get_origin(node) is dict:
+            return walk(typing.get_args(node)[1], parts[1:])  # any entry name
+        return False  # a value has no settings under it
+
+    return walk(Params, key.split("."))
 
 
 def _check_pipeline_args(target: str | None, set_params: list[str]) -> None:
     """Fail at once, before any server starts, on a target that is no stage or a --set without '='."""
     for item in set_params:
-        if "=" not in item:
-            _fail(f"--set {item!r}: expected KEY=VALUE, e.g. distill.train.lr=0.001")
+        if "=" not in item and not item.split(":")[-1].startswith("~"):
+            _fail(f"--set {item!r}: expected KEY=VALUE (or ~KEY to delete one), e.g. distill.train.lr=0.001")
     if target is None or set_params or ":" in target or "/" in target or not Path("dvc.yaml").is_file():
         return  # a dvc.yaml path, a path:stage target, or stages an experiment's --set may add: DVC checks it
     names = dvc_stage_names(Path("dvc.yaml"), Path("params.yaml"))

@@ -84,8 +84,8 @@ def dvc_command(set_params: list[str], force: bool, target: str | None) -> list[
     if set_params:
         cmd = [_dvc(), "exp", "run"]
         for item in set_params:
-            if "=" not in item:
-                raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.train.lr=0.001")
+            if "=" not in item and not item.split(":")[-1].startswith("~"):
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE (or ~KEY to delete one), e.g. distill.train.lr=0.001")
             cmd += ["-S", item]
     else:
         cmd = [_dvc(), "repro"]
@@ -179,7 +179,8 @@ def reproduce(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
         reported = re.findall(r"exited with (-?\d+)", text)
         stage_exit = int(reported[-1]) if reported else None
         why = f"a stage exited with {stage_exit}, see its message above" if stage_exit is not None else f"exit code {code}"
-        transient = (stage_exit is not None and stage_exit != 2) or any(m in text for m in DVC_TRANSIENT)
+        # a stage that crashed or was killed, DVC itself killed (a negative exit code), or DVC's lock busy
+        transient = (stage_exit is not None and stage_exit != 2) or code < 0 or any(m in text for m in DVC_TRANSIENT)
         raise StageFailed(f"{' '.join(cmd[1:])} failed ({why}):\n" + text, stage_exit, transient)
     return {"seconds": time.perf_counter() - started, "stages_run": stages_run}
 

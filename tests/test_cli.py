@@ -61,6 +61,10 @@ def test_a_pipeline_target_that_is_no_stage_fails_at_once_with_the_names_that_ar
     assert "distill.train.lr: Input should be a valid number" in result.output
     result = CliRunner().invoke(app, ["pipeline", "-S", "distill.train.lr=0.001", "-S", "distill.train.lrr=1"])
     assert result.exit_code == 2 and "no setting 'distill.train.lrr' in params.yaml; did you mean distill.train.lr" in result.output
+    result = CliRunner().invoke(app, ["pipeline", "-S", "teacher.lora.r=8"])  # a setting under a null section
+    assert result.exit_code == 2 and "To append to your config use +teacher.lora.r=8" in result.output
+    result = CliRunner().invoke(app, ["pipeline", "-S", "evaluate.bootstrap=100,200"])  # a sweep: dvc exp run --queue
+    assert result.exit_code == 2 and "dvc exp run --queue" in result.output
     assert not (tmp_path / ".retrain.lock").exists()  # refused before the single-flight lock
 
 
