@@ -96,11 +96,9 @@ def main() -> None:
             groups.append(int(value))
         elif kind == "pid":
             pids.append(int(value))
-        elif kind == "mlflow":  # "<uri> <since_ms> [<session>]"
-            parts = value.split(" ")
-            uri, since, session = (" ".join(parts[:-2]), parts[-2], parts[-1]) if len(parts) >= 3 and not parts[-1].isdigit() \
-                else (" ".join(parts[:-1]), parts[-1], None)
-            store = (uri, int(since), session)
+        elif kind == "mlflow":  # "<since_ms> <session or -> <uri>" (the URI last: it may hold spaces)
+            since, session, uri = value.split(" ", 2)
+            store = (uri, int(since), None if session == "-" else session)
         elif kind == "done":
             return
         elif kind == "reap":  # the retrain was interrupted and stopped what it could: check the rest

@@ -139,7 +139,7 @@ class Reaper:
     def watch_store(self, backend_uri: str, since_ms: int, session: str | None = None) -> None:
         """Mark RUNNING runs of ``backend_uri`` started since ``since_ms`` (tagged ``session``, if given) KILLED
         should the guarded run die or be interrupted."""
-        self._send(f"mlflow {backend_uri} {since_ms}" + (f" {session}" if session else ""))
+        self._send(f"mlflow {since_ms} {session or '-'} {backend_uri}")
 
     def close(self, interrupted: bool = False) -> None:
         """Everything was stopped here: the reaper exits without touching anything; ``interrupted``: it first

@@ -17,9 +17,17 @@ from sad.config import TrackingParams
 
 log = logging.getLogger(__name__)
 
-# A key is a secret when its last part names one (`auth.api_token`, `db_password`), not when a setting's name
-# merely contains a marker (`distill.methods.token_kd.loss`, `context.max_new_tokens`, `tokenizer.vocab_size`).
-SECRET_KEY = re.compile(r"(password|passwd|secret|credentials?|api[_-]?key|token)$", re.IGNORECASE)
+# A key is a secret when a part of it names one (`auth.api_token`, `db_password`, `aws_secret_access_key`,
+# `secrets.db`), not when a setting's name merely contains `token` (`distill.methods.token_kd.loss`,
+# `context.max_new_tokens`, `tokenizer.vocab_size`): `token` counts only at the end of the last part.
+SECRET_WORD = re.compile(r"password|passwd|passphrase|secret|credential|private[_-]?key|access[_-]?key|api[_-]?key",
+                         re.IGNORECASE)
+SECRET_END = re.compile(r"token$", re.IGNORECASE)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a (dotted) parameter name names a secret."""
+    return bool(SECRET_WORD.search(key) or SECRET_END.search(key.split(".")[-1]))
 
 
 def tracking_uri(tracking: TrackingParams) -> str:
@@ -63,7 +71,7 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
     """Drop values whose key looks like a secret, and secrets embedded in URIs."""
     out = {}
     for k, v in params.items():
-        if SECRET_KEY.search(k):
+        if is_secret_key(k):
             out[k] = "***"
         elif isinstance(v, str) and "://" in v and "@" in v.split("://", 1)[1].split("/", 1)[0]:
             scheme, rest = v.split("://", 1)

@@ -142,6 +142,12 @@ def test_no_secret_reaches_mlflow_params_or_logs(tmp_path, monkeypatch, caplog):
     assert logged["tracking.uri"] == "https://***@mlflow.example.com"
     assert logged["retrain.dvc_remote"] == "s3://***@bucket/dvc"
     assert not [k for k, v in logged.items() if SECRET in v]
+    from sad.tracking import is_secret_key
+
+    secret = ["auth.api_token", "hf_token", "db_password", "aws_secret_access_key", "SECRET_KEY", "private_key",
+              "passphrase", "api_keys", "secrets.db", "aws.credentials", "api-key"]
+    plain = ["distill.methods.token_kd.loss", "context.max_new_tokens", "tokenizer.vocab_size", "x.tokens", "keyboard"]
+    assert [k for k in secret if not is_secret_key(k)] == [] and [k for k in plain if is_secret_key(k)] == []
     # settings whose names merely contain a marker are logged as they are (the baseline's objective, the context)
     assert logged["distill.methods.token_kd.loss"] == "token_kd" and logged["context.max_new_tokens"] == str(p.context.max_new_tokens)
     assert logged["tokenizer.vocab_size"] == str(p.tokenizer.vocab_size) and "***" not in {v for k, v in logged.items() if "auth" not in k}

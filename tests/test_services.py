@@ -168,3 +168,12 @@ def test_the_reaper_marks_only_its_own_sessions_runs_killed(tmp_path, monkeypatc
     ours, theirs = (client.create_run(run.info.experiment_id, tags={SESSION_TAG: s}).info.run_id for s in ("ours", "theirs"))
     assert mark_killed_runs(tracking.uri, since, "ours") == [ours]
     assert client.get_run(ours).info.status == "KILLED" and client.get_run(theirs).info.status == "RUNNING"
+    # the same through the reaper process, with a session id that looks like a number (a CI job id)
+    from flows.server import Reaper
+
+    mine = client.create_run(run.info.experiment_id, tags={SESSION_TAG: "4711"}).info.run_id
+    reaper = Reaper(tmp_path / "reaper.log")
+    reaper.watch_store(tracking.uri, since, "4711")
+    reaper.close(interrupted=True)
+    assert client.get_run(mine).info.status == "KILLED" and client.get_run(theirs).info.status == "RUNNING", \
+        (tmp_path / "reaper.log").read_text()
