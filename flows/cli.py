@@ -152,6 +152,25 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+@contextlib.contextmanager
+def _registry_errors(p):
+    """A registry command's errors in one line (exit 2): the registry's and the lock's own, and the store's
+    (MlflowException, an unreachable server; --debug shows the traceback)."""
+    from flows.server import RetrainBusy
+    from sad.registry import RegistryError
+
+    try:
+        yield
+    except (RegistryError, RetrainBusy) as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the store's own errors
+        if _debug():
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _fail(f"the MLflow store at {_store_of(p)} failed: {first} (nothing or only part was changed: run "
+              "`sad registry list`, then the command again; --debug shows the traceback)")
+
+
 def _gate_record(p, version: str) -> str:
     """What the gates decided for ``version`` ('' if never gated or no such version: promote says which)."""
     from sad.registry import gates_verdict
@@ -595,46 +614,30 @@ def registry_promote(version: str = typer.Argument(..., help="the version to mak
                      reason: str = typer.Option("promoted by hand", help="recorded on the version"),
                      params: Path = typer.Option(Path("params.yaml"), help="parameter file")) -> None:
     """Make VERSION the champion by hand (no gates), under the retrain lock."""
-    from flows.server import RetrainBusy, single_flight
-    from sad.registry import RegistryError, promote
+    from flows.server import single_flight
+    from sad.registry import promote
 
     _setup_logging()
     p = _load_params(params)
-    try:
-        with single_flight(Path.cwd(), p.retrain.lock_timeout_s):
-            gates = _gate_record(p, version)
-            if "FAIL floor" in gates:
-                typer.secho(f"warning: v{version.strip().removeprefix('v')} failed a floor gate ({gates}); promoting it "
-                            "by hand, as asked", fg=typer.colors.YELLOW, err=True)
-            promote(p.tracking, version, reason)
-    except (RegistryError, RetrainBusy) as exc:
-        _fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - the store's own errors (MlflowException, unreachable server): one line
-        if _debug():
-            raise
-        _fail(f"the MLflow store at {_store_of(p)} failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} "
-              "(nothing or only part was changed: run `sad registry list`, then the command again; --debug shows the traceback)")
+    with _registry_errors(p), single_flight(Path.cwd(), p.retrain.lock_timeout_s):
+        gates = _gate_record(p, version)
+        if "FAIL floor" in gates:
+            typer.secho(f"warning: v{version.strip().removeprefix('v')} failed a floor gate ({gates}); promoting it "
+                        "by hand, as asked", fg=typer.colors.YELLOW, err=True)
+        promote(p.tracking, version, reason)
     typer.echo(f"{p.tracking.registered_model} v{version.strip().removeprefix('v')} is now @champion")
 
 
 @registry_app.command("rollback")
 def registry_rollback(params: Path = typer.Option(Path("params.yaml"), help="parameter file")) -> None:
     """Move @champion back to the previous champion."""
-    from flows.server import RetrainBusy, single_flight
-    from sad.registry import RegistryError, rollback
+    from flows.server import single_flight
+    from sad.registry import rollback
 
     _setup_logging()
     p = _load_params(params)
-    try:
-        with single_flight(Path.cwd(), p.retrain.lock_timeout_s):
-            before, after = rollback(p.tracking)
-    except (RegistryError, RetrainBusy) as exc:
-        _fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - the store's own errors (MlflowException, unreachable server): one line
-        if _debug():
-            raise
-        _fail(f"the MLflow store at {_store_of(p)} failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} "
-              "(nothing or only part was changed: run `sad registry list`, then the command again; --debug shows the traceback)")
+    with _registry_errors(p), single_flight(Path.cwd(), p.retrain.lock_timeout_s):
+        before, after = rollback(p.tracking)
     typer.echo(f"{p.tracking.registered_model}: @champion rolled back from v{before} to v{after}")
 
 
