@@ -274,8 +274,11 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
     _reapers.append(reaper)
     from sad.tracking import SESSION_ENV
 
-    session = os.environ.get(SESSION_ENV) or new_run_session()
-    env[SESSION_ENV] = session  # the stages' MLflow runs carry it: the reaper marks only these
+    # a new session per retrain, even when one is in the environment (servers a team or a test started once
+    # and exported): the stages' MLflow runs carry it, the reaper marks only these, and a retried
+    # register-and-gate tells its own earlier decision from an earlier retrain's
+    session = new_run_session()
+    env[SESSION_ENV] = session
     if is_local_store(mlflow_uri):
         reaper.watch_store(mlflow_uri, int(time.time() * 1000), session)
     try:

@@ -177,3 +177,19 @@ def test_the_reaper_marks_only_its_own_sessions_runs_killed(tmp_path, monkeypatc
     reaper.close(interrupted=True)
     assert client.get_run(mine).info.status == "KILLED" and client.get_run(theirs).info.status == "RUNNING", \
         (tmp_path / "reaper.log").read_text()
+
+
+def test_every_retrain_gets_its_own_session_even_under_exported_services(tmp_path, monkeypatch):
+    """Servers a team (or the e2e fixture) started once export their environment, the session included: each
+    retrain inside it still gets a new session, or a later retrain would take an earlier one's decision for its own."""
+    from flows.server import pipeline_services
+    from sad.tracking import SESSION_ENV
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # configured: no server is started
+    monkeypatch.setenv("SAD_MLFLOW_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv(SESSION_ENV, "exported-by-the-team")
+    sessions = []
+    for _ in range(2):
+        with pipeline_services(tmp_path / "services", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art", preload=False) as env:
+            sessions.append(env[SESSION_ENV])
+    assert len(set(sessions)) == 2 and "exported-by-the-team" not in sessions
