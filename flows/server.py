@@ -270,15 +270,17 @@ def pipeline_services(log_dir: Path, mlflow_uri: str, artifact_root: Path, prelo
     procs: list[tuple[subprocess.Popen, str, Path]] = []
     preload_proc: subprocess.Popen | None = None
     interrupted = False
-    reaper = Reaper(log_dir / "reaper.log")
-    _reapers.append(reaper)
     from sad.tracking import SESSION_ENV
 
-    # a new session per retrain, even when one is in the environment (servers a team or a test started once
-    # and exported): the stages' MLflow runs carry it, the reaper marks only these, and a retried
-    # register-and-gate tells its own earlier decision from an earlier retrain's
-    session = new_run_session()
+    # The stages' MLflow runs carry a session: the reaper marks only these, and a retried register-and-gate tells
+    # its own earlier decision from an earlier retrain's. Inside another pipeline_services of this process (`sad
+    # pipeline` -> retrain_flow) it is the enclosing one's, whose reaper watches the store; otherwise a new one,
+    # even when one is in the environment (servers a team or a test started once and exported, with it).
+    enclosing = os.environ.get(SESSION_ENV) if _reapers else None
+    session = enclosing or new_run_session()
     env[SESSION_ENV] = session
+    reaper = Reaper(log_dir / "reaper.log")
+    _reapers.append(reaper)
     if is_local_store(mlflow_uri):
         reaper.watch_store(mlflow_uri, int(time.time() * 1000), session)
     try:

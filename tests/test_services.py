@@ -188,8 +188,14 @@ def test_every_retrain_gets_its_own_session_even_under_exported_services(tmp_pat
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # configured: no server is started
     monkeypatch.setenv("SAD_MLFLOW_URI", "http://127.0.0.1:9")
     monkeypatch.setenv(SESSION_ENV, "exported-by-the-team")
+    def services():
+        return pipeline_services(tmp_path / "services", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art", preload=False)
+
     sessions = []
     for _ in range(2):
-        with pipeline_services(tmp_path / "services", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art", preload=False) as env:
+        with services() as env:
             sessions.append(env[SESSION_ENV])
+            monkeypatch.setenv(SESSION_ENV, env[SESSION_ENV])  # as `sad pipeline` exports them, then runs the flow
+            with services() as inner:  # retrain_flow's own, in the same process: the same session (its runs are
+                assert inner[SESSION_ENV] == env[SESSION_ENV]  # those the outer reaper, watching the store, marks)
     assert len(set(sessions)) == 2 and "exported-by-the-team" not in sessions
