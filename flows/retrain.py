@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -178,11 +179,20 @@ def reproduce(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
         text = "".join(tail)
         reported = re.findall(r"exited with (-?\d+)", text)
         stage_exit = int(reported[-1]) if reported else None
-        why = f"a stage exited with {stage_exit}, see its message above" if stage_exit is not None else f"exit code {code}"
+        why = f"a stage {exit_in_words(stage_exit)}, see its message above" if stage_exit is not None else f"exit code {code}"
         # a stage that crashed or was killed, DVC itself killed (a negative exit code), or DVC's lock busy
         transient = (stage_exit is not None and stage_exit != 2) or code < 0 or any(m in text for m in DVC_TRANSIENT)
         raise StageFailed(f"{' '.join(cmd[1:])} failed ({why}):\n" + text, stage_exit, transient)
     return {"seconds": time.perf_counter() - started, "stages_run": stages_run}
+
+
+def exit_in_words(code: int) -> str:
+    """``-9`` (Python's way) and ``137`` (a shell's way, 128 + the signal) both read "was killed by SIGKILL"."""
+    number = -code if code < 0 else code - 128 if 128 < code < 128 + 65 else None
+    try:
+        return f"was killed by {signal.Signals(number).name}" if number else f"exited with {code}"
+    except ValueError:
+        return f"exited with {code}"
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
