@@ -6,7 +6,6 @@ import ast
 import json
 import logging
 import os
-from pathlib import Path
 
 import pytest
 
@@ -95,28 +94,6 @@ def _listening(pids: set[int]) -> list[tuple[str, int]]:
         except psutil.NoSuchProcess:
             continue
     return found
-
-
-@pytest.mark.slow
-def test_every_server_the_pipeline_starts_listens_on_localhost_only(tmp_path, monkeypatch):
-    """``sad pipeline``'s services: the Prefect and MLflow servers (TCP, 127.0.0.1) and the preload
-    runner (a Unix socket in a private 0700 folder)."""
-    import psutil
-
-    from flows.server import pipeline_services
-
-    for var in ("PREFECT_API_URL", "SAD_MLFLOW_URI", "SAD_PRELOAD_SOCKET"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    with pipeline_services(tmp_path / "logs", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "artifacts") as env:
-        servers = {p.pid for p in psutil.Process().children(recursive=True)} - before
-        listening = _listening(servers)
-        sock = Path(env["SAD_PRELOAD_SOCKET"])
-        assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"
-    ports = {int(env[k].rsplit(":", 1)[1].split("/")[0]) for k in ("PREFECT_API_URL", "SAD_MLFLOW_URI")}
-    assert ports <= {port for _, port in listening}, (ports, listening)
-    assert listening and all(ip == "127.0.0.1" for ip, _ in listening), listening
 
 
 SECRET = "hunter2-s3cr3t"
