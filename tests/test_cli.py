@@ -203,6 +203,7 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     assert out["student_vs_teacher"]["student"]["parameters"] < out["student_vs_teacher"]["teacher"]["parameters"]
     assert out["pipeline"]["prefect"]["flow_run_s"] > 0
     assert "skipped" in out["pipeline"]["noop_dvc_repro"]  # no pipeline has run in this folder
+    assert "no MLflow store" in out["pipeline"]["stage_costs"]["skipped"] and not (tmp_path / "mlflow.db").exists()
     targets = out["targets"]
     assert targets["cache_bytes_ratio"]["met"] is (out["training"]["cache"]["bytes_ratio"] <= 0.05)
     assert targets["noop_dvc_repro_s"]["met"] is None

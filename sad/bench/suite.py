@@ -3,6 +3,7 @@ the project's latest pipeline run, read from its MLflow stage runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sad.config import Params
@@ -33,11 +34,15 @@ def verdicts(measured: dict[str, float | None]) -> dict[str, dict[str, Any]]:
 
 
 def stage_costs(p: Params) -> dict[str, Any]:
-    """Duration and peak memory of the latest run of every stage in the project's MLflow store."""
+    """Duration and peak memory of the latest run of every stage in the project's MLflow store (a local SQLite
+    store that does not exist yet is not created: ``skipped``)."""
     import mlflow
 
-    from sad.tracking import configure
+    from sad.tracking import configure, tracking_uri
 
+    uri = tracking_uri(p.tracking)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return {"skipped": f"no MLflow store at {uri.removeprefix('sqlite:///')} yet: run the pipeline first"}
     configure(p.tracking)
     runs = mlflow.search_runs(experiment_names=[p.tracking.experiment], output_format="list", max_results=5000)
     latest: dict[str, Any] = {}
