@@ -134,16 +134,17 @@ def test_a_folder_interrupted_between_its_two_renames_is_restored(tmp_path):
 # --------------------------------------------------------------------------- SIGKILL during rollout / segmentation
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, output", [("rollout", "data/rollouts"), ("segment", "data/segments")])
-def test_sigkill_during_a_stage_leaves_no_partial_output_and_a_rerun_completes(rollout_project, stage, output, tmp_path):
+def test_sigkill_during_a_stage_leaves_no_partial_output_and_a_rerun_completes(rollout_project, stage, output, tmp_path,
+                                                                              demos):
     import shutil
 
-    from sad.io import read_jsonl
+    from sad.io import read_jsonl, write_jsonl_atomic
 
     rollout_project = Path(shutil.copytree(rollout_project, tmp_path / "project"))
 
     out = rollout_project / output
-    if stage == "segment":
-        run_worker("stage", rollout_project, "rollout")
+    if stage == "segment":  # the expert's episodes stand in for the teacher's rollouts (segment's input)
+        write_jsonl_atomic(rollout_project / "data/rollouts/rollouts.jsonl", (e.to_dict() for e in demos))
     before = snapshot(out)
     proc = start_worker("stage", rollout_project, stage)
     wait_ready(proc)
@@ -367,12 +368,18 @@ def _champion(project: Path) -> str | None:
 
 @pytest.mark.slow
 def test_a_crash_between_registration_and_promotion_leaves_the_champion_and_concurrent_retrains_promote_once(
-        registry_project):
+        registry_project, monkeypatch):
     from mlflow import MlflowClient
+
+    from flows import retrain
+    from sad.config import load_params
 
     project, candidate = registry_project
     candidate(0, 0.3)  # passes the floors (0.3 >= 0.5 x teacher 0.5)
-    assert _result(_child(project, "run"))["promoted"]
+    monkeypatch.chdir(project)  # the first retrain in this process: nothing runs beside it
+    for var in ("SAD_MLFLOW_URI", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    assert retrain.register_and_gate.fn(load_params("params.yaml"), {"seconds": 0.0, "stages_run": 0})["promoted"]
     assert _champion(project) == "1"
 
     candidate(1, 0.6)  # better: it would be promoted
