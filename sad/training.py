@@ -121,7 +121,7 @@ def split_dev(windows: pd.DataFrame, dev_fraction: float, seed: int) -> tuple[pd
     return windows[~is_dev], windows[is_dev]
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 32) -> list[list[int]]:
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int | str, group: int = 32) -> list[list[int]]:
     """Shuffle, sort within groups of ``group`` batches by length, shuffle the batches (less padding)."""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
@@ -151,7 +151,8 @@ def batch_plan(lengths: list[int], global_batch: int, n_batches: int, seed: int,
     plan: list[list[int]] = []
     epoch = 0
     while len(plan) < n_batches:
-        plan.extend(length_grouped_batches(lengths, global_batch, seed + epoch))
+        # one stream per (seed, epoch): with ``seed + epoch``, seed 1's first epoch was seed 0's second
+        plan.extend(length_grouped_batches(lengths, global_batch, f"{seed}:{epoch}"))
         epoch += 1
     return plan[:n_batches]
 
@@ -196,8 +197,9 @@ def method_loss(
     """The training objective of ``method`` for one batch; returns (loss, logged parts).
 
     student_logits [B, T, V]; batch tensors [B, T]; ``teacher`` is full teacher logits
-    [B, T, V] or cached top-k (log-probs [N, k], ids [N, k], tail log-mass [N]) for the N
-    generated positions;
+    [B, T, V], the teacher's logits at the N generated positions [N, V] (row-major, as
+    :func:`sad.teacher_cache.generated_logits` gives them) or cached top-k (log-probs [N, k],
+    ids [N, k], tail log-mass [N]) for those positions;
     ``counts`` = global (REASON, ACT) token counts to normalise by (default: this batch's).
     """
     logits, targets, reason, act = losses.shift(student_logits, batch["input_ids"], batch["reason_mask"], batch["act_mask"])
@@ -220,7 +222,9 @@ def method_loss(
             per_token = losses.topk_divergence(sel, t_logp, t_ids, t_tail, method.divergence, method.temperature,
                                                method.beta, method.alpha)
         else:
-            t_sel = teacher[:, :-1, :][generated]
+            t_sel = teacher if teacher.dim() == 2 else teacher[:, :-1, :][generated]
+            if t_sel.shape[0] != sel.shape[0]:
+                raise ValueError(f"teacher logits cover {t_sel.shape[0]} positions, the batch has {sel.shape[0]}")
             per_token = losses.logit_divergence(sel, t_sel, method.divergence, method.temperature, method.beta, method.alpha)
         if method.loss == "token_kd":
             loss = losses.token_kd_loss(per_token, r + a, n_r + n_a)
@@ -373,7 +377,10 @@ def evaluate_dev(model, rows: list[dict], method: MethodParams, pad_id: int, dev
         logits = model(input_ids=batch["input_ids"]).logits
         t_logits = None
         if method.needs_teacher and teacher is not None:
-            t_logits = teacher(input_ids=batch["input_ids"]).logits
+            from sad.teacher_cache import generated_logits
+
+            generated = (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0
+            t_logits = generated_logits(teacher, batch["input_ids"], generated)  # [N, V], as in training
         if t_logits is not None or not method.needs_teacher:
             loss, _ = method_loss(method, logits, batch, t_logits, counts=(n_r, n_a))
             totals["loss"] += float(loss)
@@ -539,8 +546,13 @@ def train_lm(
                         targets = cached.cache.batch_targets([int(r["cache_row"]) for r in mine], method.temperature)
                         targets = tuple(t.to(accelerator.device) for t in targets)
                     else:
+                        from sad.teacher_cache import generated_logits
+
+                        # fp32 targets at the generated positions only, as the cache holds them (under bf16
+                        # autocast the full forward's logits were bf16 and [B, T, V])
+                        generated = (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0
                         with torch.no_grad():
-                            targets = teacher(input_ids=batch["input_ids"]).logits
+                            targets = generated_logits(teacher, batch["input_ids"], generated)
                 loss, parts = method_loss(method, out.logits, batch, targets, counts=counts)
                 # DDP averages gradients over processes: scale so that they sum instead.
                 accelerator.backward(loss * (world * weight))

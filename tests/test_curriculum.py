@@ -46,3 +46,18 @@ def test_early_batches_come_from_the_easy_end():
     assert max(batches[0]) < 20  # the first batch only sees the easiest 20%
     assert max(max(b) for b in batches[-10:]) >= 80  # after the ramp, hard windows appear
     assert batches == curriculum_batches(order, 50, 8, 0, "linear", 0.2, 0.5)  # deterministic
+
+
+def test_curriculum_batches_deal_every_window_and_keep_the_easy_ones_more_often():
+    """Three epochs' worth of draws: no window is left out (a uniform sample with replacement, the paper's,
+    skipped 7% of them), easy windows still come more often than hard ones, no window twice in a batch."""
+    n, batch = 1000, 4
+    batches = curriculum_batches(list(range(n)), 3 * n // batch, batch, 0, "linear", 0.3, 0.5)
+    drawn = [0] * n
+    for b in batches:
+        assert len(set(b)) == len(b) == batch
+        for i in b:
+            drawn[i] += 1
+    assert min(drawn) >= 2 and max(drawn) <= 4  # each pass over the available share deals every window once
+    assert sum(drawn[:100]) > sum(drawn[-100:]) * 1.2  # the easiest tenth is available for more passes
+    assert curriculum_batches(list(range(n)), 30, batch, 1, "linear", 0.3, 0.5) != batches[:30]  # the seed matters

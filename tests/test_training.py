@@ -20,6 +20,19 @@ def test_length_grouped_batches_cover_every_index_once():
     assert length_grouped_batches(lengths, 3, 0) == batches
 
 
+def test_seeds_get_their_own_data_order_in_every_epoch():
+    """Seed 1's first epoch is not seed 0's second (as with ``seed + epoch``): seeds differ by more than a shift."""
+    from sad.training import batch_plan
+
+    lengths = list(range(40))
+    per_epoch = 10  # batches of 4
+    seed0, seed1 = batch_plan(lengths, 4, 3 * per_epoch, seed=0), batch_plan(lengths, 4, 3 * per_epoch, seed=1)
+    epochs0 = [seed0[e * per_epoch:(e + 1) * per_epoch] for e in range(3)]
+    epochs1 = [seed1[e * per_epoch:(e + 1) * per_epoch] for e in range(3)]
+    assert not any(a == b for a in epochs0 for b in epochs1)
+    assert all(sorted(i for b in epoch for i in b) == lengths for epoch in epochs0 + epochs1)  # each epoch a pass
+
+
 def test_collate_pads_right_and_masks_padding():
     rows = [{"input_ids": [5, 6, 7], "reason_mask": [0, 1, 0], "act_mask": [0, 0, 1]},
             {"input_ids": [5], "reason_mask": [0], "act_mask": [0]}]
