@@ -53,8 +53,9 @@ def fit_context(prompt_ids: list[int], step_ids: list[list[int]], budget: int, e
 
     Older steps go first (``evict_to`` < 1 drops them in blocks, see :func:`history_start`). When even
     the latest step alone does not fit, it is kept cut from its end (its thought and action stay, the
-    tail of its observation goes), so the agent still sees what it just did. Training windows are cut
-    the same way (:func:`sad.segment.episode_windows`, which always keeps as many steps as fit).
+    tail of its observation goes), so the agent still sees what it just did. Training windows keep
+    history the same way (:func:`sad.segment.episode_windows`; packed, so a step's history there is close
+    to this one, not always equal: see that module).
     A prompt longer than the budget is cut from the left (its end holds the task).
     """
     if len(prompt_ids) >= budget:

@@ -117,3 +117,46 @@ def test_generated_logits_are_the_full_forward_at_generated_positions_with_an_fp
     # the bf16 body moves the logits a little; the same top-1 nearly everywhere
     assert (bf16.argmax(-1) == full.argmax(-1)).float().mean() > 0.95
     assert (bf16 - full).abs().max() < 0.5
+
+
+def test_the_cache_head_applies_each_architectures_own_logit_processing_and_refuses_an_unknown_one():
+    """Gemma 2's soft-capping and Cohere's logit scale are applied as their own forward does (the cache holds the
+    teacher's distribution, not its raw head's); a forward that changes its logits otherwise is refused."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    from sad.teacher_cache import check_head_matches_forward
+
+    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "eos_token_id": 1, "bos_token_id": 2, "pad_token_id": 0}
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    generated = torch.ones(2, 8, dtype=torch.bool)
+    for model in (Gemma2ForCausalLM(Gemma2Config(**small, head_dim=8, final_logit_softcapping=0.5)),
+                  CohereForCausalLM(CohereConfig(**small, logit_scale=4.0))):
+        model.eval()
+        with torch.no_grad():
+            head = model.get_output_embeddings()
+            head.weight.mul_(50)  # logits large enough that the processing matters
+            own = model(input_ids=ids).logits[:, :-1][generated]
+            assert torch.allclose(generated_logits(model, ids, generated), own, atol=1e-4), type(model).__name__
+        check_head_matches_forward(model, ids[:1], generated[:1])
+    model.config.logit_scale = 1.0  # the forward still multiplies by 4 (its own copy): unknown to the cache head
+    with pytest.raises(ValueError, match="CohereForCausalLM's forward post-processes its logits"):
+        check_head_matches_forward(model, ids[:1], generated[:1])
+
+
+def test_online_targets_are_fp32_under_bf16_autocast_and_give_the_loss_of_the_full_logits(windows, tokenizer,
+                                                                                           tiny_model_factory):
+    """A training loop's online teacher reads its targets like the cache (fp32 head at the generated positions),
+    not the bf16 logits the full forward gives under autocast; the loss is that of the full logits."""
+    teacher, student = tiny_model_factory(hidden=32, seed=5).eval(), tiny_model_factory(hidden=32, seed=6)
+    batch = collate(windows.iloc[:3][["input_ids", "reason_mask", "act_mask"]].to_dict("records"), tokenizer.pad_token_id)
+    generated = (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert teacher(input_ids=batch["input_ids"]).logits.dtype == torch.bfloat16  # what the loop used to read
+        assert generated_logits(teacher, batch["input_ids"], generated).dtype == torch.float32
+    method = MethodParams(loss="sad")
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"]).logits
+        full = method_loss(method, logits, batch, teacher(input_ids=batch["input_ids"]).logits)[0]
+        selected = method_loss(method, logits, batch, generated_logits(teacher, batch["input_ids"], generated))[0]
+    assert torch.allclose(full, selected, atol=1e-6)
