@@ -128,10 +128,10 @@ def check_head_matches_forward(model, input_ids: torch.Tensor, generated: torch.
     gap = float((own - ours).abs().max())
     if gap > limit:
         raise ValueError(
-            f"teacher_logits: {type(model).__name__}'s forward post-processes its logits in a way the cache's fp32 "
+            f"teacher: {type(model).__name__}'s forward post-processes its logits in a way the fp32 "
             f"output head does not reproduce (largest difference {gap:.3g} > {limit:.3g}); the cached targets would "
-            f"not be the teacher's distribution. Use distill.teacher_logits.mode: online, or add the processing to "
-            f"sad.teacher_cache.model_logit_processing")
+            f"not be the teacher's distribution. Merge an adapter on the output layer into the weights, or add the "
+            f"processing to sad.teacher_cache.model_logit_processing")
 
 
 def build_topk_cache(teacher, windows: pd.DataFrame, top_k: int, temperatures: list[float], pad_id: int,

@@ -515,6 +515,13 @@ def train_lm(
         teacher = teacher.to(accelerator.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        if method.needs_teacher:  # its targets come from the fp32 head: the same logits as its own forward?
+            from sad.teacher_cache import check_head_matches_forward
+
+            first = collate(rows[:1], pad_id)
+            with accelerator.autocast():
+                check_head_matches_forward(teacher, first["input_ids"].to(accelerator.device),
+                                           ((first["reason_mask"][:, 1:] + first["act_mask"][:, 1:]) > 0).to(accelerator.device))
     model.train()
 
     dev_rows = dev_windows[["input_ids", "reason_mask", "act_mask"]].to_dict("records") if dev_windows is not None else []

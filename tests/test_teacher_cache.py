@@ -142,6 +142,17 @@ def test_the_cache_head_applies_each_architectures_own_logit_processing_and_refu
     model.config.logit_scale = 1.0  # the forward still multiplies by 4 (its own copy): unknown to the cache head
     with pytest.raises(ValueError, match="CohereForCausalLM's forward post-processes its logits"):
         check_head_matches_forward(model, ids[:1], generated[:1])
+    # an online teacher is checked the same way before the first training step
+    import pandas as pd
+
+    from sad.config import TrainParams
+    from sad.training import train_lm
+
+    window = {"input_ids": ids[0].tolist(), "reason_mask": [0, 1, 1, 1, 0, 0, 0, 0, 0], "act_mask": [0, 0, 0, 0, 1, 1, 0, 0, 0]}
+    student = CohereForCausalLM(CohereConfig(**small))
+    with pytest.raises(ValueError, match="CohereForCausalLM's forward post-processes its logits"):
+        train_lm(student, pd.DataFrame([window] * 4), MethodParams(loss="sad"), TrainParams(epochs=1, batch_size=2), 0,
+                 teacher=model, progress=False)
 
 
 def test_online_targets_are_fp32_under_bf16_autocast_and_give_the_loss_of_the_full_logits(windows, tokenizer,
