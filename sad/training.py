@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from sad import losses
 from sad.config import CurriculumParams, MethodParams, TrainParams
 from sad.io import atomic_dir, write_json_atomic
+from sad.logits import check_head_matches_forward, generated_logits
 from sad.modeling import cpu_bf16_is_fast
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def method_loss(
 
     student_logits [B, T, V]; batch tensors [B, T]; ``teacher`` is full teacher logits
     [B, T, V], the teacher's logits at the N generated positions [N, V] (row-major, as
-    :func:`sad.teacher_cache.generated_logits` gives them) or cached top-k (log-probs [N, k],
+    :func:`sad.logits.generated_logits` gives them) or cached top-k (log-probs [N, k],
     ids [N, k], tail log-mass [N]) for those positions;
     ``counts`` = global (REASON, ACT) token counts to normalise by (default: this batch's).
     """
@@ -377,8 +378,6 @@ def evaluate_dev(model, rows: list[dict], method: MethodParams, pad_id: int, dev
         logits = model(input_ids=batch["input_ids"]).logits
         t_logits = None
         if method.needs_teacher and teacher is not None:
-            from sad.teacher_cache import generated_logits
-
             generated = (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0
             t_logits = generated_logits(teacher, batch["input_ids"], generated)  # [N, V], as in training
         if t_logits is not None or not method.needs_teacher:
@@ -516,8 +515,6 @@ def train_lm(
         for p in teacher.parameters():
             p.requires_grad_(False)
         if method.needs_teacher:  # its targets come from the fp32 head: the same logits as its own forward?
-            from sad.teacher_cache import check_head_matches_forward
-
             first = collate(rows[:1], pad_id)
             with accelerator.autocast():
                 check_head_matches_forward(teacher, first["input_ids"].to(accelerator.device),
@@ -553,9 +550,7 @@ def train_lm(
                         targets = cached.cache.batch_targets([int(r["cache_row"]) for r in mine], method.temperature)
                         targets = tuple(t.to(accelerator.device) for t in targets)
                     else:
-                        from sad.teacher_cache import generated_logits
-
-                        # fp32 targets at the generated positions only, as the cache holds them (under bf16
+                                    # fp32 targets at the generated positions only, as the cache holds them (under bf16
                         # autocast the full forward's logits were bf16 and [B, T, V])
                         generated = (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0
                         with torch.no_grad():

@@ -124,7 +124,7 @@ def test_the_cache_head_applies_each_architectures_own_logit_processing_and_refu
     teacher's distribution, not its raw head's); a forward that changes its logits otherwise is refused."""
     from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
-    from sad.teacher_cache import check_head_matches_forward
+    from sad.logits import check_head_matches_forward
 
     small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
              "num_attention_heads": 2, "num_key_value_heads": 1, "eos_token_id": 1, "bos_token_id": 2, "pad_token_id": 0}
