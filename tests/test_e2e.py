@@ -271,6 +271,43 @@ def _versions(repo: Path, env: dict[str, str]) -> dict[str, dict]:
     return {row["version"]: row for row in json.loads(json.dumps(rows))}
 
 
+def test_a_worse_retrain_is_registered_but_not_promoted(pipeline_run):
+    repo, env, _ = pipeline_run
+    # a DVC experiment over a distillation parameter: a learning rate that leaves students untrained
+    result = _sad(["pipeline", "--set", "distill.train.lr=0.0000001"], repo, env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    decision = json.loads((repo / "reports" / "registry.json").read_text())
+    assert decision["version"] == "2" and decision["promoted"] is False
+    assert decision["champion_before"] == decision["champion_after"] == "1"
+    assert any("does not beat" in r for r in decision["reasons"])  # higher dev CE than the champion's
+    versions = _versions(repo, env)
+    assert versions["1"]["aliases"] == ["champion"] and versions["2"]["aliases"] == ["challenger"]
+    assert "kept champion" in versions["2"]["decision"]
+    exps = _run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--json"], repo, env, timeout=120)
+    assert exps.returncode == 0 and "1e-07" in exps.stdout.replace("0.0000001", "1e-07")
+
+
+def test_rollback_restores_the_previous_champion(pipeline_run):
+    repo, env, _ = pipeline_run
+    promoted = _sad(["registry", "promote", "2", "--reason", "e2e: by hand"], repo, env, timeout=120)
+    assert promoted.returncode == 0, promoted.stderr
+    assert "champion" in _versions(repo, env)["2"]["aliases"]
+    rolled = _sad(["registry", "rollback"], repo, env, timeout=120)
+    assert rolled.returncode == 0 and "from v2 to v1" in rolled.stdout, rolled.stderr
+    assert "champion" in _versions(repo, env)["1"]["aliases"]
+
+
+def test_a_second_retrain_at_once_is_refused(pipeline_run):
+    from filelock import FileLock
+
+    repo, env, _ = pipeline_run
+    with FileLock(str(repo / ".retrain.lock")):  # a retrain in flight holds this lock
+        result = _sad(["pipeline"], repo, env, timeout=300)
+    assert result.returncode == 2 and "another retrain is running" in result.stderr, result.stderr[-2000:]
+    assert "services:" not in result.stdout + result.stderr  # refused before any server was started
+    assert "champion" in _versions(repo, env)["1"]["aliases"]
+
+
 def _prefect_api(env: dict[str, str], path: str, missing_ok: bool = False, timeout_s: float = 120) -> dict | None:
     """GET ``path`` from the Prefect server's REST API at ``env['PREFECT_API_URL']`` (what `prefect ... inspect`
     shows, without a CLI start-up per poll), retried on a connection error or a 5xx of a loaded server for up
