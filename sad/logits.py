@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_head_matches_forward", "generated_logits", "model_logit_processing"]
+__all__ = ["check_head_matches_forward", "generated_logits", "generated_mask", "model_logit_processing"]
+
+
+def generated_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T-1] bool: logit positions whose next token is generated (REASON or ACT) in a collated batch."""
+    return (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0
 
 
 @torch.no_grad()

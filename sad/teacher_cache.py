@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sad.io import atomic_dir
-from sad.logits import check_head_matches_forward, generated_logits
+from sad.logits import check_head_matches_forward, generated_logits, generated_mask
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def build_topk_cache(teacher, windows: pd.DataFrame, top_k: int, temperatures: l
     for start in tqdm(range(0, len(rows), batch_size), desc="teacher logits", disable=not progress, unit="batch"):
         members = by_length[start:start + batch_size]
         batch = collate([rows[i] for i in members], pad_id)
-        generated = (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0  # [B, T-1], next token generated
+        generated = generated_mask(batch)  # [B, T-1], next token generated
         if start == 0:  # once: the fp32 head gives what the teacher's own forward gives
             check_head_matches_forward(teacher, batch["input_ids"][:1], generated[:1])
         sel = generated_logits(teacher, batch["input_ids"], generated)  # [n, V] fp32, window by window

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from sad import losses
 from sad.config import CurriculumParams, MethodParams, TrainParams
 from sad.io import atomic_dir, write_json_atomic
-from sad.logits import check_head_matches_forward, generated_logits
+from sad.logits import check_head_matches_forward, generated_logits, generated_mask
 from sad.modeling import cpu_bf16_is_fast
 
 log = logging.getLogger(__name__)
@@ -378,7 +378,7 @@ def evaluate_dev(model, rows: list[dict], method: MethodParams, pad_id: int, dev
         logits = model(input_ids=batch["input_ids"]).logits
         t_logits = None
         if method.needs_teacher and teacher is not None:
-            generated = (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0
+            generated = generated_mask(batch)
             t_logits = generated_logits(teacher, batch["input_ids"], generated)  # [N, V], as in training
         if t_logits is not None or not method.needs_teacher:
             loss, _ = method_loss(method, logits, batch, t_logits, counts=(n_r, n_a))
@@ -518,7 +518,7 @@ def train_lm(
             first = collate(rows[:1], pad_id)
             with accelerator.autocast():
                 check_head_matches_forward(teacher, first["input_ids"].to(accelerator.device),
-                                           ((first["reason_mask"][:, 1:] + first["act_mask"][:, 1:]) > 0).to(accelerator.device))
+                                           generated_mask(first).to(accelerator.device))
     model.train()
 
     dev_rows = dev_windows[["input_ids", "reason_mask", "act_mask"]].to_dict("records") if dev_windows is not None else []
@@ -552,7 +552,7 @@ def train_lm(
                     else:
                                     # fp32 targets at the generated positions only, as the cache holds them (under bf16
                         # autocast the full forward's logits were bf16 and [B, T, V])
-                        generated = (batch["reason_mask"][:, 1:] + batch["act_mask"][:, 1:]) > 0
+                        generated = generated_mask(batch)
                         with torch.no_grad():
                             targets = generated_logits(teacher, batch["input_ids"], generated)
                 loss, parts = method_loss(method, out.logits, batch, targets, counts=counts)
