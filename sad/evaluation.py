@@ -97,15 +97,25 @@ def _sample(items: list[dict], max_items: int, seed: int) -> list[dict]:
 
 
 def _generate_blocks(agent: LMAgent, items: list[dict], batch_size: int, progress: bool, desc: str):
-    """Yield (item, parsed generation) for every item, generated in batches."""
+    """(item, parsed generation) for every item, in order; up to ``batch_size`` rows decode together and
+    each row takes the next item as soon as its block ends (:meth:`LMAgent.stream`)."""
     from tqdm.auto import tqdm
 
-    from sad.react import parse_output
+    from sad.react import ParsedOutput, parse_output
 
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, unit="batch"):
-        chunk = items[start:start + batch_size]
-        for item, gen in zip(chunk, agent.generate([it["context"] for it in chunk])):
-            yield item, parse_output(gen.text)
+    parsed: dict[int, ParsedOutput] = {}
+    upcoming = iter(range(batch_size, len(items)))
+    bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="step")
+
+    def on_block(index: int, generation) -> list[tuple[int, list[int]]]:
+        parsed[index] = parse_output(generation.text)
+        bar.update(1)
+        following = next(upcoming, None)
+        return [] if following is None else [(following, items[following]["context"])]
+
+    agent.stream([(i, items[i]["context"]) for i in range(min(batch_size, len(items)))], on_block)
+    bar.close()
+    return [(item, parsed[i]) for i, item in enumerate(items)]
 
 
 def teacher_forced_agreement(

@@ -60,8 +60,8 @@ def summarize(episodes: list[Episode], tokenizer) -> dict[str, float]:
     * ``avg_steps`` - actions per episode;
     * ``avg_reasoning_tokens`` - thought tokens per episode; ``avg_thought_tokens`` per thought;
     * ``invalid_action_rate`` - share of actions the environment rejected (or none was parsed);
-    * ``latency_per_step_s`` - mean wall time of the generation batch a step was produced in
-      (what one agent step waits for at the batch size used);
+    * ``latency_per_step_s`` - mean wall time from a step's context joining the decode batch to its block's
+      end (what one agent step waits for at the batch size used; continuous batching, :meth:`LMAgent.stream`);
     * ``avg_reward`` - the benchmark's own score (ALFWorld: won; HotPotQA: exact match;
       WebShop: its reward in [0, 1]); ``f1`` - HotPotQA's answer F1, where episodes report it;
     * ``redrawn_step_rate`` - share of steps the loop guard sampled again, where it was on;

@@ -202,7 +202,7 @@ class PlayStats:
     generation_seconds: float = 0.0
     generated_tokens: int = 0
     env_seconds: float = 0.0
-    batches: int = 0
+    blocks: int = 0  # blocks generated (one per step; a redrawn step counts once)
     scored_steps: int = 0  # steps whose action was chosen by scoring the listed actions (admissible, repair)
     scoring_seconds: float = 0.0  # the time of that scoring (part of env_seconds)
 
@@ -215,7 +215,7 @@ class PlayStats:
         self.generation_seconds += other.generation_seconds
         self.generated_tokens += other.generated_tokens
         self.env_seconds += other.env_seconds
-        self.batches += other.batches
+        self.blocks += other.blocks
         self.scored_steps += other.scored_steps
         self.scoring_seconds += other.scoring_seconds
 
@@ -343,65 +343,87 @@ def play_agent(
         slots[index] = _Slot(task, env, _new_episode(task, agent_name, prompt), tokenizer.encode(prompt, add_special_tokens=False),
                              admissible=obs.admissible)
 
-    while queue or slots:
-        while queue and len(slots) < batch_size:
-            open_slot(*queue.pop(0))
-        order = list(slots)
-        contexts = [fit_context(slots[i].prompt_ids, slots[i].step_ids[-history_steps:] if history_steps else slots[i].step_ids,
-                                budget, evict_to) for i in order]
-        generations = agent.generate(contexts)
-        if stats is not None:
-            stats.batches += 1
-            stats.generation_seconds += generations[0].seconds
-            stats.generated_tokens += sum(g.n_tokens for g in generations)
-        redrawn = [0] * len(order)
+    def context_of(index: int) -> list[int]:
+        slot = slots[index]
+        history = slot.step_ids[-history_steps:] if history_steps else slot.step_ids
+        return fit_context(slot.prompt_ids, history, budget, evict_to)
+
+    def play_step(index: int, context: list[int], gen: Generation, draws: int) -> bool:
+        """Send the block's action (after the action choice) and record the step; True when the episode ended."""
+        slot = slots[index]
+        parsed = parse_output(gen.text)
+        if action_choice == "repair":
+            slot.episode.meta.setdefault("repaired_steps", 0)
+        repaired_from = None
+        if action_choice != "free" and slot.admissible and \
+                not (action_choice == "repair" and listed_action(parsed, slot.admissible)):
+            history = slot.episode.steps
+            avoid = (lambda action, steps=history: repeats_a_failure(steps, action) is not None) if redraws else None
+            scoring_started = time.perf_counter()
+            chosen = choose_admissible(agent, context, parsed, slot.admissible, avoid)
+            if stats is not None:
+                stats.scored_steps += 1
+                stats.scoring_seconds += time.perf_counter() - scoring_started
+            if action_choice == "repair":  # steps whose generated action was not a listed one
+                slot.episode.meta["repaired_steps"] += 1
+                repaired_from = parsed.action if parsed.has_action else ""
+            parsed = chosen
         if redraws:
-            generations, redrawn = redraw_failures(agent, contexts, [slots[i].episode.steps for i in order], generations,
-                                                   redraws, redraw_temperature, stats)
+            slot.episode.meta["redrawn_steps"] = slot.episode.meta.get("redrawn_steps", 0) + (draws > 0)
+        obs = slot.env.step(parsed.action)
+        slot.admissible = obs.admissible
+        step = Step(thought=parsed.thought, action=parsed.action, observation=obs.text,
+                    valid=obs.valid and parsed.has_action, generated_tokens=gen.n_tokens, latency_s=gen.seconds,
+                    repaired_from=repaired_from)
+        slot.episode.steps.append(step)
+        slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step)), add_special_tokens=False))
+        stuck = bool(stop_after_failures) and not obs.done and \
+            trailing_unproductive(slot.episode.steps) >= stop_after_failures
+        if not (obs.done or stuck or slot.episode.n_steps >= slot.env.max_steps):
+            return False
+        if stop_after_failures:
+            slot.episode.meta["stopped_stuck"] = stuck
+        slot.episode.success, slot.episode.reward = obs.success, obs.reward
+        slot.episode.meta.update(final_scores(obs))
+        results[index] = slot.episode
+        free_envs[slot.task.env].append(slot.env)
+        del slots[index]
+        bar.update(1)
+        if on_episode:
+            on_episode(slot.episode)
+        return True
+
+    contexts: dict[int, list[int]] = {}
+
+    def on_block(index: int, gen: Generation) -> list[tuple[int, list[int]]]:
+        """A block ended (continuous batching): play its step, return what that row generates next."""
+        draws = 0
+        if redraws:  # generation time: inside the stream's wall time, outside the env time below
+            (gen,), (draws,) = redraw_failures(agent, [contexts[index]], [slots[index].episode.steps], [gen], redraws,
+                                               redraw_temperature)
         env_started = time.perf_counter()
-        for index, context, gen, draws in zip(order, contexts, generations, redrawn):
-            slot = slots[index]
-            parsed = parse_output(gen.text)
-            if action_choice == "repair":
-                slot.episode.meta.setdefault("repaired_steps", 0)
-            repaired_from = None
-            if action_choice != "free" and slot.admissible and \
-                    not (action_choice == "repair" and listed_action(parsed, slot.admissible)):
-                history = slot.episode.steps
-                avoid = (lambda action, steps=history: repeats_a_failure(steps, action) is not None) if redraws else None
-                scoring_started = time.perf_counter()
-                chosen = choose_admissible(agent, context, parsed, slot.admissible, avoid)
-                if stats is not None:
-                    stats.scored_steps += 1
-                    stats.scoring_seconds += time.perf_counter() - scoring_started
-                if action_choice == "repair":  # steps whose generated action was not a listed one
-                    slot.episode.meta["repaired_steps"] += 1
-                    repaired_from = parsed.action if parsed.has_action else ""
-                parsed = chosen
-            if redraws:
-                slot.episode.meta["redrawn_steps"] = slot.episode.meta.get("redrawn_steps", 0) + (draws > 0)
-            obs = slot.env.step(parsed.action)
-            slot.admissible = obs.admissible
-            step = Step(thought=parsed.thought, action=parsed.action, observation=obs.text,
-                        valid=obs.valid and parsed.has_action, generated_tokens=gen.n_tokens, latency_s=gen.seconds,
-                        repaired_from=repaired_from)
-            slot.episode.steps.append(step)
-            slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step)), add_special_tokens=False))
-            stuck = bool(stop_after_failures) and not obs.done and \
-                trailing_unproductive(slot.episode.steps) >= stop_after_failures
-            if obs.done or stuck or slot.episode.n_steps >= slot.env.max_steps:
-                if stop_after_failures:
-                    slot.episode.meta["stopped_stuck"] = stuck
-                slot.episode.success, slot.episode.reward = obs.success, obs.reward
-                slot.episode.meta.update(final_scores(obs))
-                results[index] = slot.episode
-                free_envs[slot.task.env].append(slot.env)
-                del slots[index]
-                bar.update(1)
-                if on_episode:
-                    on_episode(slot.episode)
+        if stats is not None:
+            stats.blocks += 1
+            stats.generated_tokens += gen.n_tokens  # every draw's tokens
+        following: list[tuple[int, list[int]]] = []
+        if not play_step(index, contexts.pop(index), gen, draws):
+            following = [(index, context_of(index))]
+        elif queue:
+            open_slot(*queue[0])
+            following = [(queue[0][0], context_of(queue.pop(0)[0]))]
+        contexts.update(following)
         if stats is not None:
             stats.env_seconds += time.perf_counter() - env_started
+        return following
+
+    while queue and len(slots) < batch_size:
+        open_slot(*queue.pop(0))
+    contexts.update((index, context_of(index)) for index in slots)
+    started = time.perf_counter()
+    env_before = stats.env_seconds if stats is not None else 0.0
+    agent.stream(list(contexts.items()), on_block)
+    if stats is not None:  # the stream's wall time less the steps played inside it
+        stats.generation_seconds += time.perf_counter() - started - (stats.env_seconds - env_before)
     bar.close()
     return [results[i] for i in range(len(tasks))]
 

@@ -79,6 +79,76 @@ def test_batched_generation_matches_one_at_a_time(trained_model, tokenizer):
         assert len({g.n_tokens for g in compacted}) > 1
 
 
+@pytest.mark.parametrize("shift_at,tight", [(64, False), (1, False), (64, True)])
+def test_streamed_blocks_equal_lockstep_generation_while_rows_join_and_leave(trained_model, tokenizer, monkeypatch,
+                                                                            shift_at, tight):
+    """Continuous batching (:meth:`LMAgent.stream`): 3 rows for 6 first contexts and their follow-ups, rows
+    joining the running batch as others end, with cache shifts left (every step at ``shift_at`` 1), a shift
+    right for a context longer than any before, growth of the columns (``tight``: the cache starts one column
+    wider than the longest context) and idle rows dropped. Every block equals what :meth:`LMAgent.generate`
+    gives for the same context alone."""
+    from sad.agent import _StreamBatch
+
+    monkeypatch.setattr(_StreamBatch, "SHIFT_AT", shift_at)
+    layouts = []
+    relayout, allocate = _StreamBatch._relayout, _StreamBatch._allocate
+    monkeypatch.setattr(_StreamBatch, "_relayout", lambda self, delta, columns: (layouts.append((delta, columns - self.columns)),
+                                                                              relayout(self, delta, columns)))
+    if tight:
+        monkeypatch.setattr(_StreamBatch, "_allocate", lambda self, columns: allocate(self, self.longest + 1))
+    texts = ["[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n",
+             "[alfworld] Your task is to: put a hot apple in countertop.\nThought: I need an apple.\nAction: go to",
+             "[webshop] Instruction: find a red shirt.\nThought: I search.\nAction: search[",
+             "[alfworld] x\n",
+             "[hotpotqa] Question: who wrote it?\nThought: I search.\nAction: search[",
+             "[alfworld] Your task is to: put a mug in cabinet.\n" * 6]  # longer than any before: a shift right
+    observation = tokenizer.encode("\nObservation: Nothing happens.\n")
+    reference = LMAgent(trained_model, tokenizer, max_new_tokens=40, prefix_cache=0)
+    agent = LMAgent(trained_model, tokenizer, max_new_tokens=40)
+    reference.eos_id = agent.eos_id = tokenizer.encode(".")[-1]  # the tiny model emits "1. 1." or "1 1 1 1.": blocks of 2-10 tokens
+    queue = [(i, tokenizer.encode(t)) for i, t in enumerate(texts)]
+    first, queue = queue[:3], queue[3:]
+    streamed: dict[tuple[int, int], str] = {}
+    expected: dict[tuple[int, int], str] = {}
+    order = []
+
+    def on_block(key, generation):
+        index, step = key
+        order.append(key)
+        streamed[key] = generation.text
+        expected[key] = reference.generate([contexts.pop(key)])[0].text
+        following = []
+        if step < 2:  # the same episode goes on: its context, the block and an observation
+            following.append(((index, step + 1), contexts_seen[key] + tokenizer.encode(generation.text) + observation))
+        elif queue:
+            index, ctx = queue.pop(0)
+            following.append(((index, 0), ctx))
+        for k, ctx in following:
+            contexts[k] = ctx
+            contexts_seen[k] = ctx
+        return following
+
+    contexts = {(i, 0): ctx for i, ctx in first}
+    contexts_seen = dict(contexts)
+    agent.stream(list(contexts.items()), on_block)
+    assert sorted(order) == sorted((i, step) for i in range(len(texts)) for step in range(3))
+    assert order != sorted(order, key=lambda key: key[1])  # rows did not move in lockstep rounds
+    assert streamed == expected
+    assert agent.rows_dropped > 0  # the last episodes' rows left the batch
+    assert agent.prefill_reused > 0  # each follow-up reused its episode's stored context and block
+    assert any(delta > 0 for delta, _ in layouts)  # the longest context came after the batch started
+    assert any(delta < 0 for delta, _ in layouts) or shift_at > 1
+    assert any(grown > 0 for _, grown in layouts)  # contexts longer than the columns left: the cache grew
+    if tight:  # one row from column 0 that outgrows the cache: nothing to shift left, so it grows in place
+        single = tokenizer.encode(texts[0])
+        reference.eos_id = agent.eos_id = reference.pad_id
+        layouts.clear()
+        blocks = []
+        agent.stream([("alone", single)], lambda key, generation: blocks.append(generation.text) or [])
+        assert blocks == [reference.generate([single])[0].text]
+        assert layouts and all(delta == 0 and grown > 0 for delta, grown in layouts)
+
+
 def test_generated_blocks_stay_in_the_prefix_store_as_a_prefill_would_encode_them(trained_model, tokenizer):
     """After a batch, each context extended by its generated block (but the block's last token, whose keys
     were never computed) is in the prefix store with the keys and values a prefill of those tokens gives,
@@ -140,7 +210,7 @@ def test_play_agent_batches_give_the_same_episodes_as_one_at_a_time(trained_mode
     single = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=1)
     assert [e.task_id for e in batched] == [t.task_id for t in tasks]
     assert [[(s.thought, s.action) for s in e.steps] for e in batched] == [[(s.thought, s.action) for s in e.steps] for e in single]
-    assert stats.generated_tokens > 0 and stats.batches > 0
+    assert stats.generated_tokens > 0 and stats.blocks == sum(e.n_steps for e in batched)
     for e in batched:
         assert 1 <= e.n_steps <= 8
         assert all(s.observation for s in e.steps)

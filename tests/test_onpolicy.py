@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sad.agent import Generation
+from sad.agent import Generation, stream_in_rounds
 from sad.config import MethodParams, OnPolicyParams, parse_params
 from sad.environments import load_tasks
 from sad.onpolicy import (
@@ -46,6 +46,9 @@ class DemoAgent:
                     f"Thought: I think.\nAction: {self.wrong}\n"
             out.append(Generation(text, 5, 0.0))
         return out
+
+    def stream(self, contexts, on_block) -> None:  # play's continuous batching, in lockstep rounds
+        stream_in_rounds(self.generate, contexts, on_block)
 
 
 def _params():

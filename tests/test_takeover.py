@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sad.agent import Generation
+from sad.agent import Generation, stream_in_rounds
 from sad.environments import load_tasks
 from sad.rollout import play_expert, play_takeover
 
@@ -25,6 +25,9 @@ class ReplayAgent:
             action = demo.steps[step].action if step < self.agree else self.wrong
             out.append(Generation(f"Thought: I think.\nAction: {action}\n", 5, 0.0))
         return out
+
+    def stream(self, contexts, on_block) -> None:  # play's continuous batching, in lockstep rounds
+        stream_in_rounds(self.generate, contexts, on_block)
 
     def score_continuations(self, prefix: list[int], continuations: list[list[int]]) -> list[float]:
         """A repair's choice among the listed actions: ``look`` (which changes nothing), else the first."""

@@ -260,7 +260,8 @@ def benchmark_student_vs_teacher(p: Params, teacher_dir: Path, student_dir: Path
                                   history_steps=p.context.history_steps, evict_to=p.context.evict_to)
             steps = sum(e.n_steps for e in episodes)
             out[name] = {"model": source, "parameters": count_parameters(agent.model),
-                         "latency_per_step_s": stats.generation_seconds / max(stats.batches, 1),  # one batched step
+                         # a step's own time in the decode batch, from joining it to its block's end (continuous batching)
+                         "latency_per_step_s": sum(s.latency_s for e in episodes for s in e.steps) / max(steps, 1),
                          "generation_s_per_episode_step": stats.generation_seconds / max(steps, 1),
                          "generated_tokens_per_s": stats.tokens_per_second, "steps": steps}
     t, st = out["teacher"], out["student"]
