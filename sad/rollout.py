@@ -306,8 +306,9 @@ def play_agent(
 
     The agent sees the prompt and the latest ``history_steps`` steps (0: as many as fit in
     ``max_tokens``; when they stop fitting, the oldest go until the history fills ``evict_to`` of the
-    room, :func:`sad.agent.history_start`). Finished episodes free their slot for the next task at once (continuous
-    batching). Results come back in the order of ``tasks``.
+    room, :func:`sad.agent.history_start`). Batching is continuous (:meth:`LMAgent.stream`): as soon as a row's
+    block ends its step is played and the episode's next context joins the running decode batch; a finished
+    episode's row takes the next task. Results come back in the order of ``tasks``.
 
     ``action_choice``: ``free`` sends the generated action; ``admissible`` keeps the generated thought
     and, where the environment lists its valid actions (ALFWorld's commands, WebShop's clickables),
