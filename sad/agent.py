@@ -182,6 +182,12 @@ def stream_in_rounds(generate: Callable[[list[list[int]]], list[Generation]], co
         pending = [following for (key, _), gen in zip(pending, generations) for following in on_block(key, gen)]
 
 
+def kv_heads_and_dim(config) -> tuple[int, int]:
+    """(key/value heads, head dimension) of a causal LM's config: the shape of one row of its KV cache."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class LMAgent:
     """Batched greedy/sampled generation of one ``Thought/Action`` block per context."""
 
@@ -274,8 +280,7 @@ class LMAgent:
         from transformers import DynamicCache, StaticCache
 
         config = self.model.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        heads, head_dim = kv_heads_and_dim(config)
         dtype = next(self.model.parameters()).dtype
         if self.static_cache:
             cache = StaticCache(config=config, max_cache_len=width + self.max_new_tokens)
@@ -490,8 +495,7 @@ class _StreamBatch:
         from transformers import StaticCache
 
         model, config = self.agent.model, self.agent.model.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        heads, head_dim = kv_heads_and_dim(config)
         self.cache = StaticCache(config=config, max_cache_len=columns)
         self.cache.early_initialization(len(self.rows), heads, head_dim, next(model.parameters()).dtype, self.agent.device)
         self.attention = torch.zeros((len(self.rows), columns), dtype=torch.long, device=self.agent.device)
@@ -562,13 +566,7 @@ class _StreamBatch:
         """End row ``slot``'s block: keep its context and block in the prefix store (all but the last
         token, whose keys were never computed: the next context starts with it), free the row."""
         row, agent = self.rows[slot], self.agent
-        keep = len(row.generated) - 1
-        if agent.prefix_store is not None and keep > 0:
-            end = row.start + len(row.context) + keep
-            layers = [(layer.keys[slot:slot + 1, :, row.start:end].clone(), layer.values[slot:slot + 1, :, row.start:end].clone())
-                      for layer in self.cache.layers]
-            agent.prefix_store.put(torch.tensor(row.context + row.generated[:keep], dtype=torch.long), layers,
-                                   replaces=row.stored)
+        agent._store_generated(self.cache, slot, row.context, row.generated, row.start + len(row.context), row.stored)
         self.rows[slot] = None
         return agent._finished(row.generated, time.perf_counter() - row.started)
 

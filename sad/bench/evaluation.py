@@ -184,10 +184,11 @@ def decode_step(model, rows: int, written: int, sliced: bool) -> Callable[[], No
     import torch
     from transformers import StaticCache
 
+    from sad.agent import kv_heads_and_dim
+
     config = model.config
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads, head_dim = kv_heads_and_dim(config)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     cache = StaticCache(config=config, max_cache_len=written + 1)
     cache.early_initialization(rows, heads, head_dim, dtype, device)
