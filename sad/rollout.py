@@ -474,7 +474,8 @@ def play_takeover(tasks: list[Task], tasks_root: Path, agent: LMAgent, max_token
                   history_steps: int = 0, progress: bool = False, evict_to: float = 1.0) -> list[Episode]:
     """Demos from the agent's own mistakes (DAgger with expert takeover).
 
-    The agent plays each task while the expert shadows it, labelling every state it reaches. While the
+    The agent plays each task while the expert shadows it, labelling every state it reaches (up to
+    ``batch_size`` episodes in flight, batched continuously as in :func:`play_agent`). While the
     agent's action equals the expert's, the step is kept as the expert's (loss on it, as in a demo). At the
     first step where they differ, the agent's own thought and action are kept as a mistake
     (``imitate=False``: context, no loss) and the expert takes over from the state the mistake led to, to
@@ -491,49 +492,71 @@ def play_takeover(tasks: list[Task], tasks_root: Path, agent: LMAgent, max_token
     results: dict[int, Episode] = {}
     bar = tqdm(total=len(tasks), desc="takeover", disable=not progress, unit="ep")
 
-    def finish(index: int) -> None:
-        results[index] = _expert_finishes(slots.pop(index))
-        bar.update(1)
+    labels: dict[int, tuple[str, str]] = {}
 
-    while queue or slots:
-        while queue and len(slots) < batch_size:
+    def labelled(index: int) -> bool:
+        """The expert's action in the slot's state goes to ``labels``; False when it gives up (no label for this
+        state: the episode ends here, unsuccessful)."""
+        slot = slots[index]
+        try:
+            labels[index] = slot.expert.act(slot.obs)  # type: ignore[attr-defined]
+            return True
+        except ExpertGaveUp as exc:
+            slot.episode.meta["expert_gave_up"] = str(exc)
+            results[index] = slots.pop(index).episode
+            bar.update(1)
+            return False
+
+    def open_slot(index: int, task: Task) -> None:
+        bench = get_benchmark(task.env)
+        env, expert = bench.make_env(True), bench.make_expert()
+        obs = env.reset(task, tasks_root)
+        expert.reset(task, obs)  # type: ignore[attr-defined]
+        prompt = prompt_piece(task.env, obs.text)
+        slots[index] = _Shadowed(task, env, expert, _new_episode(task, "takeover", prompt),
+                                 tokenizer.encode(prompt, add_special_tokens=False), obs)
+
+    def context_of(index: int) -> list[int]:
+        slot = slots[index]
+        return fit_context(slot.prompt_ids, slot.step_ids[-history_steps:] if history_steps else slot.step_ids,
+                           budget, evict_to)
+
+    def next_context(index: int | None = None) -> list[tuple[int, list[int]]]:
+        """What a row generates next: episode ``index``'s next state if it goes on and the expert labels it,
+        else the first labelled state of the next queued task (none when the queue is empty)."""
+        if index is not None and index in slots and labelled(index):
+            return [(index, context_of(index))]
+        while queue:
             index, task = queue.pop(0)
-            bench = get_benchmark(task.env)
-            env, expert = bench.make_env(True), bench.make_expert()
-            obs = env.reset(task, tasks_root)
-            expert.reset(task, obs)  # type: ignore[attr-defined]
-            prompt = prompt_piece(task.env, obs.text)
-            slots[index] = _Shadowed(task, env, expert, _new_episode(task, "takeover", prompt),
-                                     tokenizer.encode(prompt, add_special_tokens=False), obs)
-        order = list(slots)
-        labels: dict[int, tuple[str, str]] = {}
-        for i in order:
-            try:
-                labels[i] = slots[i].expert.act(slots[i].obs)  # type: ignore[attr-defined]
-            except ExpertGaveUp as exc:  # no label for this state: the episode ends here, unsuccessful
-                slots[i].episode.meta["expert_gave_up"] = str(exc)
-                results[i] = slots.pop(i).episode
-                bar.update(1)
-        order = list(slots)
-        if not order:
-            continue
-        contexts = [fit_context(slots[i].prompt_ids, slots[i].step_ids[-history_steps:] if history_steps else slots[i].step_ids,
-                                budget, evict_to) for i in order]
-        for index, gen in zip(order, agent.generate(contexts)):
-            slot, (thought, action) = slots[index], labels[index]
-            parsed = parse_output(gen.text)
-            deviates = not (parsed.has_action and action_agrees(parsed.action, action))
-            if deviates:
-                thought, action = parsed.thought, parsed.action
-                expert_overruled(slot.expert)
-            slot.obs = slot.env.step(action)
-            step = Step(thought=thought, action=action, observation=slot.obs.text, valid=slot.obs.valid and not
-                        (deviates and not parsed.has_action), imitate=not deviates)
-            slot.episode.steps.append(step)
-            slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step)), add_special_tokens=False))
-            if deviates:
-                slot.episode.meta["takeover_step"] = slot.episode.n_steps - 1
-            if deviates or slot.obs.done or slot.episode.n_steps >= slot.env.max_steps:
-                finish(index)
+            open_slot(index, task)
+            if labelled(index):
+                return [(index, context_of(index))]
+        return []
+
+    def on_block(index: int, gen: Generation) -> list[tuple[int, list[int]]]:
+        """The agent's block for the labelled state: kept as the expert's step while they agree; at the first
+        difference the agent's step is kept as a mistake and the expert plays the episode to its end."""
+        slot, (thought, action) = slots[index], labels.pop(index)
+        parsed = parse_output(gen.text)
+        deviates = not (parsed.has_action and action_agrees(parsed.action, action))
+        if deviates:
+            thought, action = parsed.thought, parsed.action
+            expert_overruled(slot.expert)
+        slot.obs = slot.env.step(action)
+        step = Step(thought=thought, action=action, observation=slot.obs.text, valid=slot.obs.valid and not
+                    (deviates and not parsed.has_action), imitate=not deviates)
+        slot.episode.steps.append(step)
+        slot.step_ids.append(tokenizer.encode("".join(text for _, text in step_pieces(step)), add_special_tokens=False))
+        if deviates:
+            slot.episode.meta["takeover_step"] = slot.episode.n_steps - 1
+        if deviates or slot.obs.done or slot.episode.n_steps >= slot.env.max_steps:
+            results[index] = _expert_finishes(slots.pop(index))
+            bar.update(1)
+        return next_context(index)
+
+    first: list[tuple[int, list[int]]] = []
+    while queue and len(first) < batch_size:
+        first += next_context()
+    agent.stream(first, on_block)
     bar.close()
     return [results[i] for i in range(len(tasks))]

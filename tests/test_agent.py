@@ -216,6 +216,24 @@ def test_play_agent_batches_give_the_same_episodes_as_one_at_a_time(trained_mode
         assert all(s.observation for s in e.steps)
 
 
+def test_takeover_play_streamed_gives_the_episodes_of_lockstep_rounds(trained_model, tokenizer, task_root):
+    """DAgger with expert takeover batches continuously (rows join as others' episodes end) and labels exactly
+    what lockstep rounds of ``generate`` would."""
+    from sad.agent import stream_in_rounds
+    from sad.rollout import play_takeover
+
+    tasks = _capped(load_tasks(task_root, "alfworld", "train")[:5])
+    streamed_agent = LMAgent(trained_model, tokenizer, max_new_tokens=32)
+    streamed = play_takeover(tasks, task_root, streamed_agent, max_tokens=512, batch_size=2)
+    lockstep_agent = LMAgent(trained_model, tokenizer, max_new_tokens=32)
+    lockstep_agent.stream = lambda contexts, on_block: stream_in_rounds(lockstep_agent.generate, contexts, on_block)
+    lockstep = play_takeover(tasks, task_root, lockstep_agent, max_tokens=512, batch_size=2)
+    assert [e.to_dict() for e in streamed] == [e.to_dict() for e in lockstep]
+    assert [e.task_id for e in streamed] == [t.task_id for t in tasks]
+    assert all(e.steps for e in streamed)
+    assert any("takeover_step" in e.meta for e in streamed)
+
+
 def test_prefix_store_finds_the_longest_shared_prefix_and_evicts_the_oldest():
     t = lambda *ids: torch.tensor(ids)  # noqa: E731
     assert common_prefix_length(t(1, 2, 3), t(1, 2, 4, 5)) == 2
