@@ -216,18 +216,27 @@ def test_play_agent_batches_give_the_same_episodes_as_one_at_a_time(trained_mode
         assert all(s.observation for s in e.steps)
 
 
-def test_takeover_play_streamed_gives_the_episodes_of_lockstep_rounds(trained_model, tokenizer, task_root):
-    """DAgger with expert takeover batches continuously (rows join as others' episodes end) and labels exactly
-    what lockstep rounds of ``generate`` would."""
+def test_takeover_play_streamed_gives_the_episodes_of_lockstep_rounds(trained_model, tokenizer, task_root, monkeypatch):
+    """DAgger with expert takeover batches continuously (a row whose episode ended takes the next task inside the
+    running decode batch) and labels exactly what lockstep rounds of ``generate`` would."""
+    import sad.agent
     from sad.agent import stream_in_rounds
     from sad.rollout import play_takeover
 
+    calls = {"joined": 0, "rounds": 0}
+    insert, generate = sad.agent._StreamBatch.insert, LMAgent._generate
+    monkeypatch.setattr(sad.agent._StreamBatch, "insert",
+                        lambda self, *a: (calls.__setitem__("joined", calls["joined"] + 1), insert(self, *a))[1])
+    monkeypatch.setattr(LMAgent, "_generate",
+                        lambda self, *a, **k: (calls.__setitem__("rounds", calls["rounds"] + 1), generate(self, *a, **k))[1])
     tasks = _capped(load_tasks(task_root, "alfworld", "train")[:5])
-    streamed_agent = LMAgent(trained_model, tokenizer, max_new_tokens=32)
-    streamed = play_takeover(tasks, task_root, streamed_agent, max_tokens=512, batch_size=2)
+    streamed = play_takeover(tasks, task_root, LMAgent(trained_model, tokenizer, max_new_tokens=32), 512, batch_size=2)
+    blocks = sum(e.meta["takeover_step"] + 1 if "takeover_step" in e.meta else e.n_steps for e in streamed)
+    assert calls == {"joined": blocks, "rounds": 0}  # every block joined the one stream, none ran in a round
     lockstep_agent = LMAgent(trained_model, tokenizer, max_new_tokens=32)
     lockstep_agent.stream = lambda contexts, on_block: stream_in_rounds(lockstep_agent.generate, contexts, on_block)
     lockstep = play_takeover(tasks, task_root, lockstep_agent, max_tokens=512, batch_size=2)
+    assert calls["rounds"] >= 3  # 5 tasks, 2 rows: at least three rounds
     assert [e.to_dict() for e in streamed] == [e.to_dict() for e in lockstep]
     assert [e.task_id for e in streamed] == [t.task_id for t in tasks]
     assert all(e.steps for e in streamed)

@@ -68,6 +68,41 @@ def test_takeover_keeps_the_agents_first_mistake_and_the_expert_finishes(task_ro
         assert episode.success
 
 
+def test_takeover_ends_an_episode_where_the_expert_gives_up_and_its_row_takes_the_next_task(task_root, tokenizer,
+                                                                                              demos, monkeypatch):
+    import dataclasses
+
+    from sad import environments
+    from sad.envs.alfworld import AlfworldExpert
+    from sad.envs.base import ExpertGaveUp
+
+    tasks = load_tasks(task_root, "alfworld", "train")[:4]
+    give_up_at = {tasks[0].task_id: 0, tasks[2].task_id: 2}  # on the first state; after two agreed steps
+
+    class GivingUp(AlfworldExpert):
+        def reset(self, task, obs):
+            self.give_up, self.labels = give_up_at.get(task.task_id), 0
+            return super().reset(task, obs)
+
+        def act(self, obs):
+            if self.labels == self.give_up:
+                raise ExpertGaveUp("no plan from here")
+            self.labels += 1
+            return super().act(obs)
+
+    monkeypatch.setitem(environments.BENCHMARKS, "alfworld",
+                        dataclasses.replace(environments.BENCHMARKS["alfworld"], make_expert=GivingUp))
+    agent = ReplayAgent(tokenizer, demos[:4], agree=10_000)
+    episodes = play_takeover(tasks, task_root, agent, 100_000, batch_size=2)
+    assert [e.task_id for e in episodes] == [t.task_id for t in tasks]
+    assert episodes[0].steps == [] and "expert_gave_up" in episodes[0].meta and not episodes[0].success
+    assert [(s.thought, s.action) for s in episodes[2].steps] == [(s.thought, s.action) for s in demos[2].steps[:2]]
+    assert "expert_gave_up" in episodes[2].meta and not episodes[2].success
+    for episode, demo in ((episodes[1], demos[1]), (episodes[3], demos[3])):  # played whole, as the demo
+        assert "expert_gave_up" not in episode.meta and episode.success
+        assert [(s.thought, s.action) for s in episode.steps] == [(s.thought, s.action) for s in demo.steps]
+
+
 def test_takeover_without_a_mistake_is_the_expert_demo(task_root, tokenizer, demos):
     tasks = load_tasks(task_root, "alfworld", "train")[:2]
     episodes = play_takeover(tasks, task_root, ReplayAgent(tokenizer, demos[:2], agree=10_000), 100_000, 2)
