@@ -841,12 +841,14 @@ def ship_teacher(
 ) -> None:
     """Copy the trained and evaluated teacher (models/teacher) to the shipped folder with its model card."""
     from sad.shipping import ship_teacher as ship
-    from sad.stages import eval_metrics_file, teacher_dir
+    from sad.stages import eval_metrics_file, teacher_dir, tokenizer_dir
+    from sad.tokenizer import DOMAIN_VOCAB_FILE
 
     _setup_logging()
     p = _load_params(params)
     try:
-        card = ship(teacher_dir(p), eval_metrics_file(p, "teacher"), p.model_dump(by_alias=True), to)
+        card = ship(teacher_dir(p), eval_metrics_file(p, "teacher"), p.model_dump(by_alias=True), to,
+                    domain_vocab=tokenizer_dir(p) / DOMAIN_VOCAB_FILE)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"shipped the teacher to {to} ({card['parameters']:,} parameters, weights {card['weights_sha256']}); "

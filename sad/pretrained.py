@@ -178,11 +178,15 @@ def convert_to_safetensors(source: ModelSource, out_dir: str | Path, card: dict 
     info = {"source": source.spec, "gguf_file": source.gguf_file, "base": source.base, "model_type": c.model_type,
             "layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
             "parameters": count_parameters(model), **(card or {})}
+    files = {}
     if source.gguf_file is None and (source.folder / "card.json").is_file():  # e.g. the shipped teacher's recipe
         from sad.modeling import read_card
+        from sad.tokenizer import TRAINED_VOCAB_FILE
 
         info["source_card"] = read_card(source.folder)
-    save_model(model, tokenizer, out_dir, info)
+        if (source.folder / TRAINED_VOCAB_FILE).is_file():  # the vocabulary the teacher was trained with
+            files[TRAINED_VOCAB_FILE] = source.folder / TRAINED_VOCAB_FILE
+    save_model(model, tokenizer, out_dir, info, files=files)
     return info
 
 

@@ -78,10 +78,13 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any], target: Path = SHIPPED_TEACHER_DIR) -> dict[str, Any]:
-    """Copy the trained teacher (weights, tokenizer) to ``target`` with its card (card.json + README.md)."""
+def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any], target: Path = SHIPPED_TEACHER_DIR,
+                 domain_vocab: Path | None = None) -> dict[str, Any]:
+    """Copy the trained teacher (weights, tokenizer) to ``target`` with its card (card.json + README.md) and, when
+    its tokenizer was cut to a domain vocabulary (``domain_vocab``, the tokenizer stage's file), that vocabulary
+    as :data:`sad.tokenizer.TRAINED_VOCAB_FILE`: projects that use the teacher keep every token it was trained with."""
     from sad.modeling import count_parameters, load_model, read_card, save_model
-    from sad.tokenizer import load_tokenizer
+    from sad.tokenizer import TRAINED_VOCAB_FILE, load_tokenizer
 
     if not Path(teacher_dir).is_dir():
         raise FileNotFoundError(f"{teacher_dir}: not found; train the teacher first (a profile with a teacher recipe, "
@@ -108,12 +111,13 @@ def ship_teacher(teacher_dir: Path, eval_file: Path, params_dump: dict[str, Any]
             "context": params_dump["context"], "train": params_dump["teacher"]["train"],
             "measured": measured_success(json.loads(eval_file.read_text())),
             "action_choice": params_dump.get("agent", {}).get("action_choice", "free")}
+    files = {TRAINED_VOCAB_FILE: domain_vocab} if domain_vocab is not None and domain_vocab.is_file() else {}
     if adapter.is_dir():  # a LoRA teacher ships its adapter alone; loading merges it into the base
         card = {**read_card(adapter), **card}
-        _ship_adapter(adapter, target, card, model_card_markdown(card))
+        _ship_adapter(adapter, target, card, model_card_markdown(card), files)
         weights = target / "adapter_model.safetensors"
-    else:
-        save_model(model, tokenizer, target, card, readme=model_card_markdown(card))  # one folder, written whole
+    else:  # one folder, written whole
+        save_model(model, tokenizer, target, card, readme=model_card_markdown(card), files=files)
         weights = target / "model.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     return {**card, "weights_sha256": digest}
@@ -163,9 +167,12 @@ def ship_heal(student_init_dir: Path, params_dump: dict[str, Any], target: Path 
     return {**card, "weights_sha256": hashlib.sha256((target / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]}
 
 
-def _ship_adapter(adapter: Path, target: Path, card: dict[str, Any], readme: str) -> None:
-    """Write ``target`` whole: the adapter folder's files with ``card`` as its card.json and ``readme`` as README.md."""
+def _ship_adapter(adapter: Path, target: Path, card: dict[str, Any], readme: str,
+                  files: dict[str, Path] | None = None) -> None:
+    """Write ``target`` whole: the adapter folder's files with ``card`` as its card.json, ``readme`` as README.md
+    and ``files`` (name in the folder -> file to copy there)."""
     from sad.io import atomic_dir
+    from sad.modeling import copy_files_into
 
     with atomic_dir(target) as tmp:
         for f in adapter.iterdir():
@@ -173,6 +180,7 @@ def _ship_adapter(adapter: Path, target: Path, card: dict[str, Any], readme: str
                 shutil.copy2(f, tmp / f.name)
         (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(readme)
+        copy_files_into(tmp, files or {})
 
 
 def _numel(shape: list[int]) -> int:

@@ -64,6 +64,9 @@ def check_compatible(teacher_tok, student_tok, teacher_name: str = "teacher", st
 
 
 DOMAIN_VOCAB_FILE = "domain_vocab.json"  # in a restricted tokenizer's folder: the source ids it keeps, in new-id order
+# in a shipped teacher's folder (and the pretrained stage's copy of it): the domain vocabulary it was trained with, in
+# the same format; the tokenizer stage keeps these ids too, so test text tokenizes as the teacher learned it
+TRAINED_VOCAB_FILE = "trained_vocab.json"
 
 
 def _merge_pairs(merges: list) -> list[tuple[str, str]]:
@@ -139,14 +142,16 @@ def restrict_tokenizer(tokenizer, keep_ids: list[int]):
     return restricted
 
 
-def read_domain_vocab(folder: str | Path) -> list[int] | None:
-    """The source ids a restricted tokenizer in ``folder`` keeps (new-id order), or None if it is not one."""
+def read_domain_vocab(folder: str | Path, name: str = DOMAIN_VOCAB_FILE) -> list[int] | None:
+    """The source ids a restricted tokenizer in ``folder`` keeps (new-id order), or None if it is not one
+    (``name`` :data:`TRAINED_VOCAB_FILE`: those a shipped teacher was trained with, or None)."""
     import json
 
-    path = Path(folder) / DOMAIN_VOCAB_FILE
+    path = Path(folder) / name
     if not path.is_file():
         return None
     try:
         return [int(i) for i in json.loads(path.read_text())["source_ids"]]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: damaged domain vocabulary ({exc}); rerun the tokenizer stage") from exc
+        fix = "rerun the tokenizer stage" if name == DOMAIN_VOCAB_FILE else "ship the teacher again (sad ship-teacher)"
+        raise ValueError(f"{path}: damaged domain vocabulary ({exc}); {fix}") from exc

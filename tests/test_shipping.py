@@ -95,6 +95,57 @@ def test_a_domain_vocabulary_cuts_the_teacher_to_the_demos_tokens_and_changes_no
         assert torch.allclose(teacher(torch.tensor([ids])).logits, full[..., keep], atol=1e-5)
 
 
+def test_a_shipped_teacher_keeps_every_token_it_was_trained_with(in_tmp, demos, tokenizer, tiny_model_factory):
+    """A shipped teacher's trained_vocab.json (the domain vocabulary of the run that trained it) reaches the
+    pretrained stage's folder, and the tokenizer stage keeps those tokens beside this project's demos': a word only
+    the teacher's training saw tokenises as the teacher learned it, not in smaller pieces."""
+    from sad.config import parse_params
+    from sad.envs.webshop import generate_catalogue, write_catalogue
+    from sad.modeling import save_model
+    from sad.react import episode_text
+    from sad.stages import demos_file, run_pretrained, run_tokenizer, tasks_root, tokenizer_dir
+    from sad.tokenizer import TRAINED_VOCAB_FILE, domain_token_ids, load_tokenizer, read_domain_vocab
+
+    shipped, few, wider = in_tmp / "shipped", demos[:1], demos[:8]
+    save_model(tiny_model_factory(hidden=32, layers=1, seed=3), tokenizer, shipped, {"recipe": "..."})
+    trained = domain_token_ids(tokenizer, map(episode_text, wider))  # the teacher saw more demos than this project
+    (shipped / TRAINED_VOCAB_FILE).write_text(json.dumps({"source_vocab_size": len(tokenizer), "source_ids": trained}))
+    p = parse_params({"teacher": {"source": str(shipped), "finetune": False}})
+    demos_file(p).parent.mkdir(parents=True)
+    demos_file(p).write_text("".join(json.dumps(e.to_dict()) + "\n" for e in few))
+    products, instructions = generate_catalogue(seed=1, n_products=3, counts={"train": 3})
+    write_catalogue(products, instructions, tasks_root(p) / "webshop" / "catalogue")
+    run_pretrained(p)
+    assert read_domain_vocab(p.path("models", "pretrained"), TRAINED_VOCAB_FILE) == trained
+    metrics = run_tokenizer(p)
+    keep, cut = read_domain_vocab(tokenizer_dir(p)), load_tokenizer(tokenizer_dir(p))
+    own = domain_token_ids(tokenizer, map(episode_text, few))
+    assert set(keep) == set(own) | set(trained) and metrics["teacher_trained_tokens_added"] == len(set(trained) - set(own)) > 0
+    only_trained = sorted({w for e in wider for w in episode_text(e).split()} - {w for e in few for w in episode_text(e).split()})
+    for word in only_trained:
+        assert cut.tokenize(" " + word) == tokenizer.tokenize(" " + word), word
+    (shipped / TRAINED_VOCAB_FILE).unlink()  # without it (a teacher shipped before): only this project's tokens
+    run_pretrained(p)
+    run_tokenizer(p)
+    cut = load_tokenizer(tokenizer_dir(p))
+    assert sorted(read_domain_vocab(tokenizer_dir(p))) == own
+    fragmented = sum(cut.tokenize(" " + w) != tokenizer.tokenize(" " + w) for w in only_trained)
+    assert fragmented > 0
+
+
+def test_the_shipped_teacher_carries_the_vocabulary_it_was_trained_with():
+    """assets/teacher/trained_vocab.json: SmolLM2 ids, as many as the card's trained architecture has rows."""
+    from pathlib import Path
+
+    from sad.modeling import read_card
+    from sad.tokenizer import TRAINED_VOCAB_FILE, read_domain_vocab
+
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "teacher"
+    ids = read_domain_vocab(shipped, TRAINED_VOCAB_FILE)
+    assert ids == sorted(set(ids)) and len(ids) == read_card(shipped)["arch"]["vocab_size"]
+    assert json.loads((shipped / TRAINED_VOCAB_FILE).read_text())["source_vocab_size"] == 49152 > ids[-1]
+
+
 def test_ship_teacher_writes_weights_tokenizer_and_a_model_card(in_tmp, tokenizer, tiny_model_factory):
     from sad.modeling import load_model, read_card, save_model
     from sad.shipping import ship_teacher
@@ -113,9 +164,13 @@ def test_ship_teacher_writes_weights_tokenizer_and_a_model_card(in_tmp, tokenize
                             "envs": {"hotpotqa": {"success_rate": 0.5, "episodes": 4}}}},
         "step_accuracy": {"step_accuracy": 0.75, "envs": {"hotpotqa": {"step_accuracy": 0.75}}}}))
     params = {"project": {"profile": "teacher"}, "context": {"max_tokens": 512}, "teacher": {"train": {"epochs": 2}}}
-    card = ship_teacher(trained, eval_file, params, in_tmp / "assets" / "teacher")
+    vocab = in_tmp / "models" / "tokenizer" / "domain_vocab.json"
+    vocab.parent.mkdir(parents=True)
+    vocab.write_text('{"source_vocab_size": 9, "source_ids": [0, 1, 5]}')
+    card = ship_teacher(trained, eval_file, params, in_tmp / "assets" / "teacher", domain_vocab=vocab)
     target = in_tmp / "assets" / "teacher"
     load_model(target)
+    assert (target / "trained_vocab.json").read_text() == vocab.read_text()  # the tokens it was trained with
     written = read_card(target)
     assert written["recipe"] == "sad profile teacher && dvc repro evaluate_teacher && sad ship-teacher"
     assert written["data_hash"] == "abc"

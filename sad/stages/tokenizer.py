@@ -31,7 +31,15 @@ def domain_texts(p: Params, episodes) -> Iterator[str]:
 
 
 def run_tokenizer(p: Params) -> dict[str, Any]:
-    from sad.tokenizer import DOMAIN_VOCAB_FILE, domain_token_ids, load_tokenizer, restrict_tokenizer, train_bpe
+    from sad.tokenizer import (
+        DOMAIN_VOCAB_FILE,
+        TRAINED_VOCAB_FILE,
+        domain_token_ids,
+        load_tokenizer,
+        read_domain_vocab,
+        restrict_tokenizer,
+        train_bpe,
+    )
 
     episodes = read_episodes(demos_file(p))
     metrics: dict[str, Any] = {}
@@ -41,10 +49,20 @@ def run_tokenizer(p: Params) -> dict[str, Any]:
         if p.tokenizer.domain_vocab:
             keep_ids = domain_token_ids(tokenizer, domain_texts(p, episodes))
             metrics["source_vocab_size"] = len(tokenizer)
+            trained = read_domain_vocab(pretrained_dir(p), TRAINED_VOCAB_FILE)
+            if trained is not None:  # a shipped teacher: every token it was trained with stays, so a word the
+                # demos here lack (an object, a name) is not cut into pieces it never saw
+                if max(trained) >= len(tokenizer):
+                    raise ValueError(f"{pretrained_dir(p) / TRAINED_VOCAB_FILE} keeps token id {max(trained)}, but the "
+                                     f"source's tokenizer has {len(tokenizer)} tokens: ship the teacher again")
+                metrics["teacher_trained_tokens_added"] = len(set(trained) - set(keep_ids))
+                keep_ids = sorted(set(keep_ids) | set(trained))
             tokenizer = restrict_tokenizer(tokenizer, keep_ids)
             log.info("domain vocabulary: %d of the source's %d tokens (those of the train demos and the envs' "
-                     "task-independent text, every byte and special token, and their merge parents)",
-                     len(keep_ids), metrics["source_vocab_size"])
+                     "task-independent text, every byte and special token, and their merge parents%s)",
+                     len(keep_ids), metrics["source_vocab_size"],
+                     f"; {metrics['teacher_trained_tokens_added']} more that the shipped teacher was trained with"
+                     if trained is not None else "")
     else:
         tokenizer = train_bpe((episode_text(e) for e in episodes), p.tokenizer.vocab_size, p.tokenizer.min_frequency)
     with atomic_dir(tokenizer_dir(p)) as tmp:
