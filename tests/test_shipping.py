@@ -131,6 +131,16 @@ def test_a_shipped_teacher_keeps_every_token_it_was_trained_with(in_tmp, demos, 
     assert sorted(read_domain_vocab(tokenizer_dir(p))) == own
     fragmented = sum(cut.tokenize(" " + w) != tokenizer.tokenize(" " + w) for w in only_trained)
     assert fragmented > 0
+    adapter = in_tmp / "adapter"  # teacher.init: an adapter trained further keeps its first training's tokens too
+    adapter.mkdir()
+    (adapter / TRAINED_VOCAB_FILE).write_text(json.dumps({"source_vocab_size": len(tokenizer), "source_ids": trained}))
+    further = parse_params({"teacher": {"source": str(shipped), "finetune": True, "init": str(adapter),
+                                        "lora": {"r": 4, "alpha": 8}}})
+    assert run_tokenizer(further)["teacher_trained_tokens_added"] == len(set(trained) - set(own))
+    assert set(read_domain_vocab(tokenizer_dir(further))) == set(own) | set(trained)
+    (adapter / TRAINED_VOCAB_FILE).write_text(json.dumps({"source_vocab_size": 10**6, "source_ids": [10**6 - 1]}))
+    with pytest.raises(ValueError, match="adapter/trained_vocab.json keeps token id 999999"):
+        run_tokenizer(further)
 
 
 def test_the_shipped_teacher_carries_the_vocabulary_it_was_trained_with():

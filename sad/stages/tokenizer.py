@@ -30,13 +30,32 @@ def domain_texts(p: Params, episodes) -> Iterator[str]:
             yield "\n".join(text.split())
 
 
+def trained_token_ids(p: Params, source_vocab_size: int) -> list[int] | None:
+    """The source ids a shipped teacher was trained with: the ``trained_vocab.json`` the pretrained stage carried
+    over from ``teacher.source``, joined with the one in ``teacher.init`` (an adapter trained further: its first
+    training's tokens stay too); None when neither folder has one (a teacher shipped before the file existed)."""
+    from pathlib import Path
+
+    from sad.tokenizer import TRAINED_VOCAB_FILE, read_domain_vocab
+
+    folders = [pretrained_dir(p)] + ([Path(p.teacher.init)] if p.teacher.init is not None else [])
+    found: set[int] | None = None
+    for folder in folders:
+        ids = read_domain_vocab(folder, TRAINED_VOCAB_FILE)
+        if ids is None:
+            continue
+        if max(ids) >= source_vocab_size:
+            raise ValueError(f"{folder / TRAINED_VOCAB_FILE} keeps token id {max(ids)}, but the source's tokenizer "
+                             f"has {source_vocab_size} tokens: ship the teacher again from the same source")
+        found = (found or set()) | set(ids)
+    return None if found is None else sorted(found)
+
+
 def run_tokenizer(p: Params) -> dict[str, Any]:
     from sad.tokenizer import (
         DOMAIN_VOCAB_FILE,
-        TRAINED_VOCAB_FILE,
         domain_token_ids,
         load_tokenizer,
-        read_domain_vocab,
         restrict_tokenizer,
         train_bpe,
     )
@@ -49,12 +68,9 @@ def run_tokenizer(p: Params) -> dict[str, Any]:
         if p.tokenizer.domain_vocab:
             keep_ids = domain_token_ids(tokenizer, domain_texts(p, episodes))
             metrics["source_vocab_size"] = len(tokenizer)
-            trained = read_domain_vocab(pretrained_dir(p), TRAINED_VOCAB_FILE)
+            trained = trained_token_ids(p, len(tokenizer))
             if trained is not None:  # a shipped teacher: every token it was trained with stays, so a word the
                 # demos here lack (an object, a name) is not cut into pieces it never saw
-                if max(trained) >= len(tokenizer):
-                    raise ValueError(f"{pretrained_dir(p) / TRAINED_VOCAB_FILE} keeps token id {max(trained)}, but the "
-                                     f"source's tokenizer has {len(tokenizer)} tokens: ship the teacher again")
                 metrics["teacher_trained_tokens_added"] = len(set(trained) - set(keep_ids))
                 keep_ids = sorted(set(keep_ids) | set(trained))
             tokenizer = restrict_tokenizer(tokenizer, keep_ids)
