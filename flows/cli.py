@@ -131,6 +131,26 @@ def _report_bad_input(exc: BaseException, where: str) -> None:
     _exit_now(2)
 
 
+def _bug_types() -> tuple[type[BaseException], ...]:
+    """Errors of the code itself (:data:`sad.io.BUG_ERRORS`): traceback, exit 3, never retried."""
+    from sad.io import BUG_ERRORS
+
+    return BUG_ERRORS
+
+
+def _report_bug(exc: BaseException, where: str) -> None:
+    """Print a bug's traceback and what to do, and exit 3: a rerun (the retrain's retries included) would fail
+    the same way, so the orchestrator does not retry it (``--debug``: re-raise)."""
+    import traceback
+
+    if _debug():
+        raise exc
+    traceback.print_exception(exc)
+    typer.secho(f"error: {where} stopped on an error in the code ({type(exc).__name__}), not in its input: a rerun "
+                "fails the same way. Please report it with the traceback above.", fg=typer.colors.RED, err=True)
+    _exit_now(3)
+
+
 def _exit_now(code: int = 0) -> None:
     """Flush logs (Prefect's API handler included) and exit without the slow interpreter teardown.
 
@@ -480,6 +500,8 @@ def stage(
             runners[name]()
     except _bad_input_types() as exc:
         _report_bad_input(exc, f"stage {name.value}")
+    except _bug_types() as exc:
+        _report_bug(exc, f"stage {name.value}")
     log.info("stage %s finished in %.1fs", name.value, time.perf_counter() - started)
     _exit_now(0)
 
@@ -542,6 +564,7 @@ def pipeline(
 def _retrain(set_params: list[str], force: bool, target: str | None, preload: bool) -> int:
     """The retrain flow inside the pipeline's services; prints the decision, returns the exit code."""
     from flows.retrain import StageFailed, retrain_flow
+    from sad.io import failure_exit_code
 
     code = 0
     try:
@@ -550,7 +573,8 @@ def _retrain(set_params: list[str], force: bool, target: str | None, preload: bo
         expected = isinstance(exc, (StageFailed, *_bad_input_types())) and not _debug()
         log.error("retrain failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                   exc_info=None if expected else exc)
-        code = 2 if getattr(exc, "stage_exit", None) == 2 or isinstance(exc, _bad_input_types()) else 1
+        stage_exit = getattr(exc, "stage_exit", None)
+        code = stage_exit if stage_exit in (2, 3) else failure_exit_code(exc)
     else:
         if "version" in result:
             typer.echo(f"registry: v{result['version']} "

@@ -51,21 +51,25 @@ class RetrainTerminated(RetrainStopped, TerminationSignal):
 DVC_TRANSIENT = ("Unable to acquire lock", "Unable to read RWLock-file", "database is locked")
 
 
+# A stage's exit statuses that fail the same way on a retry: bad input (2) and a bug in the code (3).
+PERMANENT_STAGE_EXITS = (2, 3)
+
+
 class StageFailed(RuntimeError):
     """``dvc repro`` stopped on a failing stage (whose own output already said why); ``stage_exit`` is the
-    stage's exit status as DVC reports it (2: bad input; negative: killed by that signal), if it reported one.
-    ``transient``: worth a retry: a stage that failed otherwise than on bad input, or DVC's lock busy; not DVC's
-    own errors (a missing dependency, a broken dvc.yaml), which fail the same way again."""
+    stage's exit status as DVC reports it (2: bad input; 3: a bug; negative: killed by that signal), if it reported
+    one. ``transient``: worth a retry: a stage that crashed otherwise (1) or was killed, or DVC's lock busy; not
+    bad input, a bug, nor DVC's own errors (a missing dependency, a broken dvc.yaml), which fail the same way."""
 
     def __init__(self, message: str, stage_exit: int | None = None, transient: bool | None = None):
         super().__init__(message)
         self.stage_exit = stage_exit
-        self.transient = (stage_exit is not None and stage_exit != 2) if transient is None else transient
+        self.transient = (stage_exit is not None and stage_exit not in PERMANENT_STAGE_EXITS) if transient is None else transient
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn`` of the DVC run: a stage that exited 2 (bad input) or DVC's own error
-    fails the same way again, so it is not retried; a stage that crashed or was killed is."""
+    """Prefect ``retry_condition_fn`` of the DVC run: a stage that exited 2 (bad input) or 3 (a bug), or DVC's own
+    error, fails the same way again, so it is not retried; a stage that crashed otherwise or was killed is."""
     try:
         state.result()
     except StageFailed as exc:
@@ -181,7 +185,8 @@ def reproduce(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
         stage_exit = int(reported[-1]) if reported else None
         why = f"a stage {exit_in_words(stage_exit)}, see its message above" if stage_exit is not None else f"exit code {code}"
         # a stage that crashed or was killed, DVC itself killed (a negative exit code), or DVC's lock busy
-        transient = (stage_exit is not None and stage_exit != 2) or code < 0 or any(m in text for m in DVC_TRANSIENT)
+        transient = ((stage_exit is not None and stage_exit not in PERMANENT_STAGE_EXITS) or code < 0
+                     or any(m in text for m in DVC_TRANSIENT))
         raise StageFailed(f"{' '.join(cmd[1:])} failed ({why}):\n" + text, stage_exit, transient)
     return {"seconds": time.perf_counter() - started, "stages_run": stages_run}
 

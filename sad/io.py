@@ -27,6 +27,19 @@ class MissingEntryError(KeyError):
 # (exit 2); the orchestrator never retries them.
 BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, MissingEntryError, FileNotFoundError)
 
+# Errors of the code itself, not of its input nor of the machine (a plain KeyError or TypeError is a bug): they
+# fail the same way on every retry. The CLI shows their traceback and exits 3; the orchestrator never retries them.
+BUG_ERRORS: tuple[type[BaseException], ...] = (TypeError, KeyError, AttributeError, NameError, IndexError,
+                                               AssertionError, NotImplementedError, ImportError)
+
+
+def failure_exit_code(exc: BaseException) -> int:
+    """A failed command's exit status: 2 for bad input (fix the input), 3 for a bug (report it), 1 otherwise
+    (a crash a rerun may pass: a full disk, a dropped connection, memory)."""
+    if isinstance(exc, BAD_INPUT_ERRORS):
+        return 2
+    return 3 if isinstance(exc, BUG_ERRORS) else 1
+
 
 def _tmp_prefix(path: Path) -> str:
     """Temp siblings are named ``.<name>.tmp-<pid>-<random>``: a writer killed with SIGKILL (no

@@ -18,13 +18,13 @@ from prefect.cache_policies import NO_CACHE
 from sad import stages
 from sad.config import Params
 from sad.envs.base import Task
-from sad.io import BAD_INPUT_ERRORS
+from sad.io import BAD_INPUT_ERRORS, BUG_ERRORS
 from sad.react import Episode
 
-# Bad input fails the same way every time: retrying it only delays the error; so do the bugs TypeError and
-# KeyError. Everything else (a locked SQLite store, a dropped connection, a full disk freed meanwhile) gets
+# Bad input fails the same way every time: retrying it only delays the error; so do bugs (TypeError, a plain
+# KeyError, ...). Everything else (a locked SQLite store, a dropped connection, a full disk freed meanwhile) gets
 # its retries.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (*BAD_INPUT_ERRORS, TypeError, KeyError, NotADirectoryError,
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (*BAD_INPUT_ERRORS, *BUG_ERRORS, NotADirectoryError,
                                                      IsADirectoryError, PermissionError)
 
 

@@ -503,16 +503,43 @@ def test_a_torn_dvc_lock_file_left_by_a_stopped_run_is_restored_from_the_copy_be
     assert keep_or_restore_dvc_lock_file(tmp_path) == "removed" and not lock.exists()
 
 
+def test_bad_input_and_bugs_exit_2_and_3_and_are_never_retried_other_failures_are(tmp_path):
+    """One classification for the CLI's exit status and the Prefect tasks' retries: bad input exits 2, a bug in
+    the code (a plain KeyError, a TypeError) exits 3 with its traceback, neither is retried; a crash a rerun may
+    pass (a full disk, a locked store, memory) exits 1 and is retried."""
+    import sqlite3
+
+    from sad.io import MissingEntryError, failure_exit_code
+    from tasks.stages import is_transient
+
+    cases = {ValueError("bad row"): 2, FileNotFoundError("no file"): 2, MissingEntryError("no question"): 2,
+             TypeError("bad call"): 3, KeyError("key"): 3, AttributeError("attr"): 3, IndexError("index"): 3,
+             OSError(28, "No space left on device"): 1, sqlite3.OperationalError("database is locked"): 1,
+             RuntimeError("DefaultCPUAllocator: can't allocate memory"): 1, ConnectionError("dropped"): 1}
+    assert {type(exc).__name__: failure_exit_code(exc) for exc in cases} == \
+        {type(exc).__name__: code for exc, code in cases.items()}
+    assert {type(exc).__name__: is_transient(exc) for exc in cases} == \
+        {type(exc).__name__: code == 1 for exc, code in cases.items()}
+    script = ("from flows.cli import _report_bug\n"
+              "try:\n    {}['model'].shape\nexcept KeyError as exc:\n    _report_bug(exc, 'stage distill')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("SAD_DEBUG", "PREFECT_API_URL")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "Traceback" in result.stderr and "KeyError: 'model'" in result.stderr
+    assert "stage distill stopped on an error in the code (KeyError), not in its input" in result.stderr
+
+
 def test_dvc_failures_are_retried_only_when_they_may_pass_and_a_bad_remote_fails_before_the_repro(tmp_path):
-    """A stage that crashed (exit 1) or was killed is worth a retry; a stage's bad input (exit 2) and DVC's own
-    errors (a dependency that does not exist) fail the same way again. `retrain.dvc_remote` naming no remote of
+    """A stage that crashed (exit 1) or was killed is worth a retry; a stage's bad input (exit 2), a bug (exit 3)
+    and DVC's own errors (a dependency that does not exist) fail the same way again. `retrain.dvc_remote` naming no remote of
     the repo is refused before any stage runs."""
     from flows.retrain import StageFailed, check_dvc_remote, dvc_command, reproduce
 
     env = {**ENV, "DVC_NO_ANALYTICS": "1"}
     dvc = str(Path(sys.executable).with_name("dvc"))
     assert subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, env=env).returncode == 0
-    stages = {"crash": "exit 1", "bad": "exit 2", "killed": "kill -9 $$"}
+    stages = {"crash": "exit 1", "bad": "exit 2", "bug": "exit 3", "killed": "kill -9 $$"}
     dvc_yaml = {"stages": {name: {"cmd": f"sh -c '{cmd}'"} for name, cmd in stages.items()}}
     dvc_yaml["stages"]["missing"] = {"cmd": "true", "deps": ["no/such/file"]}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
@@ -528,7 +555,7 @@ def test_dvc_failures_are_retried_only_when_they_may_pass_and_a_bad_remote_fails
                 assert "(a stage was killed by SIGKILL, see its message above)" in str(caught.value)
         # a shell between DVC and the stage reports the kill as 128 + 9, else Python reports -9 (both say SIGKILL)
         assert failures.pop("killed") in {(-9, True), (137, True)}, failures
-        assert failures == {"crash": (1, True), "bad": (2, False), "missing": (None, False)}, failures
+        assert failures == {"crash": (1, True), "bad": (2, False), "bug": (3, False), "missing": (None, False)}, failures
         with pytest.raises(ValueError, match=r"retrain.dvc_remote: 'backup' is not a DVC remote of this repo \(remotes: none\)"):
             check_dvc_remote("backup", env)
         assert subprocess.run([dvc, "remote", "add", "backup", str(tmp_path / "store")], env=env).returncode == 0
