@@ -29,8 +29,9 @@ BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, MissingEntryErr
 
 # Errors of the code itself, not of its input nor of the machine (a plain KeyError or TypeError is a bug): they
 # fail the same way on every retry. The CLI shows their traceback and exits 3; the orchestrator never retries them.
+# (An ImportError is left out: a package missing from the environment is no bug of the code.)
 BUG_ERRORS: tuple[type[BaseException], ...] = (TypeError, KeyError, AttributeError, NameError, IndexError,
-                                               AssertionError, NotImplementedError, ImportError)
+                                               AssertionError, NotImplementedError)
 
 
 def failure_exit_code(exc: BaseException) -> int:

@@ -515,7 +515,8 @@ def test_bad_input_and_bugs_exit_2_and_3_and_are_never_retried_other_failures_ar
     cases = {ValueError("bad row"): 2, FileNotFoundError("no file"): 2, MissingEntryError("no question"): 2,
              TypeError("bad call"): 3, KeyError("key"): 3, AttributeError("attr"): 3, IndexError("index"): 3,
              OSError(28, "No space left on device"): 1, sqlite3.OperationalError("database is locked"): 1,
-             RuntimeError("DefaultCPUAllocator: can't allocate memory"): 1, ConnectionError("dropped"): 1}
+             RuntimeError("DefaultCPUAllocator: can't allocate memory"): 1, ConnectionError("dropped"): 1,
+             ModuleNotFoundError("No module named 'alfworld'"): 1}
     assert {type(exc).__name__: failure_exit_code(exc) for exc in cases} == \
         {type(exc).__name__: code for exc, code in cases.items()}
     assert {type(exc).__name__: is_transient(exc) for exc in cases} == \
