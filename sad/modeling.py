@@ -18,16 +18,18 @@ from sad.io import atomic_dir, write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 matmul instructions (x86 ``avx512_bf16`` or AMX, ARM ``bf16``), read from
-    ``/proc/cpuinfo`` (False where it cannot be read). Without them PyTorch emulates bf16 on CPU: a healing
-    step of the 8-layer student took 127 s under bf16 autocast against 4-5 s in fp32 on a 2-core AVX2 EPYC
-    (2026-12-04); with them bf16 was 1.7x faster than fp32 for a SmolLM2 LoRA step."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bf16 matmul instructions (x86 ``avx512_bf16`` or AMX, ARM ``bf16``), read from the
+    ``flags`` / ``Features`` lines of ``cpuinfo`` (default: ``/proc/cpuinfo``; False where it cannot be read).
+    Without them PyTorch emulates bf16 on CPU: a healing step of the 8-layer student took 127 s under bf16
+    autocast against 4-5 s in fp32 on a 2-core AVX2 EPYC (2026-12-04); with them bf16 was 1.7x faster than fp32
+    for a SmolLM2 LoRA step."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))
              for flag in line.partition(":")[2].split()}
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 

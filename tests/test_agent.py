@@ -182,20 +182,30 @@ def test_generated_blocks_stay_in_the_prefix_store_as_a_prefill_would_encode_the
         assert any(stored_blocks)  # at least one block was generated and kept
 
 
-def test_generation_stops_after_the_action_line(trained_model, tokenizer):
-    agent = LMAgent(trained_model, tokenizer, max_new_tokens=64)
-    gen = agent.generate([tokenizer.encode("[alfworld] You are in the middle of a room. Your task is to: put a mug in cabinet.\n")])[0]
-    assert gen.n_tokens <= 64
-    if "Action:" in gen.text and gen.n_tokens < 64:
-        tail = gen.text[gen.text.index("Action:"):]
-        assert tail.endswith("\n") and tail.count("\n") == 1
+def test_generation_stops_after_the_action_line(two_way_model, tokenizer):
+    """The model learnt one block after the prompt; generation ends at the newline after its action, well
+    inside the budget, with nothing of the next line generated."""
+    model, prompt = two_way_model
+    gen = LMAgent(model, tokenizer, max_new_tokens=64).generate([tokenizer.encode(prompt)])[0]
+    assert gen.n_tokens < 64, gen.text
+    assert "Action:" in gen.text, gen.text
+    tail = gen.text[gen.text.index("Action:"):]
+    assert tail in ("Action: go to cabinet 1\n", "Action: go to drawer 1\n"), gen.text
 
 
-def test_sampling_is_seeded(trained_model, tokenizer):
-    ctx = [tokenizer.encode("[alfworld] Your task is to: put a mug in cabinet.\n")]
-    a = LMAgent(trained_model, tokenizer, 16, temperature=1.0, seed=1).generate(ctx)[0].text
-    b = LMAgent(trained_model, tokenizer, 16, temperature=1.0, seed=1).generate(ctx)[0].text
-    assert a == b
+def test_sampling_is_seeded(two_way_model, tokenizer):
+    """The same seed gives the same sample; other seeds reach the other block the model learnt."""
+    from sad.react import parse_output
+
+    model, prompt = two_way_model
+    ctx = [tokenizer.encode(prompt)]
+
+    def sample(seed: int) -> str:
+        return LMAgent(model, tokenizer, 32, temperature=1.0, seed=seed).generate(ctx)[0].text
+
+    assert sample(1) == sample(1)
+    actions = {parse_output(sample(seed)).action for seed in range(8)}
+    assert {"go to cabinet 1", "go to drawer 1"} <= actions, actions  # (T=1 also garbles a sample now and then)
 
 
 def _capped(tasks, max_steps: int = 8):

@@ -99,6 +99,15 @@ def test_expert_transcript_for_a_fixed_seed_is_stable(tmp_path):
     # the object is taken before it is heated, heated before it is placed
     take = next(i for i, a in enumerate(actions) if a.startswith(f"take {obj}"))
     assert take < actions.index(heat[0]) < len(actions) - 1
+    # stable: the same game played again by a fresh engine and expert gives the same transcript
+    env, expert = AlfworldEnv(expert_plan=True), AlfworldExpert()
+    obs = env.reset(task, tmp_path)
+    expert.reset(task, obs)
+    again = []
+    while not obs.done:
+        again.append(expert.act(obs)[1])
+        obs = env.step(again[-1])
+    assert again == actions
 
 
 def test_invalid_actions_are_counted_not_raised(task_root):
@@ -116,9 +125,10 @@ def test_step_cap_ends_the_episode(task_root):
     task = load_tasks(task_root, "alfworld", "test")[0]
     env = AlfworldEnv()
     env.reset(task, task_root)
-    for _ in range(alfworld.MAX_STEPS):
+    for step in range(1, alfworld.MAX_STEPS + 1):
         obs = env.step("look")
-    assert obs.done and not obs.success
+        assert obs.done == (step == alfworld.MAX_STEPS), step
+    assert not obs.success
 
 
 def test_missing_game_file_names_the_task(tmp_path, task_root):

@@ -37,8 +37,14 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     assert "processes=2 backend=gloo" in two
     # same number of steps and tokens seen, same final loss to float precision
     assert re.search(r"steps=(\d+) tokens=(\d+)", one).groups() == re.search(r"steps=(\d+) tokens=(\d+)", two).groups()
+    assert int(re.search(r"steps=(\d+)", one).group(1)) > 0
     a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert a.keys() == b.keys()
+    # both trained: the weights moved away from the student's initial ones (same seed as the worker's)
+    from tests.ddp_worker import tiny_llama
+
+    initial = tiny_llama(48, 16, seed=1).state_dict()
+    assert max((a[key] - initial[key]).abs().max().item() for key in a) > 1e-3
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), f"{key}: max diff {(a[key] - b[key]).abs().max()}"
     loss_one = float(re.search(r"loss=([\d.]+)", one).group(1))

@@ -237,8 +237,9 @@ def test_champion_loads_with_mlflow_and_generates(pipeline_run):
     assert registry["promoted"] is True and registry["version"] == "1"
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
     pipe = mlflow.transformers.load_model("models:/sad-student@champion")
-    out = pipe("[alfworld] You are in the middle of a room.", max_new_tokens=8, do_sample=False)
-    assert isinstance(out[0]["generated_text"], str) and out[0]["generated_text"]
+    prompt = "[alfworld] You are in the middle of a room."
+    text = pipe(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith(prompt) and len(text) > len(prompt), text  # the prompt, then what the champion wrote
 
 
 def test_second_repro_is_a_no_op(pipeline_run):

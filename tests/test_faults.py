@@ -190,7 +190,7 @@ def test_a_distill_stage_killed_after_its_first_seed_resumes_at_the_second(disti
     run_worker("stage", distill_project, "distill", "method=sft")
     seeds = json.loads((distill_project / "metrics" / "distill" / "sft.json").read_text())["seeds"]
     assert seeds["0"] == record["metrics"]  # kept as it was (its own training time), not trained again
-    assert seeds["1"]["steps"] == seeds["0"]["steps"] and seeds["1"]["train_seconds"] != seeds["0"]["train_seconds"]
+    assert seeds["1"]["steps"] == seeds["0"]["steps"]  # the second seed trained in full after the kill
     students = distill_project / "models" / "students" / "sft"
     assert (students / "seed0" / "model.safetensors").is_file() and (students / "seed1" / "model.safetensors").is_file()
     assert not kept.exists() and leftovers(distill_project) == []

@@ -163,7 +163,7 @@ def test_the_paper_profile_offline_stops_at_once_naming_what_to_download(tmp_pat
     started = time.perf_counter()
     with pytest.raises(ModelUnavailable, match=r"huggingface-cli download openai-community/gpt2-xl"):
         run_pretrained(parse_params(merged))
-    assert time.perf_counter() - started < 10
+    assert time.perf_counter() - started < 30  # refused at once: no download attempt waiting on a timeout
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 
 

@@ -248,8 +248,9 @@ def test_register_gate_promote_and_roll_back(tmp_path, tracking, tiny_model_fact
 
     # the champion loads through MLflow and generates text
     pipe = mlflow.transformers.load_model(f"models:/{name}@{CHAMPION}")
-    out = pipe("[alfworld] You are in the middle of a room.", max_new_tokens=5, do_sample=False)
-    assert isinstance(out[0]["generated_text"], str) and len(out[0]["generated_text"]) > 0
+    prompt = "[alfworld] You are in the middle of a room."
+    text = pipe(prompt, max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith(prompt) and len(text) > len(prompt), text  # the prompt, then what the champion wrote
 
 
 def test_a_zero_success_first_candidate_is_registered_but_never_champion(tmp_path, tracking, tiny_model_factory, tokenizer):

@@ -61,10 +61,20 @@ def test_long_episodes_are_cut_into_windows_within_budget(tokenizer):
 
 
 def test_segment_episodes_validates_all_tables(demos, tokenizer):
+    from sad.schemas import SpanSchema, StepSchema, WindowSchema, validate
+
     seg = segment_episodes(demos, tokenizer, max_tokens=1024)
     assert len(seg.windows) >= len(demos)
     assert set(seg.spans["kind"]) == {"reason", "act"}
     assert seg.steps["episode_id"].nunique() == len(demos)
+    for table, schema in ((seg.steps, StepSchema), (seg.spans, SpanSchema), (seg.windows, WindowSchema)):
+        validate(table, schema, schema.__name__)  # what the pipeline writes passes its own schemas
+    # the masks tile the spans exactly: per window and kind, masked tokens = span tokens, all inside spans
+    for kind, mask in (("reason", "reason_mask"), ("act", "act_mask")):
+        spans = seg.spans[seg.spans["kind"] == kind]
+        span_tokens = (spans["tok_end"] - spans["tok_start"]).groupby([spans["episode_id"], spans["window"]]).sum()
+        mask_tokens = seg.windows.set_index(["episode_id", "window"])[mask].map(sum)
+        assert span_tokens.reindex(mask_tokens.index, fill_value=0).tolist() == mask_tokens.tolist()
 
 
 def test_straddling_token_is_reported_with_the_episode():

@@ -123,9 +123,9 @@ def test_stopping_a_group_lets_its_stage_unwind_after_the_leader_died(tmp_path):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     started = time.monotonic()
-    stop_group(proc, grace_s=10)
+    stop_group(proc, grace_s=60)
     assert (tmp_path / "done").read_text() == "unwound"
-    assert time.monotonic() - started < 8 and not group_alive(proc.pid)
+    assert time.monotonic() - started < 30 and not group_alive(proc.pid)  # unwound on SIGTERM, not killed after the grace
 
 
 def test_a_server_that_exits_at_start_is_named_with_its_log_and_last_line(tmp_path):

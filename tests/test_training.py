@@ -77,8 +77,15 @@ def test_precision_setting_maps_to_autocast(caplog):
 def test_cpu_bf16_detection_reads_the_cpu_flags():
     from sad.modeling import cpu_has_native_bf16
 
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    assert cpu_has_native_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f {}\n"
+    assert cpu_has_native_bf16(x86.format("avx512_bf16")) and cpu_has_native_bf16(x86.format("amx_bf16 amx_tile"))
+    assert not cpu_has_native_bf16(x86.format("avx512_vnni"))
+    assert cpu_has_native_bf16("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")  # ARM
+    assert not cpu_has_native_bf16("model name\t: a bf16 avx512_bf16 chip\nflags\t\t: fpu avx2\n")  # names don't count
+    assert not cpu_has_native_bf16("")
+    # this machine: its /proc/cpuinfo read the same way
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    assert cpu_has_native_bf16() == cpu_has_native_bf16(text)
 
 
 def test_bf16_is_used_only_where_the_cpu_has_the_instructions_and_it_measures_faster(monkeypatch):
