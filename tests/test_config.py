@@ -67,9 +67,9 @@ def test_healing_here_and_a_shipped_heal_exclude_each_other():
 def test_params_yaml_is_the_default_key_by_key(tmp_path):
     """One source of defaults: every key of the committed params.yaml equals the config module's default, so a
     partial params file (a test, a user's own) runs on the pipeline's own defaults."""
-    from sad.config import Params
-
     import subprocess
+
+    from sad.config import Params
 
     p = load_params(REPO / "params.yaml")
     if p.project.profile != "default":  # a profile applied in this checkout: check the committed file instead
