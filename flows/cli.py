@@ -42,7 +42,12 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(
-    help="Structured Agent Distillation pipeline: distil a ReAct teacher agent into a small student.",
+    help="Structured Agent Distillation pipeline: distil a ReAct teacher agent into a small student. "
+         "Run it from the project root (the folder with params.yaml and dvc.yaml).",
+    epilog="Typical use: sad pipeline (the whole pipeline: dvc repro, register, gate, promote); "
+           "sad profile tiny && sad pipeline (a fast end-to-end check; git checkout params.yaml restores the default); "
+           "sad pipeline distill@sad (one stage and what it needs); sad registry list; "
+           "sad --debug <command> ... (tracebacks and Prefect's/MLflow's own logs).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -127,7 +132,7 @@ def _report_bad_input(exc: BaseException, where: str) -> None:
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     typer.echo(f"{where} stopped on bad input: fix what is named above and run it again "
-               "(--debug or SAD_DEBUG=1 shows the traceback).", err=True)
+               "(rerun as `sad --debug ...` or with SAD_DEBUG=1 to see the traceback).", err=True)
     _exit_now(2)
 
 
@@ -175,7 +180,7 @@ def _fail(message: str) -> None:
 @contextlib.contextmanager
 def _registry_errors(p):
     """A registry command's errors in one line (exit 2): the registry's and the lock's own, and the store's
-    (MlflowException, an unreachable server; --debug shows the traceback)."""
+    (MlflowException, an unreachable server; `sad --debug ...` shows the traceback)."""
     from flows.server import RetrainBusy
     from sad.registry import RegistryError
 
@@ -188,7 +193,7 @@ def _registry_errors(p):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _fail(f"the MLflow store at {_store_of(p)} failed: {first} (nothing or only part was changed: run "
-              "`sad registry list`, then the command again; --debug shows the traceback)")
+              "`sad registry list`, then the command again; `sad --debug ...` shows the traceback)")
 
 
 def _gate_record(p, version: str) -> str:
@@ -451,18 +456,23 @@ def _exit_on_sigterm(signum: int, _frame) -> None:
 
 @app.command()
 def stage(
-    name: Stage = typer.Argument(..., help="the stage to run"),
-    method: str | None = typer.Option(None, help="distill: the method (a key of distill.methods)"),
-    agent: str | None = typer.Option(None, help="evaluate: 'teacher' or a method name"),
-    size: str | None = typer.Option(None, help="scale: a key of distill.scaling.sizes"),
+    name: Stage = typer.Argument(..., metavar="NAME", help="the stage to run: " + ", ".join(s.value for s in Stage)),
+    method: str | None = typer.Option(None, help="required for distill: the method, a key of distill.methods "
+                                                 "(default: sad, token_kd, sft)"),
+    agent: str | None = typer.Option(None, help="required for evaluate: 'teacher' or a method name"),
+    size: str | None = typer.Option(None, help="required for scale: a key of distill.scaling.sizes"),
     params: Path = typer.Option(Path("params.yaml"), help="parameter file"),
 ) -> None:
-    """Run one stage as a Prefect flow (what each dvc.yaml stage calls)."""
+    """Run one stage as a Prefect flow (what each dvc.yaml stage calls).
+
+    Runs only this stage, on what its inputs hold now; upstream stages and dvc.lock are not touched.
+
+    To build a stage with everything it needs: `sad pipeline <dvc stage>`, e.g. `sad pipeline distill@sad`.
+
+    The teacher's evaluation is `evaluate_teacher` there, `sad stage evaluate --agent teacher` here."""
     _setup_logging()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     p = _load_params(params)
-    from flows import stages as f
-
     path = str(params)
     if name is Stage.distill and not method:
         _fail("the distill stage needs --method (one of: " + ", ".join(p.distill.methods) + ")")
@@ -477,6 +487,8 @@ def stage(
         _fail(f"unknown agent {agent!r}; use 'teacher' or one of {params} distill.methods: {', '.join(p.distill.methods)}")
     if name is Stage.scale and size not in p.distill.scaling.sizes:
         _fail(f"unknown size {size!r}; {params} distill.scaling.sizes has: {', '.join(p.distill.scaling.sizes)}")
+    from flows import stages as f
+
     runners = {
         Stage.tasks: lambda: f.tasks_flow(path),
         Stage.demos: lambda: f.demos_flow_for(p)(path),
@@ -720,6 +732,8 @@ def dvc_deps(
     from sad.io import write_text_atomic
     from sad.stagegraph import with_code_deps
 
+    if not dvc_yaml.is_file():
+        _fail(f"{dvc_yaml}: no such file (run from the project root or pass --dvc-yaml PATH)")
     before = dvc_yaml.read_text()
     try:
         after = with_code_deps(before)
@@ -742,9 +756,13 @@ def profile(
     params: Path = typer.Option(Path("params.yaml"), help="parameter file to rewrite"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the merged params instead of writing them"),
 ) -> None:
-    """Merge profiles/NAME.yaml into params.yaml: mappings merge key by key, except those listed under the
-    profile's `replace:` (e.g. distill.methods: its methods are then the whole set). Validated; DVC then sees
-    the changed params."""
+    """Apply profiles/NAME.yaml to params.yaml (in place; preview: --dry-run; undo: git checkout params.yaml).
+
+    Mappings merge key by key, except those under the profile's `replace:` (e.g. distill.methods: the set).
+
+    Profiles: tiny (the whole pipeline in minutes, a plumbing check); full (issue #18's comparison, ~5 h on 2 cores).
+
+    Others: takeover, heal, teacher, teacher2, smollm2, paper; each file's header says what it is and what it costs."""
     import io
 
     from ruamel.yaml import YAML
@@ -927,7 +945,8 @@ def segment_text(
 
 
 bench_app = typer.Typer(help="Benchmarks that print JSON (machines are noisy: compare ratios from one run). "
-                        "Without a subcommand: the whole suite, each performance target met or not.")
+                        "`sad bench` alone runs the WHOLE suite (about 15 min on 2 cores; --quick for a smoke run), "
+                        "each performance target met or not; the options below apply to the suite only.")
 app.add_typer(bench_app, name="bench")
 
 
