@@ -394,14 +394,9 @@ def test_a_batch_plan_is_the_same_for_any_number_of_processes_and_keeps_every_wi
 def test_span_parts_are_token_weighted_means_over_the_step():
     """d_reason/d_act are per-micro-batch means over one span kind: over a step they are weighted by each
     micro-batch's tokens of that kind (a micro-batch with none of them adds nothing), the others add up."""
-    from sad.training import _global_parts
-
-    class OneProcess:  # accelerate's reduce over a single process returns its input
-        device = "cpu"
-
-        def reduce(self, tensor, reduction):
-            return tensor
+    from sad.training import _accelerator, _global_parts  # a real single-process accelerator
 
     # micro-batches: d_reason 2.0 over 10 REASON tokens, 4.0 over 30, and one with no REASON token (0.0 x 0)
     sums = {"d_reason": 2.0 * 10 + 4.0 * 30 + 0.0 * 0, "d_act": 1.0 * 5, "ce_act": 0.25 + 0.5}
-    assert _global_parts(sums, (40.0, 5.0), OneProcess()) == pytest.approx({"d_reason": 3.5, "d_act": 1.0, "ce_act": 0.75})
+    parts = _global_parts(sums, (40.0, 5.0), _accelerator("no", use_gpu=False))
+    assert parts == pytest.approx({"d_reason": 3.5, "d_act": 1.0, "ce_act": 0.75})
