@@ -598,13 +598,51 @@ class Params(_Strict):
         return Path(base, *parts)
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (``X``, ``X | None``, ``dict[str, X]``), outermost first."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _is_mapping(annotation: Any) -> bool:
+    """Whether an annotation is a ``dict[...]`` (or an optional one)."""
+    import typing
+
+    return typing.get_origin(annotation) is dict or any(_is_mapping(arg) for arg in typing.get_args(annotation))
+
+
+def known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys :class:`Params` accepts in the mapping at ``loc`` (a validation error's location minus its last
+    part), e.g. ``("distill", "methods", "sad")`` -> MethodParams' fields; [] where the path leads elsewhere."""
+    model: type[BaseModel] = Params
+    parts = list(loc)
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
+        if field is None:
+            return []
+        models = _models_in(field.annotation)
+        if not models:
+            return []
+        if _is_mapping(field.annotation) and parts:  # a mapping of models: the next part is its key
+            parts.pop(0)
+        model = models[0]
+    return list(model.model_fields)
+
+
 def _format_error(source: str, err: ValidationError) -> str:
+    import difflib
+
     lines = [f"{source}: invalid parameters:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling against params.yaml)"
+            close = difflib.get_close_matches(str(e["loc"][-1]), known_keys(tuple(e["loc"][:-1])), n=1)
+            msg = f"unknown key (did you mean {close[0]!r}?)" if close else \
+                "unknown key (check the spelling against params.yaml)"
         got = e.get("input")
         shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  - {key}: {msg}{shown}")
