@@ -62,6 +62,14 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show tracebacks 
         os.environ["SAD_DEBUG"] = "1"
 
 
+class MarkerSetName(str, Enum):
+    """The built-in marker sets of :mod:`sad.markers` (a test checks they are the same)."""
+
+    react = "react"
+    hotpotqa = "hotpotqa"
+    alfworld = "alfworld"
+
+
 class Stage(str, Enum):
     tasks = "tasks"
     demos = "demos"
@@ -845,7 +853,7 @@ def _task_set(env: str, split: str, n: int | None, tasks_root: Path, generate: b
 def expert(
     env: EnvName = typer.Option(EnvName.alfworld, help="environment"),
     split: SplitName = typer.Option(SplitName.test, help="split"),
-    n: int | None = typer.Option(None, min=1, help="play the first N tasks of the split (default: all; 200 with --generate)"),
+    n: int | None = typer.Option(None, "--n", "-n", min=1, help="play the first N tasks of the split (default: all; 200 with --generate)"),
     tasks_root: Path = typer.Option(Path("data/tasks"), help="tasks folder written by the tasks stage"),
     generate: bool = typer.Option(False, "--generate", help="generate N fresh tasks (seeded by params.yaml) in a temp folder"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -920,10 +928,13 @@ def ship_heal(
 @app.command("segment-text")
 def segment_text(
     path: Path = typer.Argument(..., help="a text file holding one ReAct transcript"),
-    markers: str = typer.Option("react", help="marker set: react | hotpotqa (Thought N:) | alfworld (> think:)"),
+    markers: MarkerSetName = typer.Option(MarkerSetName.react, help="marker set: react (Thought:/Action:/Observation:) | "
+                                                                     "hotpotqa (Thought N:) | alfworld (> think:)"),
     as_json: bool = typer.Option(False, "--json", help="print the pieces as JSON"),
 ) -> None:
-    """Cut a transcript into prompt / REASON / ACT / observation pieces by the marker rules (a dry run of segmentation)."""
+    """Cut a transcript into prompt / REASON / ACT / observation pieces by the marker rules (a dry run of segmentation).
+
+    Example: sad segment-text transcript.txt --markers hotpotqa"""
     from sad.markers import SegmentationError, split_transcript
 
     if not path.is_file():
@@ -933,7 +944,7 @@ def segment_text(
     except UnicodeDecodeError as exc:
         _fail(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
     try:
-        pieces = split_transcript(text, markers, episode_id=str(path))
+        pieces = split_transcript(text, markers.value, episode_id=str(path))
     except SegmentationError as exc:
         _fail(str(exc))
     rows = [{"kind": p.kind, "step": p.step, "start": p.start, "end": p.end, "text": text[p.start:p.end]} for p in pieces]

@@ -158,6 +158,17 @@ def test_segment_text_cuts_a_numbered_transcript_and_rejects_a_broken_one(tmp_pa
     bad.write_text("Question: q?\nThought 1: look.\nObservation 1: x\n")
     result = subprocess.run([SAD, "segment-text", str(bad), "--markers", "hotpotqa"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "bad.txt: line 3" in result.stderr and "ACT line" in result.stderr
+    # an unknown marker set is refused before the file is read, with the sets named
+    result = subprocess.run([SAD, "segment-text", str(good), "--markers", "foo"], capture_output=True, text=True, timeout=120)
+    message = " ".join(result.stderr.replace("│", " ").split())  # the error box wraps at the terminal's width
+    assert result.returncode == 2 and "'foo' is not one of 'react', 'hotpotqa', 'alfworld'" in message
+
+
+def test_the_clis_marker_sets_are_the_librarys():
+    from flows.cli import MarkerSetName
+    from sad.markers import MARKER_SETS
+
+    assert {m.value for m in MarkerSetName} == set(MARKER_SETS)
 
 
 @pytest.mark.slow
