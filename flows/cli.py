@@ -62,12 +62,14 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show tracebacks 
         os.environ["SAD_DEBUG"] = "1"
 
 
-class MarkerSetName(str, Enum):
-    """The built-in marker sets of :mod:`sad.markers` (a test checks they are the same)."""
+def _marker_set_names() -> type[Enum]:
+    """The built-in marker sets of :mod:`sad.markers` as a choice (the module is light: regexes only)."""
+    from sad.markers import MARKER_SETS
 
-    react = "react"
-    hotpotqa = "hotpotqa"
-    alfworld = "alfworld"
+    return Enum("MarkerSetName", {name: name for name in MARKER_SETS}, type=str)
+
+
+MarkerSetName = _marker_set_names()
 
 
 class Stage(str, Enum):
@@ -928,7 +930,7 @@ def ship_heal(
 @app.command("segment-text")
 def segment_text(
     path: Path = typer.Argument(..., help="a text file holding one ReAct transcript"),
-    markers: MarkerSetName = typer.Option(MarkerSetName.react, help="marker set: react (Thought:/Action:/Observation:) | "
+    markers: MarkerSetName = typer.Option("react", help="marker set: react (Thought:/Action:/Observation:) | "
                                                                      "hotpotqa (Thought N:) | alfworld (> think:)"),
     as_json: bool = typer.Option(False, "--json", help="print the pieces as JSON"),
 ) -> None:

@@ -703,8 +703,8 @@ def apply_profile(base: dict[str, Any], profile: dict[str, Any], source: str = "
 def read_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: parameter file not found in {Path.cwd()} (run sad from the project root, the "
-                          "folder with params.yaml and dvc.yaml, or pass --params PATH)")
+        raise ConfigError(f"{path}: parameter file not found (looked for {path.resolve()}: run sad from the project "
+                          "root, the folder with params.yaml and dvc.yaml, or pass --params PATH)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -164,13 +164,6 @@ def test_segment_text_cuts_a_numbered_transcript_and_rejects_a_broken_one(tmp_pa
     assert result.returncode == 2 and "'foo' is not one of 'react', 'hotpotqa', 'alfworld'" in message
 
 
-def test_the_clis_marker_sets_are_the_librarys():
-    from flows.cli import MarkerSetName
-    from sad.markers import MARKER_SETS
-
-    assert {m.value for m in MarkerSetName} == set(MARKER_SETS)
-
-
 @pytest.mark.slow
 def test_bench_suite_prints_every_section_and_target(tmp_path):
     import shutil
