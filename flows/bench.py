@@ -83,6 +83,24 @@ def _whole_pipeline_seconds(costs: dict[str, Any]) -> float | None:
     return costs["sum_of_stage_seconds"] if {"tasks", "report"} <= set(stages) else None
 
 
+def evaluation_prefill_cut(p: Params, project: Path) -> dict[str, Any]:
+    """The prefill cut of the project's latest ``evaluate_teacher`` (whole episodes, the evaluation's batch), from
+    its metrics file: the suite's own rollout caps episodes at a few steps, where each first prompt weighs more."""
+    from sad.stages.layout import eval_metrics_file
+
+    path = project / eval_metrics_file(p, "teacher")
+    if not path.is_file():
+        return {"skipped": f"no {eval_metrics_file(p, 'teacher')}: run the pipeline first"}
+    try:
+        overall = json.loads(path.read_text())["splits"]["test"]["overall"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"skipped": f"{path}: not an evaluation metrics file with a test split ({type(exc).__name__}: {exc})"}
+    if overall.get("prefill_tokens_cut") is None:
+        return {"skipped": f"{eval_metrics_file(p, 'teacher')} predates the prefill counters: rerun evaluate_teacher"}
+    return {"file": str(eval_metrics_file(p, "teacher")), "prefill_tokens_cut": overall["prefill_tokens_cut"],
+            "prefill_tokens_per_generated_token": overall["prefill_tokens_per_generated_token"]}
+
+
 def run_suite(p: Params, project: Path, quick: bool = False, log=print) -> dict[str, Any]:
     """Every benchmark, in one process tree, one after the other (each times its own work only)."""
     import torch
@@ -106,7 +124,8 @@ def run_suite(p: Params, project: Path, quick: bool = False, log=print) -> dict[
     out["student_vs_teacher"] = benchmark_student_vs_teacher(p, teacher_dir, student_dir, per_env=2 if quick else 4,
                                                              max_steps=3 if quick else 5)
     log("bench: pipeline (no-op dvc repro, Prefect overhead, stage costs)")
-    pipeline: dict[str, Any] = {"noop_dvc_repro": noop_repro(project), "prefect": prefect_overhead()}
+    pipeline: dict[str, Any] = {"noop_dvc_repro": noop_repro(project), "prefect": prefect_overhead(),
+                                "evaluate_teacher_prefill": evaluation_prefill_cut(p, project)}
     try:
         pipeline["stage_costs"] = stage_costs(p)
     except Exception as exc:  # no store yet
@@ -117,6 +136,7 @@ def run_suite(p: Params, project: Path, quick: bool = False, log=print) -> dict[
     out["targets"] = verdicts({
         "rollout_batched_speedup": out["rollout"]["speedup_steps_per_s"],
         "prefill_tokens_cut": out["rollout"]["prefill_tokens_cut"],
+        "prefill_tokens_cut_evaluate_teacher": pipeline["evaluate_teacher_prefill"].get("prefill_tokens_cut"),
         "admissible_cost_per_step": out["rollout"]["admissible_cost_per_scored_step"],
         "repair_cost_per_step": out["rollout"]["repair_cost_per_step"],
         "training_mfu_sft": tr["mfu"]["sft"],

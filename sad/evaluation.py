@@ -77,6 +77,9 @@ def evaluate_agent(
     for split, episodes in episodes_by_split.items():
         overall = summarize(episodes, agent.tokenizer)
         overall["generated_tokens_per_s"] = stats.tokens_per_second  # of the whole queue (dev and test together)
+        if stats.prefill_computed:  # of the same queue (a player that counts no prefill reports none)
+            overall["prefill_tokens_per_generated_token"] = stats.prefill_tokens_per_generated_token
+            overall["prefill_tokens_cut"] = stats.prefill_tokens_cut
         results["splits"][split] = {
             "overall": overall,
             "envs": {env: summarize([e for e in episodes if e.env == env], agent.tokenizer) for env in params.tasks.envs},

@@ -205,10 +205,22 @@ class PlayStats:
     blocks: int = 0  # blocks generated (one per step; a redrawn step counts once)
     scored_steps: int = 0  # steps whose action was chosen by scoring the listed actions (admissible, repair)
     scoring_seconds: float = 0.0  # the time of that scoring (part of env_seconds)
+    prefill_computed: int = 0  # context tokens run through the model (the agent's prefix store had no keys for them)
+    prefill_reused: int = 0    # context tokens whose keys and values came from the prefix store
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+    @property
+    def prefill_tokens_per_generated_token(self) -> float:
+        return self.prefill_computed / self.generated_tokens if self.generated_tokens else 0.0
+
+    @property
+    def prefill_tokens_cut(self) -> float | None:
+        """Context tokens over those computed: how many times fewer tokens prefill ran than encoding every context
+        from scratch (1.0 without reuse; None before any prefill)."""
+        return (self.prefill_computed + self.prefill_reused) / self.prefill_computed if self.prefill_computed else None
 
     def add(self, other: PlayStats) -> None:
         """Accumulate another shard's numbers (shards run side by side: seconds are summed per worker)."""
@@ -218,6 +230,8 @@ class PlayStats:
         self.blocks += other.blocks
         self.scored_steps += other.scored_steps
         self.scoring_seconds += other.scoring_seconds
+        self.prefill_computed += other.prefill_computed
+        self.prefill_reused += other.prefill_reused
 
 
 # Plays tasks with an agent and returns (episodes in task order, stats): in-process by default,
@@ -422,9 +436,12 @@ def play_agent(
     contexts.update((index, context_of(index)) for index in slots)
     started = time.perf_counter()
     env_before = stats.env_seconds if stats is not None else 0.0
+    computed_before, reused_before = agent.prefill_computed, agent.prefill_reused
     agent.stream(list(contexts.items()), on_block)
     if stats is not None:  # the stream's wall time less the steps played inside it
         stats.generation_seconds += time.perf_counter() - started - (stats.env_seconds - env_before)
+        stats.prefill_computed += agent.prefill_computed - computed_before
+        stats.prefill_reused += agent.prefill_reused - reused_before
     bar.close()
     return [results[i] for i in range(len(tasks))]
 

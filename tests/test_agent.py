@@ -221,6 +221,16 @@ def test_play_agent_batches_give_the_same_episodes_as_one_at_a_time(trained_mode
     assert [e.task_id for e in batched] == [t.task_id for t in tasks]
     assert [[(s.thought, s.action) for s in e.steps] for e in batched] == [[(s.thought, s.action) for s in e.steps] for e in single]
     assert stats.generated_tokens > 0 and stats.blocks == sum(e.n_steps for e in batched)
+    # every step's play-time context is prefilled once: its tokens are computed or reused from the prefix store
+    from sad.agent import forced_items
+
+    context_tokens = sum(len(item["context"]) for item in forced_items(tokenizer, batched, 512 - 32, 0))
+    assert stats.prefill_computed + stats.prefill_reused == context_tokens
+    assert stats.prefill_reused > 0 and stats.prefill_tokens_cut == context_tokens / stats.prefill_computed > 1
+    fresh = PlayStats()
+    play_agent(tasks, task_root, LMAgent(trained_model, tokenizer, max_new_tokens=32, prefix_cache=0), "m",
+               max_tokens=512, batch_size=4, stats=fresh)
+    assert fresh.prefill_reused == 0 and fresh.prefill_computed == context_tokens and fresh.prefill_tokens_cut == 1.0
     for e in batched:
         assert 1 <= e.n_steps <= 8
         assert all(s.observation for s in e.steps)
@@ -496,6 +506,7 @@ def test_evaluation_plays_every_split_in_one_queue_and_files_each_episode_under_
         assert [e.task_id for e in episodes[split]] == expected[split]
         assert {e.split for e in episodes[split]} == {split}
         assert len(metrics["splits"][split]["per_task"]["alfworld"]) == len(expected[split])
+        assert metrics["splits"][split]["overall"]["prefill_tokens_cut"] > 1  # the whole queue's, as tokens/s
 
     def losing_player(tasks, name):  # a player that drops an episode must not shift one split's tasks into another
         played, stats = player(tasks, name)

@@ -186,6 +186,9 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     assert rollout["runs"]["batched_admissible"]["scored_steps"] > 0 and rollout["admissible_cost_per_scored_step"] > 1
     assert out["targets"]["admissible_cost_per_step"]["measured"] == rollout["admissible_cost_per_scored_step"]
     assert out["targets"]["rollout_batched_speedup"]["measured"] == rollout["speedup_steps_per_s"]
+    # the same cut on the project's latest evaluate_teacher: this folder has none yet, so it is not judged
+    assert "run the pipeline first" in out["pipeline"]["evaluate_teacher_prefill"]["skipped"]
+    assert out["targets"]["prefill_tokens_cut_evaluate_teacher"] == {"measured": None, "target": ">= 4.0", "met": None}
     # decoding over the written cache only plays the same greedy steps (an untrained fp32 model here); bf16 play is
     # timed against it where the CPU has bf16 instructions
     assert out["rollout"]["same_steps_sliced_attention"] is True and out["rollout"]["sliced_attention_speedup"] > 0

@@ -205,6 +205,16 @@ def test_metrics_exist_and_lie_in_range(pipeline_run):
             assert 1.0 <= m["avg_steps"] <= 10.0  # tiny caps: alfworld 10, webshop 8, hotpotqa 7 steps
             assert 0.0 <= m["invalid_action_rate"] <= 1.0
             assert m["avg_reasoning_tokens"] >= 0.0 and m["latency_per_step_s"] > 0.0
+            # each step's context extends the one before: the prefix store keeps most of it from being encoded again
+            assert m["prefill_tokens_cut"] > 1 and m["prefill_tokens_per_generated_token"] > 0
+    from flows.bench import evaluation_prefill_cut
+    from sad.config import load_params
+
+    read = evaluation_prefill_cut(load_params(repo / "params.yaml"), repo)  # what `sad bench` reports of it
+    test_overall = json.loads((repo / "metrics" / "eval" / "teacher.json").read_text())["splits"]["test"]["overall"]
+    assert read["prefill_tokens_cut"] == test_overall["prefill_tokens_cut"] > 1
+    rollout = json.loads((repo / "metrics" / "rollout.json").read_text())
+    assert rollout["prefill_tokens_cut"] > 1 and rollout["prefill_tokens_per_generated_token"] > 0
     teacher = json.loads((repo / "metrics" / "teacher.json").read_text())
     student = json.loads((repo / "metrics" / "distill" / "sad.json").read_text())
     assert teacher["parameters"] > student["parameters"] > 0
