@@ -299,6 +299,12 @@ def redraw_failures(agent: LMAgent, contexts: list[list[int]], histories: list[l
     return final, redrawn
 
 
+def _prefill_counts(agent) -> tuple[int, int]:
+    """(context tokens computed, reused) so far by an agent's prefill; (0, 0) for one that counts none (a scripted
+    agent with only ``stream``)."""
+    return getattr(agent, "prefill_computed", 0), getattr(agent, "prefill_reused", 0)
+
+
 def play_agent(
     tasks: list[Task],
     tasks_root: Path,
@@ -436,12 +442,13 @@ def play_agent(
     contexts.update((index, context_of(index)) for index in slots)
     started = time.perf_counter()
     env_before = stats.env_seconds if stats is not None else 0.0
-    computed_before, reused_before = agent.prefill_computed, agent.prefill_reused
+    counted_before = _prefill_counts(agent)
     agent.stream(list(contexts.items()), on_block)
     if stats is not None:  # the stream's wall time less the steps played inside it
         stats.generation_seconds += time.perf_counter() - started - (stats.env_seconds - env_before)
-        stats.prefill_computed += agent.prefill_computed - computed_before
-        stats.prefill_reused += agent.prefill_reused - reused_before
+        computed, reused = _prefill_counts(agent)
+        stats.prefill_computed += computed - counted_before[0]
+        stats.prefill_reused += reused - counted_before[1]
     bar.close()
     return [results[i] for i in range(len(tasks))]
 
