@@ -93,11 +93,12 @@ def evaluation_prefill_cut(p: Params, project: Path) -> dict[str, Any]:
         return {"skipped": f"no {eval_metrics_file(p, 'teacher')}: run the pipeline first"}
     try:
         overall = json.loads(path.read_text())["splits"]["test"]["overall"]
-    except (ValueError, KeyError, TypeError) as exc:
+        cut = overall.get("prefill_tokens_cut")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return {"skipped": f"{path}: not an evaluation metrics file with a test split ({type(exc).__name__}: {exc})"}
-    if overall.get("prefill_tokens_cut") is None:
+    if cut is None:
         return {"skipped": f"{eval_metrics_file(p, 'teacher')} predates the prefill counters: rerun evaluate_teacher"}
-    return {"file": str(eval_metrics_file(p, "teacher")), "prefill_tokens_cut": overall["prefill_tokens_cut"],
+    return {"file": str(eval_metrics_file(p, "teacher")), "prefill_tokens_cut": cut,
             "prefill_tokens_per_generated_token": overall["prefill_tokens_per_generated_token"]}
 
 

@@ -415,8 +415,9 @@ class LMAgent:
         stored: list[int | None] | None = None  # each context's prefix-store key, when rows were prefilled one by one
         if (self.row_prefill and batch > 1) or self.static_cache:
             past, logits, stored = self._prefill_rows(contexts, width)
-        else:
+        else:  # one padded forward over every context, no prefix store
             past, logits = self._forward(None, input_ids=input_ids, attention_mask=attention, position_ids=positions)
+            self.prefill_computed += sum(len(c) for c in contexts)
         keep_blocks = self.keep_blocks and stored is not None and self.prefix_store is not None
         next_pos = positions[:, -1:] + 1
 

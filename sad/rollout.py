@@ -205,8 +205,10 @@ class PlayStats:
     blocks: int = 0  # blocks generated (one per step; a redrawn step counts once)
     scored_steps: int = 0  # steps whose action was chosen by scoring the listed actions (admissible, repair)
     scoring_seconds: float = 0.0  # the time of that scoring (part of env_seconds)
-    prefill_computed: int = 0  # context tokens run through the model (the agent's prefix store had no keys for them)
-    prefill_reused: int = 0    # context tokens whose keys and values came from the prefix store
+    prefill_computed: int = 0  # generation contexts' tokens run through the model (the prefix store had no keys for them)
+    prefill_reused: int = 0    # generation contexts' tokens whose keys and values came from the prefix store
+    scoring_prefill_computed: int = 0  # the same for the prefixes that admissible/repair scoring encodes (not above)
+    scoring_prefill_reused: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -218,8 +220,8 @@ class PlayStats:
 
     @property
     def prefill_tokens_cut(self) -> float | None:
-        """Context tokens over those computed: how many times fewer tokens prefill ran than encoding every context
-        from scratch (1.0 without reuse; None before any prefill)."""
+        """Generation contexts' tokens over those computed: how many times fewer tokens prefill ran than encoding
+        every context from scratch (1.0 without reuse; None before any prefill). Scoring's prefill is not in it."""
         return (self.prefill_computed + self.prefill_reused) / self.prefill_computed if self.prefill_computed else None
 
     def add(self, other: PlayStats) -> None:
@@ -232,6 +234,8 @@ class PlayStats:
         self.scoring_seconds += other.scoring_seconds
         self.prefill_computed += other.prefill_computed
         self.prefill_reused += other.prefill_reused
+        self.scoring_prefill_computed += other.scoring_prefill_computed
+        self.scoring_prefill_reused += other.scoring_prefill_reused
 
 
 # Plays tasks with an agent and returns (episodes in task order, stats): in-process by default,
@@ -380,11 +384,14 @@ def play_agent(
                 not (action_choice == "repair" and listed_action(parsed, slot.admissible)):
             history = slot.episode.steps
             avoid = (lambda action, steps=history: repeats_a_failure(steps, action) is not None) if redraws else None
-            scoring_started = time.perf_counter()
+            scoring_started, counted_before = time.perf_counter(), _prefill_counts(agent)
             chosen = choose_admissible(agent, context, parsed, slot.admissible, avoid)
             if stats is not None:
                 stats.scored_steps += 1
                 stats.scoring_seconds += time.perf_counter() - scoring_started
+                computed, reused = _prefill_counts(agent)
+                stats.scoring_prefill_computed += computed - counted_before[0]
+                stats.scoring_prefill_reused += reused - counted_before[1]
             if action_choice == "repair":  # steps whose generated action was not a listed one
                 slot.episode.meta["repaired_steps"] += 1
                 repaired_from = parsed.action if parsed.has_action else ""
@@ -443,12 +450,13 @@ def play_agent(
     started = time.perf_counter()
     env_before = stats.env_seconds if stats is not None else 0.0
     counted_before = _prefill_counts(agent)
+    scoring_before = (stats.scoring_prefill_computed, stats.scoring_prefill_reused) if stats is not None else (0, 0)
     agent.stream(list(contexts.items()), on_block)
     if stats is not None:  # the stream's wall time less the steps played inside it
         stats.generation_seconds += time.perf_counter() - started - (stats.env_seconds - env_before)
-        computed, reused = _prefill_counts(agent)
-        stats.prefill_computed += computed - counted_before[0]
-        stats.prefill_reused += reused - counted_before[1]
+        computed, reused = _prefill_counts(agent)  # less what scoring (inside the stream) encoded
+        stats.prefill_computed += computed - counted_before[0] - (stats.scoring_prefill_computed - scoring_before[0])
+        stats.prefill_reused += reused - counted_before[1] - (stats.scoring_prefill_reused - scoring_before[1])
     bar.close()
     return [results[i] for i in range(len(tasks))]
 

@@ -236,6 +236,18 @@ def test_play_agent_batches_give_the_same_episodes_as_one_at_a_time(trained_mode
         assert all(s.observation for s in e.steps)
 
 
+def test_play_stats_of_shards_add_up_and_survive_a_round_trip_through_a_dict():
+    """Sharded players send PlayStats as a dict (``asdict``) and the orchestrator sums them (``add``)."""
+    first = PlayStats(generation_seconds=2.0, generated_tokens=100, blocks=4, prefill_computed=50, prefill_reused=150,
+                      scoring_prefill_computed=5, scoring_prefill_reused=40)
+    second = PlayStats(**dataclasses.asdict(first))
+    second.add(first)
+    assert second == PlayStats(generation_seconds=4.0, generated_tokens=200, blocks=8, prefill_computed=100,
+                               prefill_reused=300, scoring_prefill_computed=10, scoring_prefill_reused=80)
+    assert second.prefill_tokens_cut == 4.0 and second.prefill_tokens_per_generated_token == 0.5
+    assert PlayStats().prefill_tokens_cut is None and PlayStats().prefill_tokens_per_generated_token == 0.0
+
+
 def test_takeover_play_streamed_gives_the_episodes_of_lockstep_rounds(trained_model, tokenizer, task_root, monkeypatch):
     """DAgger with expert takeover batches continuously (a row whose episode ended takes the next task inside the
     running decode batch) and labels exactly what lockstep rounds of ``generate`` would."""
@@ -328,8 +340,16 @@ def test_admissible_and_repair_choices_send_only_valid_actions(trained_model, to
     steps = [s for e in episodes for s in e.steps]
     assert steps and all(s.valid for s in steps)  # every action was one of the engine's admissible commands
     free = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=2)
-    repaired = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=2, action_choice="repair")
+    stats = PlayStats()
+    repaired = play_agent(tasks, task_root, agent, "m", max_tokens=512, batch_size=2, action_choice="repair",
+                          stats=stats)
     assert sum(e.meta["repaired_steps"] for e in repaired) > 0  # the untrained model's actions do get repaired
+    # scoring's prefill is counted apart: the generation counters still hold exactly the steps' play-time contexts
+    from sad.agent import forced_items
+
+    context_tokens = sum(len(item["context"]) for item in forced_items(tokenizer, repaired, 512 - 24, 0))
+    assert stats.prefill_computed + stats.prefill_reused == context_tokens
+    assert stats.scoring_prefill_reused > 0 and stats.scored_steps == sum(e.meta["repaired_steps"] for e in repaired)
     for f_ep, r_ep in zip(free, repaired):
         assert all(s.valid for s in r_ep.steps)  # a rejected action was swapped for a listed one
         # and counted: one per step whose rejected action was replaced

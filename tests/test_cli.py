@@ -164,6 +164,28 @@ def test_segment_text_cuts_a_numbered_transcript_and_rejects_a_broken_one(tmp_pa
     assert result.returncode == 2 and "'foo' is not one of 'react', 'hotpotqa', 'alfworld'" in message
 
 
+def test_bench_reads_the_evaluation_prefill_cut_or_says_why_it_cannot(tmp_path):
+    """`sad bench` takes issue #16's prefill cut of a whole evaluation from metrics/eval/teacher.json: a file from
+    before the counters, or one that is not an evaluation's metrics, is skipped with the reason and its path."""
+    from flows.bench import evaluation_prefill_cut
+    from sad.config import parse_params
+
+    p = parse_params({})
+    path = tmp_path / "metrics" / "eval" / "teacher.json"
+    assert "run the pipeline first" in evaluation_prefill_cut(p, tmp_path)["skipped"]
+    path.parent.mkdir(parents=True)
+    overall = {"success_rate": 0.5, "prefill_tokens_cut": 4.5, "prefill_tokens_per_generated_token": 1.9}
+    path.write_text(json.dumps({"splits": {"test": {"overall": overall}}}))
+    assert evaluation_prefill_cut(p, tmp_path) == {"file": "metrics/eval/teacher.json", "prefill_tokens_cut": 4.5,
+                                                   "prefill_tokens_per_generated_token": 1.9}
+    path.write_text(json.dumps({"splits": {"test": {"overall": {"success_rate": 0.5}}}}))
+    assert "predates the prefill counters" in evaluation_prefill_cut(p, tmp_path)["skipped"]
+    for bad in ("{not json", json.dumps({"splits": {"dev": {}}}), json.dumps({"splits": {"test": {"overall": [1]}}})):
+        path.write_text(bad)
+        skipped = evaluation_prefill_cut(p, tmp_path)["skipped"]
+        assert str(path) in skipped and "not an evaluation metrics file" in skipped
+
+
 @pytest.mark.slow
 def test_bench_suite_prints_every_section_and_target(tmp_path):
     import shutil

@@ -36,7 +36,9 @@ def run_rollout(p: Params, progress: bool = True, player: Player | None = None) 
     write_jsonl_atomic(rollouts_file(p), (e.to_dict() for e in episodes))
     metrics = {**summarize(episodes, load_tokenizer(teacher_dir(p))), "success_by_task_type": success_by(episodes),
                "generated_tokens_per_s": stats.tokens_per_second, "generation_seconds": stats.generation_seconds,
-               "env_seconds": stats.env_seconds, "prefill_tokens_per_generated_token": stats.prefill_tokens_per_generated_token,
-               "prefill_tokens_cut": stats.prefill_tokens_cut}
+               "env_seconds": stats.env_seconds}
+    if stats.prefill_computed:  # as in the evaluation metrics: absent when the player counted no prefill
+        metrics.update(prefill_tokens_per_generated_token=stats.prefill_tokens_per_generated_token,
+                       prefill_tokens_cut=stats.prefill_tokens_cut)
     write_json_atomic(p.path("metrics", "rollout.json"), metrics)
     return metrics
