@@ -100,3 +100,14 @@ def test_the_verdict_of_two_agents_that_won_the_same_tasks_says_so():
     better = paired_comparison([[1] * 30], [[0] * 30]).as_dict()
     assert verdict({"all envs": better}, "sad", "token_kd", 0.975).startswith("**sad beats token_kd**: +100.0 points")
     assert "97.5% CI" in verdict({"all envs": better}, "sad", "token_kd", 0.975) and ci_level(0.95) == "95"
+
+
+def test_a_metric_some_seeds_lack_is_averaged_over_the_seeds_that_report_it():
+    """A seed kept from an earlier run (a resumed evaluate or distill) may lack a metric a newer library adds, or hold
+    None for it: the mean over seeds is over those that report a number, not halved by the others."""
+    from sad.stages.layout import mean_over_seeds
+
+    per_seed = {"0": {"success_rate": 0.5, "prefill_tokens_cut": 4.0, "note": "x"},
+                "1": {"success_rate": 0.25, "prefill_tokens_cut": None},
+                "2": {"success_rate": 0.0}}
+    assert mean_over_seeds(per_seed) == {"prefill_tokens_cut": 4.0, "success_rate": 0.25}

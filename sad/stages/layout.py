@@ -140,9 +140,14 @@ def candidate_file(p: Params) -> Path:
 
 
 def mean_over_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The mean of every numeric metric over seeds ({seed: metrics} -> metrics)."""
-    keys = {k for m in per_seed.values() for k, v in m.items() if isinstance(v, (int, float))}
-    return {k: sum(m[k] for m in per_seed.values() if k in m) / len(per_seed) for k in sorted(keys)}
+    """The mean of every numeric metric over the seeds that report it ({seed: metrics} -> metrics): a seed kept from
+    an earlier run (a resumed stage) may lack a metric that a newer library adds."""
+    values: dict[str, list[float]] = {}
+    for metrics in per_seed.values():
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                values.setdefault(k, []).append(v)
+    return {k: sum(values[k]) / len(values[k]) for k in sorted(values)}
 
 
 def load_eval_results(p: Params, agents: list[str]) -> dict[str, dict[str, Any]]:
