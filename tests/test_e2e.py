@@ -78,7 +78,9 @@ def pipeline_run(tmp_path_factory):
 def _running_mlflow_runs(repo: Path) -> list[str]:
     import sqlite3
 
-    with sqlite3.connect(repo / "mlflow.db") as db:
+    if not (repo / "mlflow.db").is_file():  # (read-only: never create the store the server makes)
+        return []
+    with sqlite3.connect(f"file:{repo / 'mlflow.db'}?mode=ro", uri=True) as db:
         return [row[0] for row in db.execute("SELECT name FROM runs WHERE status = 'RUNNING'")]
 
 
@@ -112,6 +114,24 @@ def _check_services_listen_on_localhost_only(log_text: str, listening: set[tuple
     assert oct(Path(services["SAD_PRELOAD_SOCKET"]).parent.stat().st_mode & 0o777) == "0o700"
 
 
+def _at_work(proc, repo: Path, stage: str, timeout: float = 60) -> tuple[list, set[tuple[str, int]]]:
+    """Poll until ``stage`` is at work: the run's tree holds its servers, the preload runner and the stage
+    (>= 6 processes), something listens, and the stage's MLflow run is RUNNING (a busy machine only
+    delays this, where a fixed sleep would look too early). Returns (processes, listening addresses) as last
+    seen; the caller's checks report a run that never got there."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        listening = _listening_addresses(tree)
+        if len(tree) >= 6 and listening and stage in _running_mlflow_runs(repo):
+            return tree, listening
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return tree, listening
+        time.sleep(0.5)
+
+
 def _stop_mid_stage(repo: Path, env: dict[str, str], sig: signal.Signals, stage: str = "demos") -> dict:
     """Start `sad pipeline`, send ``sig`` while ``stage`` runs; within 15 s no process of the run's tree may
     be alive, none of its ports listening, and no MLflow run of it RUNNING. While it runs, its servers
@@ -126,9 +146,7 @@ def _stop_mid_stage(repo: Path, env: dict[str, str], sig: signal.Signals, stage:
     while f"Running stage '{stage}'" not in log_file.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
         time.sleep(0.5)
-    time.sleep(3)  # the stage's process is at work
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    listening = _listening_addresses(tree)
+    tree, listening = _at_work(proc, repo, stage)
     ports = {port for _, port in listening}
     try:
         assert len(tree) >= 6 and ports  # servers, preload runner and its stage child, reaper, dvc, the stage client
