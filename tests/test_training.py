@@ -400,3 +400,26 @@ def test_span_parts_are_token_weighted_means_over_the_step():
     sums = {"d_reason": 2.0 * 10 + 4.0 * 30 + 0.0 * 0, "d_act": 1.0 * 5, "ce_act": 0.25 + 0.5}
     parts = _global_parts(sums, (40.0, 5.0), _accelerator("no", use_gpu=False))
     assert parts == pytest.approx({"d_reason": 3.5, "d_act": 1.0, "ce_act": 0.75})
+
+
+def test_fused_adamw_where_its_kernel_runs_and_it_steps_as_the_default_does():
+    from sad.training import fused_adamw
+
+    assert fused_adamw([torch.zeros(3, requires_grad=True), torch.zeros(2, 2, dtype=torch.bfloat16)]) is True
+    assert fused_adamw([torch.zeros(3, dtype=torch.long)]) is None
+    assert fused_adamw([]) is None
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    grads = [torch.randn_like(t) for t in start]
+    stepped = []
+    for fused in (None, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+        stepped.append([p.detach() for p in params])
+    for default, fused in zip(*stepped):
+        assert not torch.equal(default, start[0] if default.ndim == 2 else start[1])
+        torch.testing.assert_close(fused, default, rtol=1e-5, atol=1e-6)
