@@ -360,7 +360,10 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, fingerprint: str)
     except Exception as exc:  # noqa: BLE001
         log.warning("checkpoint weights %s are unreadable or do not fit (%s): starting from scratch", weights, exc)
         return None
+    kernels = [group.get("fused") for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, fused in zip(optimizer.param_groups, kernels):  # the kernel it was built with (a checkpoint from
+        group["fused"] = fused                                    # before fused AdamW would switch it off)
     scheduler.load_state_dict(state["scheduler"])
     rng = state.get("rng") or {}
     if "cpu" in rng:

@@ -78,9 +78,9 @@ def pipeline_run(tmp_path_factory):
 def _running_mlflow_runs(repo: Path) -> list[str]:
     import sqlite3
 
-    if not (repo / "mlflow.db").is_file():  # (read-only: never create the store the server makes)
+    if not (repo / "mlflow.db").is_file():  # (never create the store the server makes)
         return []
-    with sqlite3.connect(f"file:{repo / 'mlflow.db'}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(repo / "mlflow.db")) as db:
         return [row[0] for row in db.execute("SELECT name FROM runs WHERE status = 'RUNNING'")]
 
 
@@ -114,21 +114,27 @@ def _check_services_listen_on_localhost_only(log_text: str, listening: set[tuple
     assert oct(Path(services["SAD_PRELOAD_SOCKET"]).parent.stat().st_mode & 0o777) == "0o700"
 
 
-def _at_work(proc, repo: Path, stage: str, timeout: float = 60) -> tuple[list, set[tuple[str, int]]]:
+def _at_work(proc, repo: Path, stage: str, timeout: float = 60) -> tuple[bool, list, set[tuple[str, int]]]:
     """Poll until ``stage`` is at work: the run's tree holds its servers, the preload runner and the stage
     (>= 6 processes), something listens, and the stage's MLflow run is RUNNING (a busy machine only
-    delays this, where a fixed sleep would look too early). Returns (processes, listening addresses) as last
-    seen; the caller's checks report a run that never got there."""
+    delays this, where a fixed sleep would look too early). Returns (whether it got there, processes,
+    listening addresses as last seen)."""
+    import sqlite3
+
     import psutil
 
     deadline = time.monotonic() + timeout
     while True:
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         listening = _listening_addresses(tree)
-        if len(tree) >= 6 and listening and stage in _running_mlflow_runs(repo):
-            return tree, listening
+        try:
+            running = _running_mlflow_runs(repo)
+        except sqlite3.Error:  # the server is writing: not yet
+            running = []
+        if len(tree) >= 6 and listening and stage in running:
+            return True, tree, listening
         if proc.poll() is not None or time.monotonic() > deadline:
-            return tree, listening
+            return False, tree, listening
         time.sleep(0.5)
 
 
@@ -146,9 +152,10 @@ def _stop_mid_stage(repo: Path, env: dict[str, str], sig: signal.Signals, stage:
     while f"Running stage '{stage}'" not in log_file.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
         time.sleep(0.5)
-    tree, listening = _at_work(proc, repo, stage)
+    at_work, tree, listening = _at_work(proc, repo, stage)
     ports = {port for _, port in listening}
     try:
+        assert at_work, (len(tree), ports, log_file.read_text()[-3000:])
         assert len(tree) >= 6 and ports  # servers, preload runner and its stage child, reaper, dvc, the stage client
         _check_services_listen_on_localhost_only(log_file.read_text(), listening)
     except BaseException:  # leave nothing running behind a failed check

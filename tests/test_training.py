@@ -209,6 +209,11 @@ def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_with_the_same_weight
     crashed = tiny_model_factory(hidden=16, seed=2)
     train_lm(crashed, w, method, train, tokenizer.pad_token_id, checkpoint_dir=tmp_path / "b", stop_after=3, **kwargs)
     assert (tmp_path / "b" / "trainer_state.pt").is_file()  # checkpoint of step 2 survives the crash at step 3
+    state = torch.load(tmp_path / "b" / "trainer_state.pt", weights_only=True)
+    assert [g["fused"] for g in state["optimizer"]["param_groups"]] == [True, True]  # decay / no decay, fused AdamW
+    for group in state["optimizer"]["param_groups"]:  # as a library before fused AdamW saved it: resumed, the
+        group["fused"] = None                          # run still steps the fused kernel (the same weights below)
+    torch.save(state, tmp_path / "b" / "trainer_state.pt")
     resumed_model = tiny_model_factory(hidden=16, seed=2)  # a new process builds a fresh model
     resumed = train_lm(resumed_model, w, method, train, tokenizer.pad_token_id, checkpoint_dir=tmp_path / "b", **kwargs)
     assert resumed.resumed_from == 2

@@ -40,9 +40,10 @@ def train_mfu(model, vocab: int, batch: int, seq: int, steps: int, device: torch
               peak: float) -> dict[str, Any]:
     """Imitation steps on random tokens [batch, seq]; FLOP/s = (6N + 6 L d S) x tokens/s."""
     from sad.modeling import count_parameters
+    from sad.training import fused_adamw
 
     model.to(device=device, dtype=dtype).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(list(model.parameters())))
     ids = torch.randint(4, vocab, (batch, seq), device=device)
     seconds, _ = _timed_steps(lambda: model(input_ids=ids, labels=ids).loss, opt, steps, device)
     tokens_per_s = steps * batch * seq / seconds
@@ -96,11 +97,11 @@ def distill_mfu(teacher, student, batch: int, seq: int, steps: int, device: torc
     student's training (6N + 6 L d S) plus the teacher's forward (2N + 2 L d S)."""
     from sad.config import MethodParams
     from sad.modeling import count_parameters
-    from sad.training import method_loss
+    from sad.training import fused_adamw, method_loss
 
     teacher.to(device=device, dtype=dtype).eval()
     student.to(device=device, dtype=dtype).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=fused_adamw(list(student.parameters())))
     vocab = student.config.vocab_size
     ids = torch.randint(4, vocab, (batch, seq), device=device)
     reason = torch.zeros(batch, seq, dtype=torch.long, device=device)

@@ -287,10 +287,11 @@ def benchmark_precision(config, batch_size: int = 4, seq_len: int = 512, steps: 
     from transformers import AutoModelForCausalLM
 
     from sad.bench.peak import matmul_peak_flops
+    from sad.training import fused_adamw
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(list(model.parameters())))
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len))
 
     def step(bf16: bool) -> float:
