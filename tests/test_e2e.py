@@ -98,10 +98,6 @@ def _listening_addresses(processes) -> set[tuple[str, int]]:
     return found
 
 
-def _listening_ports(processes) -> set[int]:
-    return {port for _, port in _listening_addresses(processes)}
-
-
 def _check_services_listen_on_localhost_only(log_text: str, listening: set[tuple[str, int]]) -> None:
     """``sad pipeline``'s own services: the Prefect and MLflow servers listen on 127.0.0.1 only (as does
     everything else the run started), the preload runner's Unix socket lies in a private 0700 folder."""
@@ -114,18 +110,20 @@ def _check_services_listen_on_localhost_only(log_text: str, listening: set[tuple
     assert oct(Path(services["SAD_PRELOAD_SOCKET"]).parent.stat().st_mode & 0o777) == "0o700"
 
 
-def _at_work(proc, repo: Path, stage: str, timeout: float = 60) -> tuple[bool, list, set[tuple[str, int]]]:
-    """Poll until ``stage`` is at work: the run's tree holds its servers, the preload runner and the stage
-    (>= 6 processes), something listens, and the stage's MLflow run is RUNNING (a busy machine only
-    delays this, where a fixed sleep would look too early). Returns (whether it got there, processes,
-    listening addresses as last seen)."""
+def _at_work(proc, repo: Path, stage: str, timeout: float = 60,
+             with_root: bool = True) -> tuple[bool, list, set[tuple[str, int]]]:
+    """Poll until ``stage`` is at work: the run's tree (``proc`` and what it started; without ``proc`` itself
+    when not ``with_root``) holds its servers, the preload runner and the stage (>= 6 processes), something
+    listens, and the stage's MLflow run is RUNNING (a busy machine only delays this, where a fixed sleep
+    would look too early). Returns (whether it got there, processes, listening addresses as last seen)."""
     import sqlite3
 
     import psutil
 
     deadline = time.monotonic() + timeout
     while True:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        tree = [psutil.Process(proc.pid)] if with_root else []
+        tree += psutil.Process(proc.pid).children(recursive=True)
         listening = _listening_addresses(tree)
         try:
             running = _running_mlflow_runs(repo)
@@ -378,9 +376,10 @@ def _cancel_a_deployment_run(repo: Path, env: dict[str, str], served: subprocess
     while "Running stage 'demos'" not in serve_log.read_text():  # the runner streams the flow run's output
         assert time.monotonic() < deadline and served.poll() is None, serve_log.read_text()[-3000:]
         time.sleep(0.5)
-    time.sleep(2)
-    tree = psutil.Process(served.pid).children(recursive=True)  # the flow run's process and all it started
-    ports = _listening_ports(tree)
+    # the flow run's process and all it started (the serving process itself is not stopped)
+    at_work, tree, listening = _at_work(served, repo, "demos", with_root=False)
+    ports = {port for _, port in listening}
+    assert at_work, (len(tree), ports, serve_log.read_text()[-3000:])
     assert len(tree) >= 6 and ports, [p.cmdline() for p in tree]  # engine, servers, preload runner, reaper, dvc, stage
     stopped = time.monotonic()
     cancel = _run([prefect, "flow-run", "cancel", flow_run.group(1)], repo, env, timeout=60)
