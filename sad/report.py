@@ -115,6 +115,32 @@ def step_accuracy_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else "No step accuracy (the demos stage wrote no dev episodes)."
 
 
+def step_accuracy_by_kind_table(results: dict[str, dict[str, Any]]) -> str:
+    """Rows: env and the expert action's verb (with its dev step count); columns: agents' step accuracy on those
+    steps, means over seeds. Empty when no agent has per-kind numbers."""
+    kinds: dict[tuple[str, str], int] = {}
+    rates: dict[str, dict[tuple[str, str], float]] = {}
+    for agent in order_agents(list(results)):
+        seeds = (results[agent].get("step_accuracy") or {}).get("seeds") or {}
+        per_kind: dict[tuple[str, str], list[float]] = {}
+        for seed in seeds.values():
+            for env, body in seed.get("envs", {}).items():
+                for kind, r in body.get("by_kind", {}).items():
+                    kinds[(env, kind)] = max(kinds.get((env, kind), 0), int(r["steps"]))
+                    per_kind.setdefault((env, kind), []).append(r["step_accuracy"])
+        if per_kind:
+            rates[agent] = {key: sum(v) / len(v) for key, v in per_kind.items()}
+    if not rates:
+        return ""
+    agents = list(rates)
+    lines = ["| env | action | dev steps | " + " | ".join(agents) + " |", "|" + "---|" * (3 + len(agents))]
+    for env, kind in sorted(kinds):
+        row = [env, f"`{kind}`", str(kinds[(env, kind)])]
+        row += [f"{100 * rates[a][(env, kind)]:.1f}%" if (env, kind) in rates[a] else "-" for a in agents]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def paired_section(results: dict[str, dict[str, Any]], a: str, b: str, split: str, n_boot: int,
                    confidence: float) -> tuple[str, dict[str, Any]]:
     """SAD against token-KD on the same tasks and seed indices: difference in success, its CI,
@@ -374,6 +400,7 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
                   n_boot: int, confidence: float, onpolicy_md: str = "", gate_split: str = "dev") -> str:
     """results.md; ``paired``: (a, b, verdict, table) per paired comparison."""
     level = ci_level(confidence)
+    by_kind = step_accuracy_by_kind_table(results)
     parts = [
         "# Structured Agent Distillation: results",
         "",
@@ -392,10 +419,11 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
         "## Step accuracy (dev expert states)",
         "",
         "Share of the expert's dev steps where the agent, given exactly its play-time context, freely generates a "
-        "thought and an action equal to the expert's (per action kind in `metrics/eval/<agent>.json`).",
+        "thought and an action equal to the expert's; below it, by the expert action's verb (means over seeds).",
         "",
         step_accuracy_table(results),
         "",
+        *([by_kind, ""] if by_kind else []),
         *[line for a, b, verdict_md, table_md in paired for line in (
             f"## `{a}` against `{b}` (paired: same tasks, same seed index)", "",
             *([verdict_md, ""] if verdict_md else []), table_md, "")],

@@ -111,3 +111,23 @@ def test_a_metric_some_seeds_lack_is_averaged_over_the_seeds_that_report_it():
                 "1": {"success_rate": 0.25, "prefill_tokens_cut": None},
                 "2": {"success_rate": 0.0}}
     assert mean_over_seeds(per_seed) == {"prefill_tokens_cut": 4.0, "success_rate": 0.25}
+
+
+def test_step_accuracy_by_action_kind_is_averaged_over_seeds_per_env_and_verb():
+    """results.md's per-verb table: one row per (env, expert verb) with its dev step count, each agent's mean over
+    its seeds; a verb an agent's evaluation lacks is "-", and no per-kind numbers at all give no table."""
+    from sad.report import step_accuracy_by_kind_table
+
+    def seed(take: float, go: float | None) -> dict:
+        kinds = {"take": {"step_accuracy": take, "parsed_rate": 1.0, "steps": 4}}
+        if go is not None:
+            kinds["go"] = {"step_accuracy": go, "parsed_rate": 1.0, "steps": 10}
+        return {"envs": {"alfworld": {"by_kind": kinds}}}
+
+    results = {"teacher": {"step_accuracy": {"seeds": {"0": seed(1.0, 0.9)}}},
+               "sad": {"step_accuracy": {"seeds": {"0": seed(0.25, None), "1": seed(0.75, None)}}},
+               "sft": {}}
+    rows = step_accuracy_by_kind_table(results).splitlines()
+    assert rows[0] == "| env | action | dev steps | teacher | sad |"
+    assert rows[2:] == ["| alfworld | `go` | 10 | 90.0% | - |", "| alfworld | `take` | 4 | 100.0% | 50.0% |"]
+    assert step_accuracy_by_kind_table({"sft": {}}) == ""
