@@ -214,6 +214,10 @@ def test_bench_suite_prints_every_section_and_target(tmp_path):
     # decoding over the written cache only plays the same greedy steps (an untrained fp32 model here); bf16 play is
     # timed against it where the CPU has bf16 instructions
     assert out["rollout"]["same_steps_sliced_attention"] is True and out["rollout"]["sliced_attention_speedup"] > 0
+    # each run's model FLOP/s against the matmul peak of the dtype it played in
+    assert out["rollout"]["generation_peak_flops_per_s"]["fp32"] > 1e8
+    assert all(0 < r["flop_utilisation"] < 1.5 and r["episodes_per_s_at_peak"] > r["episodes_per_s"]
+               for r in out["rollout"]["runs"].values())
     ceiling = out["rollout"]["decode_batch_ceiling"]  # what batching can give decoding at most, same model
     assert ceiling["batch_size"] == 16 and ceiling["step_ms_batch"] > 0 and ceiling["tokens_per_s_ratio"] > 0
     from sad.modeling import cpu_has_native_bf16

@@ -1,5 +1,6 @@
 """FLOP counts by hand, and the accelerator benchmark's code path run on CPU."""
 
+import pytest
 import yaml
 
 from sad.bench.peak import inference_flops_per_token, matmul_peak_flops, train_flops_per_token
@@ -73,6 +74,25 @@ def test_decode_batch_ceiling_times_one_row_against_a_batch_and_restores_the_att
     assert out["step_ms_one_row"] > 0 and out["step_ms_batch"] > 0
     assert out["tokens_per_s_ratio"] == 4 * out["step_ms_one_row"] / out["step_ms_batch"]
     assert model.config._attn_implementation == before  # the sliced attention is set for the timing only
+
+
+def test_generation_flops_count_every_token_run_through_the_model_at_the_plays_mean_context(tiny_model_factory):
+    """A play's FLOPs: (generated + prefilled tokens) x (2 N + 4 L d C), C = a step's context (prefilled and
+    reused tokens over blocks) plus half a block; utilisation against the peak, and the rates at the peak."""
+    from types import SimpleNamespace
+
+    from sad.bench.evaluation import generation_flops
+
+    model = tiny_model_factory(hidden=32, layers=2)
+    n = sum(t.numel() for t in model.parameters())
+    stats = SimpleNamespace(blocks=4, generated_tokens=40, generation_seconds=2.0)
+    out = generation_flops(model, stats, prefill_computed=60, prefill_reused=140, episodes=2, peak_flops_per_s=1e9)
+    context = (60 + 140) / 4 + 40 / 4 / 2
+    flops = (40 + 60) * (2 * n + 4 * 2 * 32 * context)
+    assert out["mean_context_tokens"] == context and out["model_flops_per_s"] == pytest.approx(flops / 2.0)
+    assert out["flop_utilisation"] == pytest.approx(flops / 2.0 / 1e9)
+    assert out["generated_tokens_per_s_at_peak"] == pytest.approx(40 * 1e9 / flops)
+    assert out["episodes_per_s_at_peak"] == pytest.approx(2 * 1e9 / flops)
 
 
 def test_precision_benchmark_times_fp32_and_bf16_autocast_on_cpu():

@@ -34,6 +34,7 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
     import torch
 
     from sad.agent import LMAgent, PrefixStore
+    from sad.bench.peak import matmul_peak_flops
     from sad.environments import generate_fresh
     from sad.evaluation import load_agent
     from sad.modeling import cpu_has_native_bf16
@@ -82,6 +83,9 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
         runs.append(("batched_full_cache_attention", batch_size, True, True, "free", evict))
         played = next(agent.model.parameters()).dtype
         other = torch.float32 if played == torch.bfloat16 else (torch.bfloat16 if cpu_has_native_bf16() else None)
+        # each run's model FLOP/s against the square-matmul peak of the dtype it plays in (as training's MFU)
+        peaks = {dtype: matmul_peak_flops(dtype=dtype) for dtype in (played, other) if dtype is not None}
+        out["generation_peak_flops_per_s"] = {dtype_names[dtype]: peak for dtype, peak in peaks.items()}
         if other is not None:  # the other dtype, for its time only (weights converted from the played ones)
             runs.append((f"batched_{dtype_names[other]}", batch_size, True, True, "free", evict))
         for label, size, new_path, reuse, choice, evict_to in runs:
@@ -104,7 +108,9 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
                                   "generated_tokens_per_s": stats.tokens_per_second,
                                   "prefill_tokens_per_generated_token": agent.prefill_computed / max(stats.generated_tokens, 1),
                                   "prefill_reused_share": agent.prefill_reused / max(agent.prefill_computed + agent.prefill_reused, 1),
-                                  "scored_steps": stats.scored_steps, "scoring_seconds": stats.scoring_seconds}
+                                  "scored_steps": stats.scored_steps, "scoring_seconds": stats.scoring_seconds,
+                                  **generation_flops(agent.model, stats, agent.prefill_computed, agent.prefill_reused,
+                                                     len(episodes), peaks[next(agent.model.parameters()).dtype])}
     if other is not None:
         agent.model.to(played).load_state_dict(saved)
     b, one = out["runs"]["batched"], out["runs"]["one_at_a_time"]
@@ -203,6 +209,28 @@ def decode_step(model, rows: int, written: int, sliced: bool) -> Callable[[], No
         model(**inputs)
 
     return step
+
+
+def generation_flops(model, stats, prefill_computed: int, prefill_reused: int, episodes: int,
+                     peak_flops_per_s: float) -> dict[str, float]:
+    """A play's model FLOPs against the machine's limit. Every token run through the model (generated or
+    prefilled) costs ``inference_flops_per_token`` at the play's mean context: a step's context (its prefilled
+    and reused tokens over the blocks generated) plus half a generated block. Returns the achieved FLOP/s over
+    generation time, its share of the peak (``flop_utilisation``), and the generated tokens/s and episodes/s
+    the play would reach at the peak with the same work per token and per episode (``*_at_peak``)."""
+    from sad.bench.peak import inference_flops_per_token
+
+    config = model.config
+    parameters = sum(t.numel() for t in model.parameters())
+    blocks = max(stats.blocks, 1)
+    context = (prefill_computed + prefill_reused) / blocks + stats.generated_tokens / blocks / 2
+    per_token = inference_flops_per_token(parameters, config.num_hidden_layers, config.hidden_size, context)
+    flops = per_token * (stats.generated_tokens + prefill_computed)
+    seconds = max(stats.generation_seconds, 1e-9)
+    return {"mean_context_tokens": context, "model_flops_per_s": flops / seconds,
+            "flop_utilisation": flops / seconds / peak_flops_per_s,
+            "generated_tokens_per_s_at_peak": stats.generated_tokens * peak_flops_per_s / max(flops, 1.0),
+            "episodes_per_s_at_peak": episodes * peak_flops_per_s / max(flops, 1.0)}
 
 
 def decode_batch_ceiling(model, batch_size: int, written: int, repeats: int = 8) -> dict[str, Any]:
