@@ -419,7 +419,8 @@ def render_report(results: dict[str, dict[str, Any]], registry: dict[str, Any] |
         "## Step accuracy (dev expert states)",
         "",
         "Share of the expert's dev steps where the agent, given exactly its play-time context, freely generates a "
-        "thought and an action equal to the expert's; below it, by the expert action's verb (means over seeds).",
+        "thought and an action equal to the expert's" + ("; below it, by the expert action's verb (means over seeds)."
+                                                         if by_kind else "."),
         "",
         step_accuracy_table(results),
         "",

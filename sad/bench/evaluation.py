@@ -109,7 +109,9 @@ def benchmark_evaluation(p: Params, model_dir: Path | None, per_env: int = 8, ba
                                   "prefill_tokens_per_generated_token": agent.prefill_computed / max(stats.generated_tokens, 1),
                                   "prefill_reused_share": agent.prefill_reused / max(agent.prefill_computed + agent.prefill_reused, 1),
                                   "scored_steps": stats.scored_steps, "scoring_seconds": stats.scoring_seconds,
-                                  **generation_flops(agent.model, stats, agent.prefill_computed, agent.prefill_reused,
+                                  # generation only: the prefixes admissible/repair scoring encodes are outside
+                                  # both these counters and generation time
+                                  **generation_flops(agent.model, stats, stats.prefill_computed, stats.prefill_reused,
                                                      len(episodes), peaks[next(agent.model.parameters()).dtype])}
     if other is not None:
         agent.model.to(played).load_state_dict(saved)
@@ -213,9 +215,10 @@ def decode_step(model, rows: int, written: int, sliced: bool) -> Callable[[], No
 
 def generation_flops(model, stats, prefill_computed: int, prefill_reused: int, episodes: int,
                      peak_flops_per_s: float) -> dict[str, float]:
-    """A play's model FLOPs against the machine's limit. Every token run through the model (generated or
-    prefilled) costs ``inference_flops_per_token`` at the play's mean context: a step's context (its prefilled
-    and reused tokens over the blocks generated) plus half a generated block. Returns the achieved FLOP/s over
+    """A play's generation FLOPs against the machine's limit, approximately. Every token run through the model
+    (generated or prefilled) costs ``inference_flops_per_token`` at the play's mean context: a step's context (its
+    prefilled and reused tokens over the blocks generated) plus half a generated block (a prefilled token attends
+    to fewer positions, and prefill computes no head outputs but the last: a few percent too many FLOPs). Returns the achieved FLOP/s over
     generation time, its share of the peak (``flop_utilisation``), and the generated tokens/s and episodes/s
     the play would reach at the peak with the same work per token and per episode (``*_at_peak``)."""
     from sad.bench.peak import inference_flops_per_token
