@@ -1,16 +1,23 @@
-"""Padding share of distillation batches: length-grouped as ``train_lm`` builds them, against plain shuffled ones.
+"""Padding share of distillation batches as ``train_lm`` builds them: length-grouped (methods without the
+curriculum), the curriculum's (SAD and the methods that keep it), and plain shuffled ones for reference.
 
-    python docs/experiments/padding_share.py <run folder> [...]    # a folder whose segment stage has run
+    python docs/experiments/padding_share.py <run folder> [...]    # a folder whose teacher_logits stage has run
 
-README "Batches are grouped by length" quotes its output (2026-12-07).
+Reads the folder's params.yaml (distill.train, distill.curriculum). README "Batches and their padding" quotes its output.
 """
+import math
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import pandas as pd  # noqa: E402
+
+from sad.config import load_params  # noqa: E402
+from sad.curriculum import easy_to_hard, trajectory_difficulty  # noqa: E402
 from sad.segment import load_windows  # noqa: E402
+from sad.teacher_cache import load_cache  # noqa: E402
 from sad.training import batch_plan, split_dev  # noqa: E402
 
 
@@ -20,14 +27,21 @@ def padding(batches: list[list[int]], lengths: list[int]) -> float:
     return 1 - real / padded
 
 
-for folder in sys.argv[1:]:
-    windows = load_windows(Path(folder) / "data/segments").reset_index(drop=True)
-    train = split_dev(windows, 0.1, 0)[0].reset_index(drop=True)
+for folder in map(Path, sys.argv[1:]):
+    p = load_params(folder / "params.yaml")
+    t, cur = p.distill.train, p.distill.curriculum
+    windows = load_windows(folder / "data/segments").reset_index(drop=True)
+    windows["cache_row"] = range(len(windows))
+    train = split_dev(windows, t.dev_fraction, t.seed)[0].reset_index(drop=True)
     lengths = [int(n) for n in train["n_tokens"]]
-    for batch in (4, 8):
-        grouped = batch_plan(lengths, batch, 200, 0)
-        order = list(range(len(lengths)))
-        random.Random(0).shuffle(order)
-        shuffled = [order[i:i + batch] for i in range(0, len(order), batch)]
-        print(f"{folder}: {len(lengths)} windows, mean {sum(lengths) / len(lengths):.0f} tokens, max {max(lengths)}; "
-              f"batch {batch}: padding {padding(grouped, lengths):.2%} length-grouped, {padding(shuffled, lengths):.2%} shuffled")
+    steps = math.ceil(t.epochs * len(lengths) / t.batch_size)
+    entropy = pd.Series(load_cache(folder / "data/teacher_logits").entropy_sum.numpy()[train["cache_row"].to_numpy()],
+                        index=train.index)
+    order = easy_to_hard(train, trajectory_difficulty(train, entropy, cur.alpha, cur.beta, cur.gamma))
+    shuffled = list(range(len(lengths)))
+    random.Random(t.seed).shuffle(shuffled)
+    print(f"{folder}: {len(lengths)} windows, mean {sum(lengths) / len(lengths):.0f} tokens, max {max(lengths)}; "
+          f"{steps} batches of {t.batch_size}: padding "
+          f"{padding(batch_plan(lengths, t.batch_size, steps, t.seed), lengths):.2%} length-grouped, "
+          f"{padding(batch_plan(lengths, t.batch_size, steps, t.seed, order, cur), lengths):.2%} curriculum, "
+          f"{padding([shuffled[i:i + t.batch_size] for i in range(0, len(shuffled), t.batch_size)], lengths):.2%} shuffled")
