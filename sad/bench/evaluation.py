@@ -218,9 +218,11 @@ def generation_flops(model, stats, prefill_computed: int, prefill_reused: int, e
     """A play's generation FLOPs against the machine's limit, approximately. Every token run through the model
     (generated or prefilled) costs ``inference_flops_per_token`` at the play's mean context: a step's context (its
     prefilled and reused tokens over the blocks generated) plus half a generated block (a prefilled token attends
-    to fewer positions, and prefill computes no head outputs but the last: a few percent too many FLOPs). Returns the achieved FLOP/s over
-    generation time, its share of the peak (``flop_utilisation``), and the generated tokens/s and episodes/s
-    the play would reach at the peak with the same work per token and per episode (``*_at_peak``)."""
+    to fewer positions, and prefill computes no head outputs but the last: a few percent too many FLOPs).
+
+    Returns the achieved FLOP/s over generation time, its share of the peak (``flop_utilisation``), and the
+    generated tokens/s and episodes/s the play would reach at the peak with the same work per token and per
+    episode (``*_at_peak``)."""
     from sad.bench.peak import inference_flops_per_token
 
     config = model.config
