@@ -44,13 +44,21 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--at", default="0,100,200,300", help="steps after which the verdicts are scored")
     ap.add_argument("--save", default="", help="folder for the trained adapter (none: not saved)")
+    ap.add_argument("--adapter", default="assets/teacher", help="the shipped adapter it continues")
+    ap.add_argument("--full", action="store_true",
+                    help="merge the adapter into the base and train every weight (not only a rank-16 adapter)")
     args = ap.parse_args()
     at = {int(x) for x in args.at.split(",")}
     started = time.time()
     p, root = load_params("params.yaml"), Path("data/tasks")
     tok = load_tokenizer(Path("models/tokenizer"))
-    model = continue_lora(load_source_model(p, tok), "assets/teacher", p.teacher.source,
+    model = continue_lora(load_source_model(p, tok), args.adapter, p.teacher.source,
                           LoraParams(**p.teacher.lora.model_dump()))
+    if args.full:
+        model = model.merge_and_unload()
+        model.requires_grad_(True)
+    print(json.dumps({"trainable_parameters": sum(t.numel() for t in model.parameters() if t.requires_grad)}),
+          flush=True)
 
     def evaluate(step: int) -> None:
         was_training = model.training
