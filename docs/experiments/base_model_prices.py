@@ -151,7 +151,6 @@ def main() -> None:
     ap.add_argument("--gguf-file", default="")
     ap.add_argument("--adapter", default="", help="score the LoRA teacher in this folder over the profile's base")
     args = ap.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     started = time.time()
     if args.what == "extract":
         extract(Path(args.checks))

@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--at", default="0,100,200,300", help="steps after which the verdicts are scored")
-    ap.add_argument("--save", default="", help="folder for the trained adapter (none: not saved)")
+    ap.add_argument("--save", default="", help="folder for the trained adapter, with --full the whole model (none: not saved)")
     ap.add_argument("--adapter", default="assets/teacher", help="the shipped adapter it continues")
     ap.add_argument("--full", action="store_true",
                     help="merge the adapter into the base and train every weight (not only a rank-16 adapter)")
